@@ -1,0 +1,208 @@
+//! The `echo` runtime: offline and deterministic, so `serve` works on a fresh
+//! machine and every path of the server can be shown without a model.
+//!
+//! - any prompt: streams the prompt back word by word and answers with it;
+//! - `/think TEXT`: streams TEXT as thinking first, then answers with it;
+//! - `/tool NAME {json}`: asks for that tool call (the arguments default to
+//!   `{}`), which the server's policy defers to a human.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::domain::agent::{AgentError, AgentEvent, AgentReply, ToolSpec};
+use crate::domain::message::ResponsePart;
+use crate::ports::{AgentRuntime, EventSink, TurnInput};
+
+/// The model name echo replies carry.
+pub const MODEL_NAME: &str = "echo";
+
+pub struct EchoRuntime {
+    /// Pause between tokens, so streaming, ordering and cancellation can be
+    /// watched (and tested) offline.
+    token_delay: Duration,
+    /// The tools this agent may ask for.
+    tools: Vec<ToolSpec>,
+}
+
+impl EchoRuntime {
+    #[must_use]
+    pub fn new(token_delay: Duration, tools: Vec<ToolSpec>) -> Self {
+        Self { token_delay, tools }
+    }
+
+    /// Reads the options after `echo:` in a model string: empty, or
+    /// `delay_ms=N`.
+    ///
+    /// # Errors
+    /// A message naming the option that is not understood.
+    pub fn from_options(options: &str, tools: Vec<ToolSpec>) -> Result<Self, String> {
+        let delay = match options.split_once('=') {
+            None if options.is_empty() => 0,
+            Some(("delay_ms", ms)) => ms
+                .parse()
+                .map_err(|_| format!("echo option delay_ms={ms:?} is not a number of milliseconds"))?,
+            _ => return Err(format!("unknown echo option {options:?} (expected delay_ms=N)")),
+        };
+        Ok(Self::new(Duration::from_millis(delay), tools))
+    }
+
+    async fn stream(&self, text: &str, sink: &dyn EventSink, as_event: fn(String) -> AgentEvent) {
+        for (i, token) in text.split_inclusive(' ').enumerate() {
+            if i > 0 && !self.token_delay.is_zero() {
+                tokio::time::sleep(self.token_delay).await;
+            }
+            sink.emit(as_event(token.to_owned()));
+        }
+    }
+
+    fn tool_call(&self, command: &str, sink: &dyn EventSink) -> Result<AgentReply, AgentError> {
+        let (name, args) = command.split_once(' ').unwrap_or((command, ""));
+        if !self.tools.iter().any(|t| t.name == name) {
+            return Err(AgentError::Provider(format!(
+                "tool {name:?} is not offered to this agent"
+            )));
+        }
+        let args: Value = if args.trim().is_empty() {
+            Value::Object(serde_json::Map::new())
+        } else {
+            serde_json::from_str(args)
+                .map_err(|e| AgentError::Provider(format!("tool arguments are not JSON: {e}")))?
+        };
+        let tool_call_id = format!("call_{}", uuid::Uuid::new_v4().simple());
+        sink.emit(AgentEvent::ToolCall {
+            tool_call_id: tool_call_id.clone(),
+            name: name.to_owned(),
+            args: args.clone(),
+        });
+        Ok(reply(vec![ResponsePart::ToolCall {
+            tool_name: name.to_owned(),
+            args,
+            tool_call_id,
+        }]))
+    }
+}
+
+fn reply(parts: Vec<ResponsePart>) -> AgentReply {
+    AgentReply {
+        model_name: MODEL_NAME.to_owned(),
+        parts,
+    }
+}
+
+#[async_trait]
+impl AgentRuntime for EchoRuntime {
+    async fn run_turn(
+        &self,
+        input: TurnInput,
+        sink: &dyn EventSink,
+    ) -> Result<AgentReply, AgentError> {
+        let prompt = input.prompt.trim();
+        if let Some(command) = prompt.strip_prefix("/tool ") {
+            return self.tool_call(command.trim(), sink);
+        }
+        let mut parts = Vec::new();
+        let text = match prompt.strip_prefix("/think ") {
+            Some(thought) => {
+                sink.emit(AgentEvent::ThinkingStart);
+                self.stream(thought, sink, AgentEvent::Thinking).await;
+                sink.emit(AgentEvent::ThinkingDone);
+                parts.push(ResponsePart::Thinking {
+                    content: thought.to_owned(),
+                });
+                thought
+            }
+            None => input.prompt.as_str(),
+        };
+        self.stream(text, sink, AgentEvent::Token).await;
+        parts.push(ResponsePart::Text {
+            content: text.to_owned(),
+        });
+        Ok(reply(parts))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::domain::agent::AgentConfig;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<AgentEvent>>);
+
+    impl EventSink for Recorder {
+        fn emit(&self, event: AgentEvent) {
+            self.0.lock().unwrap().push(event);
+        }
+    }
+
+    fn input(prompt: &str) -> TurnInput {
+        TurnInput {
+            prompt: prompt.into(),
+            history: vec![],
+        }
+    }
+
+    fn echo() -> EchoRuntime {
+        EchoRuntime::new(Duration::ZERO, AgentConfig::builtin().tools)
+    }
+
+    #[tokio::test]
+    async fn echo_streams_the_prompt_word_by_word_and_answers_with_it() {
+        let sink = Recorder::default();
+        let reply = echo().run_turn(input("hello big world"), &sink).await.unwrap();
+        assert_eq!(
+            *sink.0.lock().unwrap(),
+            vec![
+                AgentEvent::Token("hello ".into()),
+                AgentEvent::Token("big ".into()),
+                AgentEvent::Token("world".into()),
+            ]
+        );
+        assert_eq!(reply.parts, vec![ResponsePart::Text { content: "hello big world".into() }]);
+    }
+
+    #[tokio::test]
+    async fn echo_tool_command_requests_that_tool_call() {
+        let sink = Recorder::default();
+        let reply = echo()
+            .run_turn(input(r#"/tool execute {"command":"ls"}"#), &sink)
+            .await
+            .unwrap();
+        let [ResponsePart::ToolCall { tool_name, args, .. }] = reply.parts.as_slice() else {
+            panic!("expected one tool call, got {:?}", reply.parts);
+        };
+        assert_eq!(tool_name, "execute");
+        assert_eq!(args, &json!({"command": "ls"}));
+        assert!(matches!(sink.0.lock().unwrap()[0], AgentEvent::ToolCall { .. }));
+    }
+
+    #[tokio::test]
+    async fn echo_refuses_tools_the_agent_does_not_offer_and_bad_arguments() {
+        let sink = Recorder::default();
+        assert!(echo().run_turn(input("/tool format_disk {}"), &sink).await.is_err());
+        assert!(echo().run_turn(input("/tool execute {oops"), &sink).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn echo_think_streams_thinking_before_the_answer() {
+        let sink = Recorder::default();
+        echo().run_turn(input("/think a b"), &sink).await.unwrap();
+        let events = sink.0.lock().unwrap();
+        assert_eq!(events[0], AgentEvent::ThinkingStart);
+        assert_eq!(events[3], AgentEvent::ThinkingDone);
+        assert_eq!(events[4], AgentEvent::Token("a ".into()));
+    }
+
+    #[test]
+    fn echo_options_accept_a_delay_and_reject_anything_else() {
+        assert!(EchoRuntime::from_options("delay_ms=5", vec![]).is_ok());
+        assert!(EchoRuntime::from_options("delay_ms=x", vec![]).is_err());
+        assert!(EchoRuntime::from_options("fast", vec![]).is_err());
+    }
+}

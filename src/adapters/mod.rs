@@ -1,0 +1,6 @@
+//! Adapters: the technologies that implement the ports and expose the domain.
+
+pub mod agent;
+pub mod http;
+pub mod memory;
+pub mod ws;

@@ -1,0 +1,462 @@
+//! The chat turn: one prompt in, one streamed answer out, with the
+//! deferred-approval policy and per-session ordering.
+//!
+//! Every turn publishes its events to the [`SessionEvents`] port and ends with
+//! exactly one terminal event (`done`, `error` or `cancelled`), whichever
+//! transport started it. Turns on one session run one at a time, in the order
+//! they arrived (a fair lock per session); different sessions run in parallel.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::agent::{AgentError, AgentEvent, AgentReply};
+use super::events::SessionEvent;
+use super::message::{ModelMessage, ResponsePart};
+use super::session::{SessionId, TurnId};
+use crate::ports::{AgentRuntime, EventSink, SessionEvents, SessionStore, SessionStoreError, TurnInput};
+
+/// The runtime the server drives, or why there is none.
+///
+/// The server starts even when the runtime cannot be built (a provider
+/// without its settings): chat then answers "unavailable" with the reason.
+#[derive(Clone)]
+pub enum RuntimeSlot {
+    Ready(Arc<dyn AgentRuntime>),
+    Unavailable(String),
+}
+
+/// A completed turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatReply {
+    pub session_id: SessionId,
+    pub content: String,
+}
+
+/// Why a chat turn did not produce a reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChatError {
+    #[error("Empty message")]
+    EmptyMessage,
+    #[error("{0}")]
+    RuntimeUnavailable(String),
+    /// The turn ended with tool calls that need a human's approval (or the
+    /// approval key is locked). The history was saved.
+    #[error("{}", super::events::APPROVAL_UNSUPPORTED_MESSAGE)]
+    ApprovalUnsupported { session_id: SessionId },
+    /// The model provider failed; the session stays usable.
+    #[error("{message}")]
+    Provider {
+        session_id: SessionId,
+        message: String,
+    },
+    /// The turn was cancelled; `partial` was saved in the history.
+    #[error("the turn was cancelled")]
+    Cancelled {
+        session_id: SessionId,
+        partial: String,
+    },
+    /// The turn ran past the configured timeout; the partial text was saved.
+    #[error("the turn timed out after {} s", after.as_secs())]
+    TimedOut {
+        session_id: SessionId,
+        after: Duration,
+    },
+    #[error("session storage unavailable")]
+    Storage(#[from] SessionStoreError),
+}
+
+/// Why a cancel request did nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CancelError {
+    #[error("Session not found")]
+    SessionNotFound,
+    #[error("No turn is running on this session")]
+    NothingRunning,
+}
+
+/// A turn that can be cancelled from anywhere.
+struct Running {
+    turn_id: TurnId,
+    cancel: CancellationToken,
+}
+
+/// Runs chat turns.
+pub struct ChatService {
+    runtime: RuntimeSlot,
+    sessions: Arc<dyn SessionStore>,
+    events: Arc<dyn SessionEvents>,
+    /// One fair lock per session with a turn running or queued: it orders the
+    /// session's turns. Entries are removed when the last turn leaves.
+    gates: Mutex<HashMap<SessionId, Arc<tokio::sync::Mutex<()>>>>,
+    /// The turn running on each session, for cancel requests.
+    running: Mutex<HashMap<SessionId, Running>>,
+    /// A turn running longer than this ends with an error (`None`: no limit).
+    turn_timeout: Option<Duration>,
+}
+
+enum Outcome {
+    Finished(Result<AgentReply, AgentError>),
+    Cancelled,
+    TimedOut(Duration),
+}
+
+impl ChatService {
+    #[must_use]
+    pub fn new(
+        runtime: RuntimeSlot,
+        sessions: Arc<dyn SessionStore>,
+        events: Arc<dyn SessionEvents>,
+        turn_timeout: Option<Duration>,
+    ) -> Self {
+        Self {
+            runtime,
+            sessions,
+            events,
+            gates: Mutex::default(),
+            running: Mutex::default(),
+            turn_timeout,
+        }
+    }
+
+    /// Why the runtime is unavailable, if it is.
+    #[must_use]
+    pub fn unavailable_reason(&self) -> Option<&str> {
+        match &self.runtime {
+            RuntimeSlot::Ready(_) => None,
+            RuntimeSlot::Unavailable(why) => Some(why),
+        }
+    }
+
+    /// Runs one turn on `session_id` (a new session when `None`, created when
+    /// missing) and waits for its end.
+    ///
+    /// # Errors
+    /// See [`ChatError`]: the variant says how the turn ended. Errors raised
+    /// before the turn starts (empty message, no runtime, storage) publish
+    /// nothing; every other ending has been published to the session.
+    pub async fn send(
+        &self,
+        session_id: Option<SessionId>,
+        content: String,
+    ) -> Result<ChatReply, ChatError> {
+        if content.trim().is_empty() {
+            return Err(ChatError::EmptyMessage);
+        }
+        let runtime = match &self.runtime {
+            RuntimeSlot::Ready(runtime) => Arc::clone(runtime),
+            RuntimeSlot::Unavailable(why) => return Err(ChatError::RuntimeUnavailable(why.clone())),
+        };
+        let session_id = session_id.unwrap_or_else(SessionId::generate);
+        self.sessions.get_or_create(&session_id, Utc::now()).await?;
+
+        let gate = self.gate(&session_id);
+        let result = {
+            let _turn = gate.lock().await;
+            self.run_turn(runtime.as_ref(), &session_id, content).await
+        };
+        self.release_gate(&session_id, gate);
+        result
+    }
+
+    /// Stops the turn running on `session_id`. Its clients get `cancelled`
+    /// and its partial text is kept in the history.
+    ///
+    /// # Errors
+    /// [`CancelError::NothingRunning`] when no turn runs on the session,
+    /// [`CancelError::SessionNotFound`] when the session does not exist.
+    pub async fn cancel(&self, session_id: &SessionId) -> Result<TurnId, CancelError> {
+        let cancelled = lock(&self.running).get(session_id).map(|running| {
+            running.cancel.cancel();
+            running.turn_id.clone()
+        });
+        if let Some(turn_id) = cancelled {
+            return Ok(turn_id);
+        }
+        match self.sessions.history(session_id).await {
+            Ok(_) => Err(CancelError::NothingRunning),
+            Err(_) => Err(CancelError::SessionNotFound),
+        }
+    }
+
+    /// An `approve` request on a session: the server cannot take approvals
+    /// yet, so every client of the session is told so.
+    pub fn approve_unsupported(&self, session_id: &SessionId) {
+        self.events
+            .publish(session_id, None, SessionEvent::approval_unsupported());
+    }
+
+    /// Sessions with a turn running or queued; the sweeper spares them.
+    #[must_use]
+    pub fn busy_sessions(&self) -> HashSet<SessionId> {
+        lock(&self.gates).keys().cloned().collect()
+    }
+
+    async fn run_turn(
+        &self,
+        runtime: &dyn AgentRuntime,
+        session_id: &SessionId,
+        content: String,
+    ) -> Result<ChatReply, ChatError> {
+        let turn_id = TurnId::generate();
+        let cancel = CancellationToken::new();
+        lock(&self.running).insert(
+            session_id.clone(),
+            Running {
+                turn_id: turn_id.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        let _running = RunningGuard {
+            running: &self.running,
+            session_id,
+        };
+        let started = std::time::Instant::now();
+        tracing::info!(session.id = %session_id, turn.id = %turn_id, "turn started");
+
+        // A session deleted between creation and now simply starts empty.
+        let history = self.sessions.history(session_id).await.unwrap_or_default();
+        let request = ModelMessage::user_prompt(content.clone(), Utc::now());
+        let sink = TurnSink {
+            session_id,
+            turn_id: &turn_id,
+            events: self.events.as_ref(),
+            partial: Mutex::default(),
+        };
+        let turn = runtime.run_turn(
+            TurnInput {
+                prompt: content,
+                history,
+            },
+            &sink,
+        );
+        let outcome = tokio::select! {
+            result = with_timeout(self.turn_timeout, turn) => result,
+            () = cancel.cancelled() => Outcome::Cancelled,
+        };
+        let partial = std::mem::take(&mut *lock(&sink.partial));
+        let publish = |event| self.events.publish(session_id, Some(&turn_id), event);
+        let session = session_id.clone();
+
+        let result = match outcome {
+            Outcome::Finished(Ok(reply)) => {
+                let deferred = deferred_calls(&reply);
+                let text = reply_text(&reply);
+                self.save(session_id, request, Some(reply.parts), Some(reply.model_name))
+                    .await;
+                if deferred.is_empty() {
+                    publish(SessionEvent::Done {
+                        content: text.clone(),
+                    });
+                    Ok(ChatReply {
+                        session_id: session,
+                        content: text,
+                    })
+                } else {
+                    for tool_call_id in deferred {
+                        publish(SessionEvent::ToolResult {
+                            tool_call_id,
+                            status: "deferred".into(),
+                            details: json!({"reason": "needs a human's approval"}),
+                        });
+                    }
+                    publish(SessionEvent::approval_unsupported());
+                    Err(ChatError::ApprovalUnsupported { session_id: session })
+                }
+            }
+            Outcome::Finished(Err(AgentError::DeferredApprovalLocked)) => {
+                self.save(session_id, request, text_parts(&partial), None).await;
+                publish(SessionEvent::approval_unsupported());
+                Err(ChatError::ApprovalUnsupported { session_id: session })
+            }
+            Outcome::Finished(Err(AgentError::Provider(message))) => {
+                // The failed exchange is not kept: the next turn starts from
+                // the last good state, as if this one had not been sent.
+                publish(SessionEvent::Error {
+                    code: None,
+                    message: message.clone(),
+                });
+                Err(ChatError::Provider {
+                    session_id: session,
+                    message,
+                })
+            }
+            Outcome::Cancelled => {
+                self.save(session_id, request, text_parts(&partial), None).await;
+                publish(SessionEvent::Cancelled {
+                    partial: partial.clone(),
+                });
+                Err(ChatError::Cancelled {
+                    session_id: session,
+                    partial,
+                })
+            }
+            Outcome::TimedOut(after) => {
+                self.save(session_id, request, text_parts(&partial), None).await;
+                let error = ChatError::TimedOut {
+                    session_id: session,
+                    after,
+                };
+                publish(SessionEvent::Error {
+                    code: Some("turn_timeout"),
+                    message: error.to_string(),
+                });
+                Err(error)
+            }
+        };
+        tracing::info!(
+            session.id = %session_id,
+            turn.id = %turn_id,
+            duration_ms = started.elapsed().as_millis(),
+            outcome = result.as_ref().map_or_else(error_kind, |_| "done"),
+            "turn finished"
+        );
+        result
+    }
+
+    /// Appends the turn's request and, when there is one, its response.
+    async fn save(
+        &self,
+        session_id: &SessionId,
+        request: ModelMessage,
+        response: Option<Vec<ResponsePart>>,
+        model_name: Option<String>,
+    ) {
+        let mut messages = vec![request];
+        if let Some(parts) = response {
+            messages.push(ModelMessage::Response {
+                parts,
+                model_name,
+                timestamp: Utc::now(),
+            });
+        }
+        if let Err(error) = self.sessions.append(session_id, messages, Utc::now()).await {
+            tracing::warn!(session.id = %session_id, %error, "turn history not saved");
+        }
+    }
+
+    fn gate(&self, session_id: &SessionId) -> Arc<tokio::sync::Mutex<()>> {
+        Arc::clone(lock(&self.gates).entry(session_id.clone()).or_default())
+    }
+
+    fn release_gate(&self, session_id: &SessionId, gate: Arc<tokio::sync::Mutex<()>>) {
+        let mut gates = lock(&self.gates);
+        // Clones are only made under this lock, so the count cannot grow
+        // here: two means the map's and ours, no other turn waits.
+        if Arc::strong_count(&gate) == 2 {
+            gates.remove(session_id);
+        }
+    }
+}
+
+fn error_kind(error: &ChatError) -> &'static str {
+    match error {
+        ChatError::EmptyMessage => "empty",
+        ChatError::RuntimeUnavailable(_) => "unavailable",
+        ChatError::ApprovalUnsupported { .. } => "deferred",
+        ChatError::Provider { .. } => "provider_error",
+        ChatError::Cancelled { .. } => "cancelled",
+        ChatError::TimedOut { .. } => "timed_out",
+        ChatError::Storage(_) => "storage_error",
+    }
+}
+
+async fn with_timeout<F>(timeout: Option<Duration>, turn: F) -> Outcome
+where
+    F: Future<Output = Result<AgentReply, AgentError>>,
+{
+    match timeout {
+        Some(after) => tokio::time::timeout(after, turn)
+            .await
+            .map_or(Outcome::TimedOut(after), Outcome::Finished),
+        None => Outcome::Finished(turn.await),
+    }
+}
+
+/// The tool calls of a reply. The server executes no tool itself, so every
+/// call is deferred to a human: that is the deferred-approval policy.
+fn deferred_calls(reply: &AgentReply) -> Vec<String> {
+    reply
+        .parts
+        .iter()
+        .filter_map(|part| match part {
+            ResponsePart::ToolCall { tool_call_id, .. } => Some(tool_call_id.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn reply_text(reply: &AgentReply) -> String {
+    reply
+        .parts
+        .iter()
+        .filter_map(|part| match part {
+            ResponsePart::Text { content } => Some(content.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn text_parts(partial: &str) -> Option<Vec<ResponsePart>> {
+    (!partial.is_empty()).then(|| {
+        vec![ResponsePart::Text {
+            content: partial.to_owned(),
+        }]
+    })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The maps guarded here stay consistent whatever panicked while holding
+    // them, so a poisoned lock is still usable.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Removes the running-turn entry however the turn ends (even if dropped).
+struct RunningGuard<'a> {
+    running: &'a Mutex<HashMap<SessionId, Running>>,
+    session_id: &'a SessionId,
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        lock(self.running).remove(self.session_id);
+    }
+}
+
+/// Forwards the runtime's events to the session's clients and keeps the
+/// streamed text, so a cancelled turn can save what was said.
+struct TurnSink<'a> {
+    session_id: &'a SessionId,
+    turn_id: &'a TurnId,
+    events: &'a dyn SessionEvents,
+    partial: Mutex<String>,
+}
+
+impl EventSink for TurnSink<'_> {
+    fn emit(&self, event: AgentEvent) {
+        let event = match event {
+            AgentEvent::Token(content) => {
+                lock(&self.partial).push_str(&content);
+                SessionEvent::Token { content }
+            }
+            AgentEvent::ThinkingStart => SessionEvent::ThinkingStart,
+            AgentEvent::Thinking(content) => SessionEvent::Thinking { content },
+            AgentEvent::ThinkingDone => SessionEvent::ThinkingDone,
+            AgentEvent::ToolCall {
+                tool_call_id,
+                name,
+                args,
+            } => SessionEvent::ToolCall {
+                tool_call_id,
+                name,
+                details: args,
+            },
+        };
+        self.events
+            .publish(self.session_id, Some(self.turn_id), event);
+    }
+}

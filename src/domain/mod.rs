@@ -1,0 +1,9 @@
+//! The domain: what an agent server is, independent of any transport or
+//! storage technology. Depends only on [`crate::ports`].
+
+pub mod agent;
+pub mod chat;
+pub mod events;
+pub mod message;
+pub mod session;
+pub mod sessions;

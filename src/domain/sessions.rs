@@ -1,0 +1,146 @@
+//! Session management: listing, creating, reading and deleting sessions, and
+//! sweeping away the ones nobody uses any more.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+
+use super::chat::ChatService;
+use super::message::ModelMessage;
+use super::session::{SessionId, SessionInfo};
+use crate::ports::{SessionEvents, SessionStore, SessionStoreError};
+
+/// When idle sessions are removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepPolicy {
+    /// A session unused for this long is removed...
+    pub idle_ttl: Duration,
+    /// ...by a sweep that runs this often.
+    pub interval: Duration,
+}
+
+impl Default for SweepPolicy {
+    fn default() -> Self {
+        Self {
+            idle_ttl: Duration::from_secs(30 * 60),
+            interval: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// Session operations offered to every transport.
+pub struct SessionService {
+    store: Arc<dyn SessionStore>,
+    events: Arc<dyn SessionEvents>,
+}
+
+impl SessionService {
+    #[must_use]
+    pub fn new(store: Arc<dyn SessionStore>, events: Arc<dyn SessionEvents>) -> Self {
+        Self { store, events }
+    }
+
+    /// Every session, oldest first.
+    ///
+    /// # Errors
+    /// [`SessionStoreError::Unavailable`] when storage fails.
+    pub async fn list(&self) -> Result<Vec<SessionInfo>, SessionStoreError> {
+        self.store.list().await
+    }
+
+    /// A new, empty session with a server-chosen id.
+    ///
+    /// # Errors
+    /// [`SessionStoreError::Unavailable`] when storage fails.
+    pub async fn create(&self) -> Result<SessionInfo, SessionStoreError> {
+        self.store
+            .get_or_create(&SessionId::generate(), Utc::now())
+            .await
+    }
+
+    /// Opens a session for a client that names it (a WebSocket connect),
+    /// creating it when missing.
+    ///
+    /// # Errors
+    /// [`SessionStoreError::Unavailable`] when storage fails.
+    pub async fn open(&self, id: &SessionId) -> Result<SessionInfo, SessionStoreError> {
+        self.store.get_or_create(id, Utc::now()).await
+    }
+
+    /// The session's history.
+    ///
+    /// # Errors
+    /// [`SessionStoreError::NotFound`] for an unknown id.
+    pub async fn history(&self, id: &SessionId) -> Result<Vec<ModelMessage>, SessionStoreError> {
+        self.store.history(id).await
+    }
+
+    /// Deletes the session and closes its clients.
+    ///
+    /// # Errors
+    /// [`SessionStoreError::NotFound`] for an unknown id.
+    pub async fn delete(&self, id: &SessionId) -> Result<(), SessionStoreError> {
+        self.store.delete(id).await?;
+        self.events.forget(id);
+        Ok(())
+    }
+
+    /// Removes sessions idle for longer than `idle_ttl` that have neither a
+    /// live client nor a turn running or queued. Returns how many went.
+    ///
+    /// # Errors
+    /// [`SessionStoreError::Unavailable`] when storage fails.
+    pub async fn sweep(
+        &self,
+        idle_ttl: Duration,
+        chat: &ChatService,
+    ) -> Result<usize, SessionStoreError> {
+        let ttl = chrono::Duration::from_std(idle_ttl).unwrap_or(chrono::Duration::MAX);
+        let cutoff = Utc::now()
+            .checked_sub_signed(ttl)
+            .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
+        let idle = self.store.idle_since(cutoff).await?;
+        if idle.is_empty() {
+            return Ok(0);
+        }
+        let live = self.events.live_sessions();
+        let busy = chat.busy_sessions();
+        let mut removed = 0;
+        for id in idle
+            .iter()
+            .filter(|id| !live.contains(*id) && !busy.contains(*id))
+        {
+            match self.delete(id).await {
+                Ok(()) => removed += 1,
+                // Deleted by a client meanwhile: nothing left to do.
+                Err(SessionStoreError::NotFound) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Sweeps every `policy.interval` until `shutdown` fires.
+    pub async fn run_sweeper(
+        &self,
+        policy: SweepPolicy,
+        chat: &ChatService,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut ticks = tokio::time::interval(policy.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            match self.sweep(policy.idle_ttl, chat).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(sessions.removed = removed, "idle sessions swept"),
+                Err(error) => tracing::warn!(%error, "session sweep failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! autopoiesis: an AI agent on the network.
+//!
+//! The crate is a hexagon: [`domain`] holds the rules (sessions, the chat turn
+//! and its deferred-approval policy), [`ports`] the traits the domain needs
+//! from the outside world, and [`adapters`] the technologies that implement
+//! them (poem HTTP/WebSocket, the echo and OpenAI-compatible runtimes, the
+//! in-memory session store). `src/bin/autopoiesis.rs` composes them.
+
+pub mod adapters;
+pub mod domain;
+pub mod ports;

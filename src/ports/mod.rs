@@ -1,0 +1,10 @@
+//! Ports: the traits the domain needs from the outside world. Adapters
+//! implement them; the domain holds them as `Arc<dyn Port>`.
+
+pub mod agent_runtime;
+pub mod session_events;
+pub mod session_store;
+
+pub use agent_runtime::{AgentRuntime, EventSink, TurnInput};
+pub use session_events::SessionEvents;
+pub use session_store::{SessionStore, SessionStoreError};
