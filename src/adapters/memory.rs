@@ -47,7 +47,10 @@ impl SessionStore for InMemorySessionStore {
         id: &SessionId,
         now: DateTime<Utc>,
     ) -> Result<SessionInfo, SessionStoreError> {
-        let mut sessions = self.sessions.write().unwrap_or_else(PoisonError::into_inner);
+        let mut sessions = self
+            .sessions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         let entry = sessions.entry(id.clone()).or_insert_with(|| Entry {
             created_at: now,
             last_active: now,
@@ -60,7 +63,11 @@ impl SessionStore for InMemorySessionStore {
     async fn list(&self) -> Result<Vec<SessionInfo>, SessionStoreError> {
         let sessions = self.sessions.read().unwrap_or_else(PoisonError::into_inner);
         let mut infos: Vec<SessionInfo> = sessions.iter().map(|(id, e)| e.info(id)).collect();
-        infos.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
+        infos.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
         Ok(infos)
     }
 
@@ -78,7 +85,10 @@ impl SessionStore for InMemorySessionStore {
         messages: Vec<ModelMessage>,
         now: DateTime<Utc>,
     ) -> Result<(), SessionStoreError> {
-        let mut sessions = self.sessions.write().unwrap_or_else(PoisonError::into_inner);
+        let mut sessions = self
+            .sessions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         let entry = sessions.get_mut(id).ok_or(SessionStoreError::NotFound)?;
         entry.messages.extend(messages);
         entry.last_active = entry.last_active.max(now);
@@ -86,7 +96,10 @@ impl SessionStore for InMemorySessionStore {
     }
 
     async fn delete(&self, id: &SessionId) -> Result<(), SessionStoreError> {
-        let mut sessions = self.sessions.write().unwrap_or_else(PoisonError::into_inner);
+        let mut sessions = self
+            .sessions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         sessions
             .remove(id)
             .map(|_| ())
@@ -136,8 +149,14 @@ mod tests {
     #[tokio::test]
     async fn unknown_sessions_are_not_found() {
         let store = InMemorySessionStore::new();
-        assert_eq!(store.history(&id("x")).await, Err(SessionStoreError::NotFound));
-        assert_eq!(store.delete(&id("x")).await, Err(SessionStoreError::NotFound));
+        assert_eq!(
+            store.history(&id("x")).await,
+            Err(SessionStoreError::NotFound)
+        );
+        assert_eq!(
+            store.delete(&id("x")).await,
+            Err(SessionStoreError::NotFound)
+        );
         assert_eq!(
             store.append(&id("x"), vec![], Utc::now()).await,
             Err(SessionStoreError::NotFound)

@@ -1,1 +1,299 @@
-fn main(){}
+//! The `autopoiesis` command: reads the configuration, builds the adapters,
+//! hands them to the domain services and serves them. Composition only.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use autopoiesis::adapters::agent::{ProviderEnv, build_runtime, config::load_agents};
+use autopoiesis::adapters::http::auth::ApiKey;
+use autopoiesis::adapters::http::{self, HttpSettings, Services};
+use autopoiesis::adapters::memory::InMemorySessionStore;
+use autopoiesis::adapters::ws::endpoint::WsSettings;
+use autopoiesis::adapters::ws::{SessionHub, StreamSettings};
+use autopoiesis::domain::agent::AgentConfig;
+use autopoiesis::domain::chat::{ChatService, RuntimeSlot};
+use autopoiesis::domain::sessions::{SessionService, SweepPolicy};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+/// An AI agent on the network: REST and WebSocket chat, streamed to every
+/// device, with a deferred tool-approval policy.
+#[derive(Debug, Parser)]
+#[command(name = "autopoiesis", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Print the OpenAPI spec of the REST API as YAML (this is openapi.yaml).
+    Openapi,
+}
+
+fn duration(raw: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(raw)
+}
+
+/// Settings of `serve`: a flag beats its environment variable, which beats
+/// the default. The API key is read from AUTOPOIESIS_API_KEY only (a flag
+/// would show in `ps`); when set, every route but GET /api/health needs it.
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to bind.
+    #[arg(long, env = "AUTOPOIESIS_HOST", default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port to bind; 0 picks a free one (the log says which).
+    #[arg(long, env = "AUTOPOIESIS_PORT", default_value_t = 8420)]
+    port: u16,
+    /// Directory for the server's files; created if missing.
+    #[arg(long, env = "AUTOPOIESIS_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    /// Agents file (TOML, one [agents.NAME] table each). Without it there is
+    /// one built-in agent, `default`, with the offline `echo` model.
+    #[arg(long, env = "AUTOPOIESIS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Name of the agent that answers chats.
+    #[arg(long, env = "AUTOPOIESIS_AGENT", default_value = "default")]
+    agent: String,
+    /// Sessions unused for this long, with no live client, are removed.
+    #[arg(long, env = "AUTOPOIESIS_SESSION_TTL", default_value = "30m", value_parser = duration)]
+    session_ttl: Duration,
+    /// How often idle sessions are looked for.
+    #[arg(long, env = "AUTOPOIESIS_SWEEP_INTERVAL", default_value = "5m", value_parser = duration)]
+    sweep_interval: Duration,
+    /// A turn running longer than this ends with an error; 0 means no limit.
+    #[arg(long, env = "AUTOPOIESIS_TURN_TIMEOUT", default_value = "10m", value_parser = duration)]
+    turn_timeout: Duration,
+    /// Longest silence allowed from the model provider inside one answer.
+    #[arg(long, env = "AUTOPOIESIS_PROVIDER_TIMEOUT", default_value = "120s", value_parser = duration)]
+    provider_timeout: Duration,
+    /// Events kept per session for clients that resume with after_seq.
+    #[arg(long, env = "AUTOPOIESIS_EVENT_BUFFER", default_value_t = 1024)]
+    event_buffer: usize,
+    /// Frames queued per client before it counts as too slow (closed, 1013).
+    #[arg(long, env = "AUTOPOIESIS_CLIENT_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    client_queue: u32,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "AUTOPOIESIS_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Largest accepted WebSocket message, in bytes.
+    #[arg(long, env = "AUTOPOIESIS_MAX_WS_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
+    max_ws_message_bytes: usize,
+    /// On SIGINT/SIGTERM, how long requests in flight may take to finish.
+    #[arg(long, env = "AUTOPOIESIS_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
+    shutdown_grace: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Openapi => {
+            print!("{}", http::openapi_yaml(&offline_services()));
+            ExitCode::SUCCESS
+        }
+        Command::Serve(args) => {
+            init_tracing();
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+            };
+            match runtime.block_on(serve(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(message) => fail(&message),
+            }
+        }
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(2)
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Services over in-memory adapters, for printing the spec.
+fn offline_services() -> Services {
+    let hub = SessionHub::new(StreamSettings::default());
+    let store = Arc::new(InMemorySessionStore::new());
+    Services {
+        chat: Arc::new(ChatService::new(
+            RuntimeSlot::Unavailable("spec only".into()),
+            store.clone(),
+            hub.clone(),
+            None,
+        )),
+        sessions: Arc::new(SessionService::new(store, hub.clone())),
+        hub,
+    }
+}
+
+fn select_agent(args: &ServeArgs) -> Result<(AgentConfig, Vec<AgentConfig>), String> {
+    let agents = match &args.config {
+        Some(path) => load_agents(path).map_err(|e| format!("--config: {e}"))?,
+        None => vec![AgentConfig::builtin()],
+    };
+    let agent = agents
+        .iter()
+        .find(|a| a.name == args.agent)
+        .cloned()
+        .ok_or_else(|| {
+            let names: Vec<_> = agents.iter().map(|a| a.name.as_str()).collect();
+            format!(
+                "--agent: unknown agent {:?} (configured: {})",
+                args.agent,
+                names.join(", ")
+            )
+        })?;
+    Ok((agent, agents))
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let api_key = match std::env::var("AUTOPOIESIS_API_KEY") {
+        Ok(key) => Some(ApiKey::new(&key).map_err(str::to_owned)?),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err("AUTOPOIESIS_API_KEY is not valid UTF-8".into());
+        }
+    };
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
+    let (agent, _agents) = select_agent(&args)?;
+
+    let provider_env = ProviderEnv {
+        openai_base_url: std::env::var("OPENAI_BASE_URL")
+            .ok()
+            .filter(|v| !v.is_empty()),
+        openai_api_key: std::env::var("OPENAI_API_KEY")
+            .ok()
+            .filter(|v| !v.is_empty()),
+        stream_idle_timeout: args.provider_timeout,
+    };
+    let runtime = match build_runtime(&agent, &provider_env) {
+        Ok(runtime) => RuntimeSlot::Ready(runtime),
+        Err(why) => {
+            tracing::warn!(reason = %why, "agent runtime unavailable; chat answers 503 until this is fixed");
+            RuntimeSlot::Unavailable(format!("Agent runtime unavailable: {why}"))
+        }
+    };
+
+    let hub = SessionHub::new(StreamSettings {
+        ring_capacity: args.event_buffer,
+        client_queue: args.client_queue as usize,
+    });
+    let store = Arc::new(InMemorySessionStore::new());
+    let turn_timeout = (!args.turn_timeout.is_zero()).then_some(args.turn_timeout);
+    let chat = Arc::new(ChatService::new(
+        runtime,
+        store.clone(),
+        hub.clone(),
+        turn_timeout,
+    ));
+    let sessions = Arc::new(SessionService::new(store, hub.clone()));
+    let services = Services {
+        chat: chat.clone(),
+        sessions: sessions.clone(),
+        hub: hub.clone(),
+    };
+    let settings = HttpSettings {
+        api_key,
+        max_body_bytes: args.max_body_bytes,
+        ws: WsSettings {
+            max_message_bytes: args.max_ws_message_bytes,
+            ..WsSettings::default()
+        },
+        ..HttpSettings::default()
+    };
+
+    let address = SocketAddr::new(args.host, args.port);
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|e| format!("cannot bind {address}: {e}"))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the bound address: {e}"))?;
+    tracing::info!(
+        address = %bound,
+        agent = %agent.name,
+        model = %agent.model,
+        auth = settings.api_key.is_some(),
+        "autopoiesis listening on http://{bound}"
+    );
+
+    let shutdown = CancellationToken::new();
+    let sweeper = tokio::spawn({
+        let (sessions, chat, shutdown) = (sessions.clone(), chat.clone(), shutdown.clone());
+        let policy = SweepPolicy {
+            idle_ttl: args.session_ttl,
+            interval: args.sweep_interval,
+        };
+        async move { sessions.run_sweeper(policy, &chat, shutdown).await }
+    });
+    let signal = {
+        let shutdown = shutdown.clone();
+        async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            shutdown.cancel();
+            hub.close_all();
+        }
+    };
+    let served = http::serve(
+        listener,
+        http::app(&services, &settings),
+        signal,
+        args.shutdown_grace,
+    )
+    .await;
+    shutdown.cancel();
+    let _ = sweeper.await;
+    served.map_err(|e| format!("server failed: {e}"))
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn verify_cli() {
+        Cli::command().debug_assert();
+    }
+}

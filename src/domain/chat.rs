@@ -18,7 +18,9 @@ use super::agent::{AgentError, AgentEvent, AgentReply};
 use super::events::SessionEvent;
 use super::message::{ModelMessage, ResponsePart};
 use super::session::{SessionId, TurnId};
-use crate::ports::{AgentRuntime, EventSink, SessionEvents, SessionStore, SessionStoreError, TurnInput};
+use crate::ports::{
+    AgentRuntime, EventSink, SessionEvents, SessionStore, SessionStoreError, TurnInput,
+};
 
 /// The runtime the server drives, or why there is none.
 ///
@@ -144,12 +146,12 @@ impl ChatService {
         session_id: Option<SessionId>,
         content: String,
     ) -> Result<ChatReply, ChatError> {
-        if content.trim().is_empty() {
-            return Err(ChatError::EmptyMessage);
-        }
+        check_prompt(&content)?;
         let runtime = match &self.runtime {
             RuntimeSlot::Ready(runtime) => Arc::clone(runtime),
-            RuntimeSlot::Unavailable(why) => return Err(ChatError::RuntimeUnavailable(why.clone())),
+            RuntimeSlot::Unavailable(why) => {
+                return Err(ChatError::RuntimeUnavailable(why.clone()));
+            }
         };
         let session_id = session_id.unwrap_or_else(SessionId::generate);
         self.sessions.get_or_create(&session_id, Utc::now()).await?;
@@ -221,33 +223,41 @@ impl ChatService {
         // A session deleted between creation and now simply starts empty.
         let history = self.sessions.history(session_id).await.unwrap_or_default();
         let request = ModelMessage::user_prompt(content.clone(), Utc::now());
-        let sink = TurnSink {
-            session_id,
-            turn_id: &turn_id,
-            events: self.events.as_ref(),
+        let sink = Arc::new(TurnSink {
+            session_id: session_id.clone(),
+            turn_id: turn_id.clone(),
+            events: Arc::clone(&self.events),
             partial: Mutex::default(),
-        };
+        });
         let turn = runtime.run_turn(
             TurnInput {
                 prompt: content,
                 history,
             },
-            &sink,
+            sink.clone(),
         );
         let outcome = tokio::select! {
             result = with_timeout(self.turn_timeout, turn) => result,
             () = cancel.cancelled() => Outcome::Cancelled,
         };
         let partial = std::mem::take(&mut *lock(&sink.partial));
-        let publish = |event| self.events.publish(session_id, Some(&turn_id), event);
+        let publish = |event| {
+            self.events
+                .publish(session_id, Some(turn_id.clone()), event)
+        };
         let session = session_id.clone();
 
         let result = match outcome {
             Outcome::Finished(Ok(reply)) => {
                 let deferred = deferred_calls(&reply);
                 let text = reply_text(&reply);
-                self.save(session_id, request, Some(reply.parts), Some(reply.model_name))
-                    .await;
+                self.save(
+                    session_id,
+                    request,
+                    Some(reply.parts),
+                    Some(reply.model_name),
+                )
+                .await;
                 if deferred.is_empty() {
                     publish(SessionEvent::Done {
                         content: text.clone(),
@@ -265,13 +275,18 @@ impl ChatService {
                         });
                     }
                     publish(SessionEvent::approval_unsupported());
-                    Err(ChatError::ApprovalUnsupported { session_id: session })
+                    Err(ChatError::ApprovalUnsupported {
+                        session_id: session,
+                    })
                 }
             }
             Outcome::Finished(Err(AgentError::DeferredApprovalLocked)) => {
-                self.save(session_id, request, text_parts(&partial), None).await;
+                self.save(session_id, request, text_parts(&partial), None)
+                    .await;
                 publish(SessionEvent::approval_unsupported());
-                Err(ChatError::ApprovalUnsupported { session_id: session })
+                Err(ChatError::ApprovalUnsupported {
+                    session_id: session,
+                })
             }
             Outcome::Finished(Err(AgentError::Provider(message))) => {
                 // The failed exchange is not kept: the next turn starts from
@@ -286,7 +301,8 @@ impl ChatService {
                 })
             }
             Outcome::Cancelled => {
-                self.save(session_id, request, text_parts(&partial), None).await;
+                self.save(session_id, request, text_parts(&partial), None)
+                    .await;
                 publish(SessionEvent::Cancelled {
                     partial: partial.clone(),
                 });
@@ -296,7 +312,8 @@ impl ChatService {
                 })
             }
             Outcome::TimedOut(after) => {
-                self.save(session_id, request, text_parts(&partial), None).await;
+                self.save(session_id, request, text_parts(&partial), None)
+                    .await;
                 let error = ChatError::TimedOut {
                     session_id: session,
                     after,
@@ -350,6 +367,19 @@ impl ChatService {
         if Arc::strong_count(&gate) == 2 {
             gates.remove(session_id);
         }
+    }
+}
+
+/// Refuses a prompt no turn should run for. Transports that queue prompts
+/// call it first, so the sender hears at once.
+///
+/// # Errors
+/// [`ChatError::EmptyMessage`] for an empty or blank prompt.
+pub fn check_prompt(content: &str) -> Result<(), ChatError> {
+    if content.trim().is_empty() {
+        Err(ChatError::EmptyMessage)
+    } else {
+        Ok(())
     }
 }
 
@@ -429,14 +459,14 @@ impl Drop for RunningGuard<'_> {
 
 /// Forwards the runtime's events to the session's clients and keeps the
 /// streamed text, so a cancelled turn can save what was said.
-struct TurnSink<'a> {
-    session_id: &'a SessionId,
-    turn_id: &'a TurnId,
-    events: &'a dyn SessionEvents,
+struct TurnSink {
+    session_id: SessionId,
+    turn_id: TurnId,
+    events: Arc<dyn SessionEvents>,
     partial: Mutex<String>,
 }
 
-impl EventSink for TurnSink<'_> {
+impl EventSink for TurnSink {
     fn emit(&self, event: AgentEvent) {
         let event = match event {
             AgentEvent::Token(content) => {
@@ -457,6 +487,6 @@ impl EventSink for TurnSink<'_> {
             },
         };
         self.events
-            .publish(self.session_id, Some(self.turn_id), event);
+            .publish(&self.session_id, Some(self.turn_id.clone()), event);
     }
 }

@@ -82,8 +82,12 @@ mod tests {
             ModelMessage::user_prompt("hi", at),
             ModelMessage::Response {
                 parts: vec![
-                    ResponsePart::Thinking { content: "hm".into() },
-                    ResponsePart::Text { content: "hello".into() },
+                    ResponsePart::Thinking {
+                        content: "hm".into(),
+                    },
+                    ResponsePart::Text {
+                        content: "hello".into(),
+                    },
                     ResponsePart::ToolCall {
                         tool_name: "execute".into(),
                         args: json!({"command": "ls"}),

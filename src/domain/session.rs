@@ -58,14 +58,15 @@ impl fmt::Display for SessionId {
 }
 
 /// Identifies one chat turn in the session's event stream, so a client can
-/// tell which events belong together and which turn to cancel.
+/// tell which events belong together and which turn to cancel. Every event
+/// of a turn carries it, so cloning it is a reference-count increment.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TurnId(String);
+pub struct TurnId(std::sync::Arc<str>);
 
 impl TurnId {
     #[must_use]
     pub fn generate() -> Self {
-        Self(uuid::Uuid::new_v4().simple().to_string())
+        Self(uuid::Uuid::new_v4().simple().to_string().into())
     }
 
     #[must_use]
@@ -110,6 +111,10 @@ mod tests {
     fn generated_session_ids_are_32_lowercase_hex_characters() {
         let id = SessionId::generate();
         assert_eq!(id.as_str().len(), 32);
-        assert!(id.as_str().bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        assert!(
+            id.as_str()
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        );
     }
 }

@@ -2,6 +2,8 @@
 //! a streamed answer. The server contains no model; it drives one through
 //! this trait.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 use crate::domain::agent::{AgentError, AgentEvent, AgentReply};
@@ -42,6 +44,6 @@ pub trait AgentRuntime: Send + Sync {
     async fn run_turn(
         &self,
         input: TurnInput,
-        sink: &dyn EventSink,
+        sink: Arc<dyn EventSink>,
     ) -> Result<AgentReply, AgentError>;
 }

@@ -14,7 +14,7 @@ pub trait SessionEvents: Send + Sync {
     ///
     /// Must not block and must not fail: a client that cannot keep up is the
     /// adapter's problem, never the turn's.
-    fn publish(&self, session: &SessionId, turn: Option<&TurnId>, event: SessionEvent);
+    fn publish(&self, session: &SessionId, turn: Option<TurnId>, event: SessionEvent);
 
     /// The sessions that have at least one live client; the sweeper spares them.
     fn live_sessions(&self) -> HashSet<SessionId>;

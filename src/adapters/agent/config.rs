@@ -66,12 +66,20 @@ pub fn parse_agents(text: &str) -> Result<Vec<AgentConfig>, String> {
                 .tools
                 .iter()
                 .map(|tool| {
-                    catalogue.iter().find(|t| &t.name == tool).cloned().ok_or_else(|| {
-                        format!(
-                            "agent {name:?}: unknown tool {tool:?} (known: {})",
-                            catalogue.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
-                        )
-                    })
+                    catalogue
+                        .iter()
+                        .find(|t| &t.name == tool)
+                        .cloned()
+                        .ok_or_else(|| {
+                            format!(
+                                "agent {name:?}: unknown tool {tool:?} (known: {})",
+                                catalogue
+                                    .iter()
+                                    .map(|t| t.name.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        })
                 })
                 .collect::<Result<_, _>>()?;
             Ok(AgentConfig {

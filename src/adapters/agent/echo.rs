@@ -6,6 +6,7 @@
 //! - `/tool NAME {json}`: asks for that tool call (the arguments default to
 //!   `{}`), which the server's policy defers to a human.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -40,10 +41,14 @@ impl EchoRuntime {
     pub fn from_options(options: &str, tools: Vec<ToolSpec>) -> Result<Self, String> {
         let delay = match options.split_once('=') {
             None if options.is_empty() => 0,
-            Some(("delay_ms", ms)) => ms
-                .parse()
-                .map_err(|_| format!("echo option delay_ms={ms:?} is not a number of milliseconds"))?,
-            _ => return Err(format!("unknown echo option {options:?} (expected delay_ms=N)")),
+            Some(("delay_ms", ms)) => ms.parse().map_err(|_| {
+                format!("echo option delay_ms={ms:?} is not a number of milliseconds")
+            })?,
+            _ => {
+                return Err(format!(
+                    "unknown echo option {options:?} (expected delay_ms=N)"
+                ));
+            }
         };
         Ok(Self::new(Duration::from_millis(delay), tools))
     }
@@ -96,8 +101,9 @@ impl AgentRuntime for EchoRuntime {
     async fn run_turn(
         &self,
         input: TurnInput,
-        sink: &dyn EventSink,
+        sink: Arc<dyn EventSink>,
     ) -> Result<AgentReply, AgentError> {
+        let sink = sink.as_ref();
         let prompt = input.prompt.trim();
         if let Some(command) = prompt.strip_prefix("/tool ") {
             return self.tool_call(command.trim(), sink);
@@ -135,6 +141,10 @@ mod tests {
     #[derive(Default)]
     struct Recorder(Mutex<Vec<AgentEvent>>);
 
+    fn recorder() -> Arc<Recorder> {
+        Arc::new(Recorder::default())
+    }
+
     impl EventSink for Recorder {
         fn emit(&self, event: AgentEvent) {
             self.0.lock().unwrap().push(event);
@@ -154,8 +164,11 @@ mod tests {
 
     #[tokio::test]
     async fn echo_streams_the_prompt_word_by_word_and_answers_with_it() {
-        let sink = Recorder::default();
-        let reply = echo().run_turn(input("hello big world"), &sink).await.unwrap();
+        let sink = recorder();
+        let reply = echo()
+            .run_turn(input("hello big world"), sink.clone())
+            .await
+            .unwrap();
         assert_eq!(
             *sink.0.lock().unwrap(),
             vec![
@@ -164,35 +177,61 @@ mod tests {
                 AgentEvent::Token("world".into()),
             ]
         );
-        assert_eq!(reply.parts, vec![ResponsePart::Text { content: "hello big world".into() }]);
+        assert_eq!(
+            reply.parts,
+            vec![ResponsePart::Text {
+                content: "hello big world".into()
+            }]
+        );
     }
 
     #[tokio::test]
     async fn echo_tool_command_requests_that_tool_call() {
-        let sink = Recorder::default();
+        let sink = recorder();
         let reply = echo()
-            .run_turn(input(r#"/tool execute {"command":"ls"}"#), &sink)
+            .run_turn(input(r#"/tool execute {"command":"ls"}"#), sink.clone())
             .await
             .unwrap();
-        let [ResponsePart::ToolCall { tool_name, args, .. }] = reply.parts.as_slice() else {
+        let [
+            ResponsePart::ToolCall {
+                tool_name, args, ..
+            },
+        ] = reply.parts.as_slice()
+        else {
             panic!("expected one tool call, got {:?}", reply.parts);
         };
         assert_eq!(tool_name, "execute");
         assert_eq!(args, &json!({"command": "ls"}));
-        assert!(matches!(sink.0.lock().unwrap()[0], AgentEvent::ToolCall { .. }));
+        assert!(matches!(
+            sink.0.lock().unwrap()[0],
+            AgentEvent::ToolCall { .. }
+        ));
     }
 
     #[tokio::test]
     async fn echo_refuses_tools_the_agent_does_not_offer_and_bad_arguments() {
-        let sink = Recorder::default();
-        assert!(echo().run_turn(input("/tool format_disk {}"), &sink).await.is_err());
-        assert!(echo().run_turn(input("/tool execute {oops"), &sink).await.is_err());
+        let sink = recorder();
+        assert!(
+            echo()
+                .run_turn(input("/tool format_disk {}"), sink.clone())
+                .await
+                .is_err()
+        );
+        assert!(
+            echo()
+                .run_turn(input("/tool execute {oops"), sink.clone())
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test]
     async fn echo_think_streams_thinking_before_the_answer() {
-        let sink = Recorder::default();
-        echo().run_turn(input("/think a b"), &sink).await.unwrap();
+        let sink = recorder();
+        echo()
+            .run_turn(input("/think a b"), sink.clone())
+            .await
+            .unwrap();
         let events = sink.0.lock().unwrap();
         assert_eq!(events[0], AgentEvent::ThinkingStart);
         assert_eq!(events[3], AgentEvent::ThinkingDone);

@@ -30,13 +30,19 @@ pub struct ProviderEnv {
 /// `echo` option, or an `openai` model without `OPENAI_API_KEY` or
 /// `OPENAI_BASE_URL` (a local server such as Ollama needs no key, but then
 /// the base URL must say where it is).
-pub fn build_runtime(agent: &AgentConfig, env: &ProviderEnv) -> Result<Arc<dyn AgentRuntime>, String> {
+pub fn build_runtime(
+    agent: &AgentConfig,
+    env: &ProviderEnv,
+) -> Result<Arc<dyn AgentRuntime>, String> {
     let (adapter, rest) = agent
         .model
         .split_once(':')
         .unwrap_or((agent.model.as_str(), ""));
     match adapter {
-        "echo" => Ok(Arc::new(echo::EchoRuntime::from_options(rest, agent.tools.clone())?)),
+        "echo" => Ok(Arc::new(echo::EchoRuntime::from_options(
+            rest,
+            agent.tools.clone(),
+        )?)),
         "openai" => {
             if rest.is_empty() {
                 return Err(format!(

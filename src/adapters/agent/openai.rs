@@ -28,7 +28,13 @@ impl OpenAiRuntime {
 
 #[async_trait]
 impl AgentRuntime for OpenAiRuntime {
-    async fn run_turn(&self, _input: TurnInput, _sink: &dyn EventSink) -> Result<AgentReply, AgentError> {
-        Err(AgentError::Provider("the openai adapter is not built yet".into()))
+    async fn run_turn(
+        &self,
+        _input: TurnInput,
+        _sink: std::sync::Arc<dyn EventSink>,
+    ) -> Result<AgentReply, AgentError> {
+        Err(AgentError::Provider(
+            "the openai adapter is not built yet".into(),
+        ))
     }
 }

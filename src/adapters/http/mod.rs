@@ -1,1 +1,160 @@
-//! HTTP
+//! The HTTP adapter: the REST API (poem-openapi), the WebSocket endpoint, the
+//! served spec and docs, and the middleware every route shares.
+
+pub mod auth;
+pub mod chat;
+pub mod dto;
+pub mod health;
+pub mod limits;
+pub mod sessions;
+pub mod stream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use poem::endpoint::BoxEndpoint;
+use poem::http::StatusCode;
+use poem::listener::TcpAcceptor;
+use poem::middleware::Tracing;
+use poem::web::Json;
+use poem::{EndpointExt, IntoResponse, Response, Route, Server, get};
+use poem_openapi::{OpenApiService, Tags};
+use serde_json::json;
+
+use self::auth::{ApiKey, ApiKeyAuth};
+use self::chat::ChatApi;
+use self::health::HealthApi;
+use self::limits::BodyLimit;
+use self::sessions::SessionsApi;
+use crate::adapters::ws::SessionHub;
+use crate::adapters::ws::endpoint::{WsSettings, WsState, session_socket};
+use crate::domain::chat::ChatService;
+use crate::domain::sessions::SessionService;
+
+#[derive(Tags)]
+enum ApiTags {
+    /// Process health.
+    System,
+    /// Sessions, their history and their event streams.
+    Sessions,
+    /// Chat turns.
+    Chat,
+}
+
+/// The domain services the HTTP adapter exposes.
+#[derive(Clone)]
+pub struct Services {
+    pub chat: Arc<ChatService>,
+    pub sessions: Arc<SessionService>,
+    pub hub: Arc<SessionHub>,
+}
+
+/// Limits and switches of the HTTP surface.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// When set, every route but `GET /api/health` (and the docs) needs it.
+    pub api_key: Option<ApiKey>,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Interval of SSE keep-alive comments.
+    pub sse_keep_alive: Duration,
+    pub ws: WsSettings,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            api_key: None,
+            max_body_bytes: 2 * 1024 * 1024,
+            sse_keep_alive: Duration::from_secs(15),
+            ws: WsSettings::default(),
+        }
+    }
+}
+
+type Apis = (HealthApi, SessionsApi, ChatApi);
+
+/// The typed REST API; its spec is `openapi.yaml`.
+#[must_use]
+pub fn api_service(services: &Services, settings: &HttpSettings) -> OpenApiService<Apis, ()> {
+    OpenApiService::new(
+        (
+            HealthApi,
+            SessionsApi {
+                sessions: Arc::clone(&services.sessions),
+                chat: Arc::clone(&services.chat),
+                hub: Arc::clone(&services.hub),
+                keep_alive: settings.sse_keep_alive,
+            },
+            ChatApi {
+                chat: Arc::clone(&services.chat),
+            },
+        ),
+        "autopoiesis",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description(
+        "An AI agent on the network: sessions, chat turns streamed to every client of a \
+         session, and a deferred tool-approval policy. The WebSocket protocol \
+         (`GET /api/ws/{session_id}`) is described in docs/websocket.md.",
+    )
+}
+
+/// The whole route tree with its middleware.
+#[must_use]
+pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static> {
+    let api = api_service(services, settings);
+    let ws_state = Arc::new(WsState {
+        chat: Arc::clone(&services.chat),
+        sessions: Arc::clone(&services.sessions),
+        hub: Arc::clone(&services.hub),
+        settings: settings.ws.clone(),
+    });
+    Route::new()
+        .at("/openapi.json", api.spec_endpoint())
+        .nest("/docs", api.swagger_ui())
+        .at("/api/ws/:session_id", get(session_socket).data(ws_state))
+        .nest("/", api)
+        .with(ApiKeyAuth::new(settings.api_key.clone()))
+        .with(BodyLimit::new(settings.max_body_bytes))
+        .catch_all_error(error_response)
+        .with(Tracing)
+        .boxed()
+}
+
+/// Errors raised outside an operation (unknown route, wrong method, body
+/// too large, refused auth) get the same JSON `detail` body as the API's own.
+async fn error_response(error: poem::Error) -> Response {
+    let status = error.status();
+    let detail = match status {
+        StatusCode::NOT_FOUND => "Not Found".to_owned(),
+        StatusCode::METHOD_NOT_ALLOWED => "Method Not Allowed".to_owned(),
+        StatusCode::PAYLOAD_TOO_LARGE => "Request body is too large".to_owned(),
+        _ => error.to_string(),
+    };
+    Json(json!({ "detail": detail }))
+        .with_status(status)
+        .into_response()
+}
+
+/// The spec of the REST API as YAML, exactly as served at `/openapi.json`.
+#[must_use]
+pub fn openapi_yaml(services: &Services) -> String {
+    api_service(services, &HttpSettings::default()).spec_yaml()
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets requests
+/// in flight finish for up to `grace`.
+///
+/// # Errors
+/// The listener failed.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: BoxEndpoint<'static>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> std::io::Result<()> {
+    Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?)
+        .run_with_graceful_shutdown(app, shutdown, Some(grace))
+        .await
+}

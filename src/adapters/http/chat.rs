@@ -1,0 +1,106 @@
+//! `POST /api/chat`: one turn over REST. The turn also streams to the
+//! session's WebSocket and SSE clients.
+
+use std::sync::Arc;
+
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, OpenApi};
+
+use super::ApiTags;
+use super::dto::{ChatBody, ChatReplyBody, CodedErrorBody, ErrorBody};
+use crate::domain::chat::{ChatError, ChatService};
+use crate::domain::events::{APPROVAL_UNSUPPORTED_CODE, APPROVAL_UNSUPPORTED_MESSAGE};
+use crate::domain::session::SessionId;
+
+pub struct ChatApi {
+    pub chat: Arc<ChatService>,
+}
+
+#[derive(ApiResponse)]
+#[oai(bad_request_handler = "bad_chat_request")]
+enum ChatReply {
+    /// The turn finished; `content` is the agent's full answer.
+    #[oai(status = 200)]
+    Ok(Json<ChatReplyBody>),
+    /// The body is not a JSON object with a string `content` (and an
+    /// optional string `session_id`), or the session id is malformed.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// `approval_unsupported`: the turn ended with tool calls that need a
+    /// human's approval (history saved). `turn_cancelled`: the turn was
+    /// cancelled (partial text saved).
+    #[oai(status = 409)]
+    Conflict(Json<CodedErrorBody>),
+    /// `content` is empty.
+    #[oai(status = 422)]
+    Unprocessable(Json<ErrorBody>),
+    /// The model provider failed; the session stays usable.
+    #[oai(status = 502)]
+    BadGateway(Json<ErrorBody>),
+    /// The agent runtime is not available (the detail says why), or session
+    /// storage failed.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+    /// The turn ran past the configured turn timeout (partial text saved).
+    #[oai(status = 504)]
+    TimedOut(Json<ErrorBody>),
+}
+
+fn bad_chat_request(error: poem::Error) -> ChatReply {
+    ChatReply::BadRequest(Json(ErrorBody::new(error.to_string())))
+}
+
+impl From<ChatError> for ChatReply {
+    fn from(error: ChatError) -> Self {
+        let detail = || Json(ErrorBody::new(error.to_string()));
+        match &error {
+            ChatError::EmptyMessage => Self::Unprocessable(detail()),
+            ChatError::RuntimeUnavailable(_) => Self::Unavailable(detail()),
+            ChatError::ApprovalUnsupported { .. } => Self::Conflict(Json(CodedErrorBody::new(
+                APPROVAL_UNSUPPORTED_CODE,
+                APPROVAL_UNSUPPORTED_MESSAGE,
+            ))),
+            ChatError::Cancelled { .. } => Self::Conflict(Json(CodedErrorBody::new(
+                "turn_cancelled",
+                "The turn was cancelled; its partial text was kept in the history.",
+            ))),
+            ChatError::Provider { .. } => Self::BadGateway(detail()),
+            ChatError::TimedOut { .. } => Self::TimedOut(detail()),
+            ChatError::Storage(e) => {
+                tracing::error!(error = %e, "session store failed during chat");
+                Self::Unavailable(Json(ErrorBody::new("Session storage is unavailable")))
+            }
+        }
+    }
+}
+
+#[OpenApi]
+impl ChatApi {
+    /// Send a message
+    ///
+    /// Runs one turn of the active agent and answers with its full reply.
+    /// Turns on one session run one at a time in arrival order.
+    #[oai(
+        path = "/api/chat",
+        method = "post",
+        operation_id = "send_chat_message",
+        tag = "ApiTags::Chat"
+    )]
+    async fn chat(&self, body: Json<ChatBody>) -> ChatReply {
+        let ChatBody {
+            content,
+            session_id,
+        } = body.0;
+        let session_id = match session_id.map(|raw| SessionId::parse(&raw.0)).transpose() {
+            Ok(id) => id,
+            Err(e) => return ChatReply::BadRequest(Json(ErrorBody::new(e.to_string()))),
+        };
+        match self.chat.send(session_id, content.0).await {
+            Ok(reply) => ChatReply::Ok(Json(ChatReplyBody {
+                session_id: reply.session_id.to_string(),
+                content: reply.content,
+            })),
+            Err(error) => error.into(),
+        }
+    }
+}

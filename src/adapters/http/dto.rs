@@ -1,0 +1,170 @@
+//! Request and response bodies of the REST API, and their mapping from the
+//! domain. The JSON shapes are the contract of SPEC A3.
+
+use std::borrow::Cow;
+
+use chrono::{DateTime, Utc};
+use poem_openapi::Object;
+use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
+use poem_openapi::types::{ParseError, ParseFromJSON, ParseResult, ToJSON, Type};
+use serde_json::Value;
+
+use crate::domain::session::SessionInfo;
+
+/// `GET /api/health`.
+#[derive(Debug, Object)]
+pub struct HealthResponse {
+    /// Always `ok` when the server answers.
+    pub status: String,
+    /// The server's version.
+    pub version: String,
+}
+
+/// A session as listed.
+#[derive(Debug, Object)]
+#[oai(rename = "SessionInfo")]
+pub struct SessionInfoBody {
+    /// The session id.
+    pub id: String,
+    /// When the session was created (RFC 3339, UTC).
+    pub created_at: DateTime<Utc>,
+    /// Number of messages in the history.
+    pub message_count: u64,
+}
+
+impl From<SessionInfo> for SessionInfoBody {
+    fn from(info: SessionInfo) -> Self {
+        Self {
+            id: info.id.to_string(),
+            created_at: info.created_at,
+            message_count: u64::try_from(info.message_count).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+/// A session's history in pydantic-ai's `ModelMessage` JSON shape.
+#[derive(Debug, Object)]
+#[oai(rename = "SessionHistory")]
+pub struct HistoryBody {
+    pub session_id: String,
+    /// `{"kind":"request"|"response","parts":[...]}` messages, oldest first.
+    pub messages: Vec<Value>,
+}
+
+/// `POST /api/chat` body.
+#[derive(Debug, Object)]
+#[oai(rename = "ChatRequest")]
+pub struct ChatBody {
+    /// The user's message. Must not be empty.
+    pub content: StrictString,
+    /// The session to continue (1-128 characters of `[A-Za-z0-9._:-]`); a
+    /// new one is created when absent or unknown.
+    pub session_id: Option<StrictString>,
+}
+
+/// A completed chat turn.
+#[derive(Debug, Object)]
+#[oai(rename = "ChatResponse")]
+pub struct ChatReplyBody {
+    pub session_id: String,
+    /// The agent's full answer.
+    pub content: String,
+}
+
+/// A cancel request that stopped a running turn.
+#[derive(Debug, Object)]
+#[oai(rename = "CancelAccepted")]
+pub struct CancelBody {
+    /// The turn that was stopped.
+    pub turn_id: String,
+}
+
+/// An error, FastAPI style.
+#[derive(Debug, Object)]
+#[oai(rename = "Error")]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub detail: String,
+}
+
+impl ErrorBody {
+    pub fn new(detail: impl Into<String>) -> Self {
+        Self {
+            detail: detail.into(),
+        }
+    }
+}
+
+/// An error a client is expected to handle by its code.
+#[derive(Debug, Object)]
+#[oai(rename = "CodedError")]
+pub struct CodedErrorBody {
+    pub detail: ErrorDetail,
+}
+
+/// The `detail` of a [`CodedErrorBody`].
+#[derive(Debug, Object)]
+pub struct ErrorDetail {
+    /// Machine-readable kind, e.g. `approval_unsupported`.
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl CodedErrorBody {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            detail: ErrorDetail {
+                code: code.into(),
+                message: message.into(),
+            },
+        }
+    }
+}
+
+/// A JSON string and nothing else.
+///
+/// poem-openapi's `String` also accepts numbers and booleans (`5` becomes
+/// `"5"`); a chat body with `"content": 5` is a client bug that deserves a
+/// clear 400, not a silent conversion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StrictString(pub String);
+
+impl Type for StrictString {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> Cow<'static, str> {
+        "string".into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        MetaSchemaRef::Inline(Box::new(MetaSchema::new("string")))
+    }
+
+    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
+        Some(self)
+    }
+
+    fn raw_element_iter<'a>(
+        &'a self,
+    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
+        Box::new(self.as_raw_value().into_iter())
+    }
+}
+
+impl ParseFromJSON for StrictString {
+    fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
+        match value {
+            Some(Value::String(s)) => Ok(Self(s)),
+            other => Err(ParseError::expected_type(other.unwrap_or_default())),
+        }
+    }
+}
+
+impl ToJSON for StrictString {
+    fn to_json(&self) -> Option<Value> {
+        Some(Value::String(self.0.clone()))
+    }
+}

@@ -1,0 +1,289 @@
+//! `/api/sessions`: list, create, read, delete, cancel, and the session's
+//! event stream over SSE.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use poem::web::sse::Event;
+use poem_openapi::param::{Header, Path, Query};
+use poem_openapi::payload::{EventStream, Json};
+use poem_openapi::{ApiResponse, OpenApi};
+
+use super::ApiTags;
+use super::dto::{CancelBody, ErrorBody, HistoryBody, SessionInfoBody};
+use super::stream::{SseFrame, frames};
+use crate::adapters::ws::SessionHub;
+use crate::domain::chat::{CancelError, ChatService};
+use crate::domain::session::SessionId;
+use crate::domain::sessions::SessionService;
+use crate::ports::SessionStoreError;
+
+pub struct SessionsApi {
+    pub sessions: Arc<SessionService>,
+    pub chat: Arc<ChatService>,
+    pub hub: Arc<SessionHub>,
+    /// Interval of SSE keep-alive comments.
+    pub keep_alive: Duration,
+}
+
+const NOT_FOUND: &str = "Session not found";
+
+fn unavailable(error: &SessionStoreError) -> Json<ErrorBody> {
+    tracing::error!(%error, "session store failed");
+    Json(ErrorBody::new("Session storage is unavailable"))
+}
+
+#[derive(ApiResponse)]
+enum ListReply {
+    /// Every session, oldest first.
+    #[oai(status = 200)]
+    Ok(Json<Vec<SessionInfoBody>>),
+    /// The session store is unavailable.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+#[derive(ApiResponse)]
+enum CreateReply {
+    /// The new session.
+    #[oai(status = 201)]
+    Created(Json<SessionInfoBody>),
+    /// The session store is unavailable.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+#[derive(ApiResponse)]
+enum HistoryReply {
+    /// The session's messages, oldest first.
+    #[oai(status = 200)]
+    Ok(Json<HistoryBody>),
+    /// The session id is malformed.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// No such session.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// The session store is unavailable.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+#[derive(ApiResponse)]
+enum DeleteReply {
+    /// The session is gone and its clients were closed.
+    #[oai(status = 204)]
+    Deleted,
+    /// The session id is malformed.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// No such session.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// The session store is unavailable.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+#[derive(ApiResponse)]
+enum CancelReply {
+    /// The running turn was told to stop; every client gets `cancelled`.
+    #[oai(status = 202)]
+    Accepted(Json<CancelBody>),
+    /// The session id is malformed.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// No such session.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// The session exists but no turn is running on it.
+    #[oai(status = 409)]
+    NothingRunning(Json<ErrorBody>),
+}
+
+#[derive(ApiResponse)]
+enum EventsReply {
+    /// The session's event stream: `event: <op>`, `data: <frame JSON>`,
+    /// `id: <seq>`, with comment keep-alives.
+    #[oai(status = 200)]
+    Ok(EventStream<BoxStream<'static, SseFrame>>),
+    /// The session id or `after_seq`/`Last-Event-ID` is malformed.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// The session store is unavailable.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+fn parse_id(raw: &str) -> Result<SessionId, Json<ErrorBody>> {
+    SessionId::parse(raw).map_err(|e| Json(ErrorBody::new(e.to_string())))
+}
+
+#[OpenApi]
+impl SessionsApi {
+    /// List sessions
+    #[oai(
+        path = "/api/sessions",
+        method = "get",
+        operation_id = "list_sessions",
+        tag = "ApiTags::Sessions"
+    )]
+    async fn list(&self) -> ListReply {
+        match self.sessions.list().await {
+            Ok(list) => ListReply::Ok(Json(list.into_iter().map(Into::into).collect())),
+            Err(e) => ListReply::Unavailable(unavailable(&e)),
+        }
+    }
+
+    /// Create a session
+    #[oai(
+        path = "/api/sessions",
+        method = "post",
+        operation_id = "create_session",
+        tag = "ApiTags::Sessions"
+    )]
+    async fn create(&self) -> CreateReply {
+        match self.sessions.create().await {
+            Ok(info) => CreateReply::Created(Json(info.into())),
+            Err(e) => CreateReply::Unavailable(unavailable(&e)),
+        }
+    }
+
+    /// Read a session's history
+    #[oai(
+        path = "/api/sessions/:id/history",
+        method = "get",
+        operation_id = "get_session_history",
+        tag = "ApiTags::Sessions"
+    )]
+    async fn history(&self, id: Path<String>) -> HistoryReply {
+        let id = match parse_id(&id) {
+            Ok(id) => id,
+            Err(body) => return HistoryReply::BadRequest(body),
+        };
+        match self.sessions.history(&id).await {
+            Ok(messages) => HistoryReply::Ok(Json(HistoryBody {
+                session_id: id.to_string(),
+                messages: messages
+                    .iter()
+                    .map(|m| serde_json::to_value(m).unwrap_or_default())
+                    .collect(),
+            })),
+            Err(SessionStoreError::NotFound) => {
+                HistoryReply::NotFound(Json(ErrorBody::new(NOT_FOUND)))
+            }
+            Err(e) => HistoryReply::Unavailable(unavailable(&e)),
+        }
+    }
+
+    /// Delete a session
+    ///
+    /// Its WebSocket and SSE clients are closed. A turn still running on it
+    /// finishes, but its history is not kept.
+    #[oai(
+        path = "/api/sessions/:id",
+        method = "delete",
+        operation_id = "delete_session",
+        tag = "ApiTags::Sessions"
+    )]
+    async fn delete(&self, id: Path<String>) -> DeleteReply {
+        let id = match parse_id(&id) {
+            Ok(id) => id,
+            Err(body) => return DeleteReply::BadRequest(body),
+        };
+        match self.sessions.delete(&id).await {
+            Ok(()) => DeleteReply::Deleted,
+            Err(SessionStoreError::NotFound) => {
+                DeleteReply::NotFound(Json(ErrorBody::new(NOT_FOUND)))
+            }
+            Err(e) => DeleteReply::Unavailable(unavailable(&e)),
+        }
+    }
+
+    /// Cancel the running turn
+    ///
+    /// Stopping is not disconnecting: closing a socket never cancels a turn,
+    /// this does. Every client gets `cancelled {"turn_id","partial"}` and the
+    /// partial text is kept in the history. Turns queued behind it still run.
+    #[oai(
+        path = "/api/sessions/:id/cancel",
+        method = "post",
+        operation_id = "cancel_turn",
+        tag = "ApiTags::Sessions"
+    )]
+    async fn cancel(&self, id: Path<String>) -> CancelReply {
+        let id = match parse_id(&id) {
+            Ok(id) => id,
+            Err(body) => return CancelReply::BadRequest(body),
+        };
+        match self.chat.cancel(&id).await {
+            Ok(turn_id) => CancelReply::Accepted(Json(CancelBody {
+                turn_id: turn_id.to_string(),
+            })),
+            Err(e @ CancelError::SessionNotFound) => {
+                CancelReply::NotFound(Json(ErrorBody::new(e.to_string())))
+            }
+            Err(e @ CancelError::NothingRunning) => {
+                CancelReply::NothingRunning(Json(ErrorBody::new(e.to_string())))
+            }
+        }
+    }
+
+    /// Stream a session's events (SSE)
+    ///
+    /// The same sequenced log as the WebSocket, for `EventSource` clients.
+    /// Resume with the `Last-Event-ID` header (browsers send it on their own)
+    /// or `?after_seq=N`; a `gap` event says when events older than the
+    /// retained window were missed. The session is created if missing.
+    #[oai(
+        path = "/api/sessions/:id/events",
+        method = "get",
+        operation_id = "stream_session_events",
+        tag = "ApiTags::Sessions"
+    )]
+    async fn events(
+        &self,
+        id: Path<String>,
+        /// Replay retained events after this sequence number.
+        after_seq: Query<Option<u64>>,
+        /// Set by `EventSource` on reconnect: the last `id` it saw.
+        #[oai(name = "Last-Event-ID")]
+        last_event_id: Header<Option<String>>,
+    ) -> EventsReply {
+        let id = match parse_id(&id) {
+            Ok(id) => id,
+            Err(body) => return EventsReply::BadRequest(body),
+        };
+        let after = match (&last_event_id.0, after_seq.0) {
+            (Some(raw), _) => match raw.trim().parse::<u64>() {
+                Ok(seq) => Some(seq),
+                Err(_) => {
+                    return EventsReply::BadRequest(Json(ErrorBody::new(
+                        "Last-Event-ID must be a sequence number",
+                    )));
+                }
+            },
+            (None, after) => after,
+        };
+        if let Err(e) = self.sessions.open(&id).await {
+            return EventsReply::Unavailable(unavailable(&e));
+        }
+        let subscription = self.hub.subscribe(&id, after);
+        EventsReply::Ok(
+            EventStream::new(frames(subscription))
+                .keep_alive(self.keep_alive)
+                .to_event(SseFrame::into_event),
+        )
+    }
+}
+
+impl SseFrame {
+    fn into_event(self) -> Event {
+        let event = Event::message(self.0.json.clone()).event_type(self.0.op);
+        match self.0.seq {
+            Some(seq) => event.id(seq.to_string()),
+            None => event,
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! A session subscription as a stream of frames, for SSE.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
+use poem_openapi::types::{ToJSON, Type};
+use serde_json::Value;
+
+use crate::adapters::ws::Subscription;
+use crate::adapters::ws::hub::Frame;
+
+/// One frame of a session's stream, already encoded as JSON text.
+///
+/// It implements poem-openapi's `Type` by hand so the pre-encoded frame goes
+/// out as is: deriving `Object` would decode and re-encode every event.
+pub struct SseFrame(pub Arc<Frame>);
+
+impl Type for SseFrame {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> Cow<'static, str> {
+        "SessionEventFrame".into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        let mut schema = MetaSchema::new("object");
+        schema.description =
+            Some(r#"{"op", "data", "seq", "turn_id"}: see docs/websocket.md for every op"#);
+        MetaSchemaRef::Inline(Box::new(schema))
+    }
+
+    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
+        Some(self)
+    }
+
+    fn raw_element_iter<'a>(
+        &'a self,
+    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
+        Box::new(self.as_raw_value().into_iter())
+    }
+}
+
+impl ToJSON for SseFrame {
+    fn to_json(&self) -> Option<Value> {
+        serde_json::from_str(&self.0.json).ok()
+    }
+}
+
+/// The replayed frames, then live ones until the hub closes the client (a
+/// lagging `EventSource` reconnects by itself with `Last-Event-ID`).
+pub fn frames(subscription: Subscription) -> BoxStream<'static, SseFrame> {
+    futures::stream::unfold(subscription, |mut sub| async move {
+        let frame = sub.next().await?;
+        Some((SseFrame(frame), sub))
+    })
+    .boxed()
+}

@@ -1,0 +1,255 @@
+//! `GET /api/ws/{session_id}`: the session's stream over WebSocket, and chat
+//! turns started from it. The protocol is documented in docs/websocket.md.
+//!
+//! Each connection has a reader (the client's ops), a writer (the session's
+//! frames plus replies meant for this client only) and a worker that runs the
+//! client's turns one after another. The worker is not tied to the socket:
+//! closing the socket never cancels a turn (stopping is `cancel`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use poem::http::StatusCode;
+use poem::web::websocket::{CloseCode, Message, WebSocket, WebSocketConfig, WebSocketStream};
+use poem::web::{Data, Json, Path, Query};
+use poem::{IntoResponse, Response, handler};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::hub::{CloseReason, SessionHub, Subscription};
+use super::protocol::{Incoming, IncomingError, direct_error, parse_incoming};
+use crate::domain::chat::{CancelError, ChatError, ChatService, check_prompt};
+use crate::domain::session::SessionId;
+use crate::domain::sessions::SessionService;
+
+/// WebSocket limits.
+#[derive(Debug, Clone)]
+pub struct WsSettings {
+    /// Largest accepted message (and frame); bigger ones close with 1009.
+    pub max_message_bytes: usize,
+    /// Messages a client may queue for its turns before it is told to wait.
+    pub max_queued_turns: usize,
+}
+
+impl Default for WsSettings {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 1024 * 1024,
+            max_queued_turns: 16,
+        }
+    }
+}
+
+/// What the endpoint needs.
+pub struct WsState {
+    pub chat: Arc<ChatService>,
+    pub sessions: Arc<SessionService>,
+    pub hub: Arc<SessionHub>,
+    pub settings: WsSettings,
+}
+
+#[derive(Deserialize)]
+pub struct WsQuery {
+    /// Resume: replay retained events after this sequence number.
+    after_seq: Option<u64>,
+}
+
+fn refuse(status: StatusCode, detail: &str) -> Response {
+    Json(json!({ "detail": detail }))
+        .with_status(status)
+        .into_response()
+}
+
+/// Upgrades to a WebSocket on the session, creating it when missing.
+#[handler]
+pub async fn session_socket(
+    Path(raw_id): Path<String>,
+    Query(query): Query<WsQuery>,
+    ws: WebSocket,
+    state: Data<&Arc<WsState>>,
+) -> Response {
+    let session_id = match SessionId::parse(&raw_id) {
+        Ok(id) => id,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    if let Err(error) = state.sessions.open(&session_id).await {
+        tracing::error!(%error, "session store failed on WebSocket connect");
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Session storage is unavailable",
+        );
+    }
+    let state = Arc::clone(&state);
+    let max = state.settings.max_message_bytes;
+    ws.config(
+        WebSocketConfig::default()
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max)),
+    )
+    .on_upgrade(move |socket| async move {
+        let subscription = state.hub.subscribe(&session_id, query.after_seq);
+        let span = tracing::info_span!("ws", session.id = %session_id);
+        let _entered = span.enter();
+        tracing::debug!("client connected");
+        drop(_entered);
+        Connection { state, session_id }
+            .run(socket, subscription)
+            .await;
+    })
+    .into_response()
+}
+
+struct Connection {
+    state: Arc<WsState>,
+    session_id: SessionId,
+}
+
+/// How a connection ended, and so which close frame it gets.
+enum Ending {
+    ClientLeft,
+    TooBig,
+    Kicked(CloseReason),
+}
+
+impl Connection {
+    async fn run(self, socket: WebSocketStream, mut subscription: Subscription) {
+        let (mut sink, mut stream) = socket.split();
+        let (direct_tx, mut direct_rx) = mpsc::channel::<String>(32);
+        let turns = self.spawn_worker(direct_tx.clone());
+        let kicked = subscription.kicked();
+
+        let writer = async {
+            loop {
+                let text = tokio::select! {
+                    frame = subscription.next() => match frame {
+                        Some(frame) => frame.json.clone(),
+                        None => return,
+                    },
+                    Some(text) = direct_rx.recv() => text,
+                };
+                tokio::select! {
+                    sent = sink.send(Message::Text(text)) => if sent.is_err() { return },
+                    () = kicked.cancelled() => return,
+                }
+            }
+        };
+        let reader = async {
+            while let Some(message) = stream.next().await {
+                match message {
+                    Ok(Message::Text(text)) => self.handle(&text, &turns, &direct_tx).await,
+                    Ok(Message::Binary(_)) => {
+                        let _ = direct_tx
+                            .send(direct_error(
+                                "Binary frames are not supported; send JSON text",
+                            ))
+                            .await;
+                    }
+                    Ok(Message::Close(_)) => return Ending::ClientLeft,
+                    Ok(Message::Ping(_) | Message::Pong(_)) => {}
+                    Err(error) => {
+                        let too_big = error.to_string().contains("too long")
+                            || error.to_string().contains("too big");
+                        tracing::debug!(%error, "WebSocket read failed");
+                        return if too_big {
+                            Ending::TooBig
+                        } else {
+                            Ending::ClientLeft
+                        };
+                    }
+                }
+            }
+            Ending::ClientLeft
+        };
+        let ending = tokio::select! {
+            ending = reader => ending,
+            () = writer => Ending::Kicked(subscription.reason().unwrap_or(CloseReason::Shutdown)),
+        };
+        let close = match ending {
+            Ending::ClientLeft => None,
+            Ending::TooBig => Some((CloseCode::Size, "message too big")),
+            Ending::Kicked(CloseReason::Lagged) => Some((
+                CloseCode::Again,
+                "client too slow; reconnect with after_seq to resume",
+            )),
+            Ending::Kicked(CloseReason::SessionGone) => {
+                Some((CloseCode::Normal, "session deleted"))
+            }
+            Ending::Kicked(CloseReason::Shutdown) => {
+                Some((CloseCode::Away, "server shutting down"))
+            }
+        };
+        if let Some((code, reason)) = close {
+            // A client that stopped reading may never take the close frame.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                sink.send(Message::close_with(code, reason)),
+            )
+            .await;
+        }
+        tracing::debug!(session.id = %self.session_id, "client disconnected");
+    }
+
+    /// Runs this client's turns in the order it sent them, independent of the
+    /// socket's life.
+    fn spawn_worker(&self, direct: mpsc::Sender<String>) -> mpsc::Sender<String> {
+        let (tx, mut rx) = mpsc::channel::<String>(self.state.settings.max_queued_turns);
+        let chat = Arc::clone(&self.state.chat);
+        let session_id = self.session_id.clone();
+        tokio::spawn(async move {
+            while let Some(content) = rx.recv().await {
+                match chat.send(Some(session_id.clone()), content).await {
+                    // Raised before the turn started, so published to nobody:
+                    // the sender alone hears of it.
+                    Err(e @ (ChatError::EmptyMessage | ChatError::RuntimeUnavailable(_))) => {
+                        let _ = direct.try_send(direct_error(&e.to_string()));
+                    }
+                    Err(ChatError::Storage(error)) => {
+                        tracing::error!(%error, "session store failed during a WebSocket turn");
+                        let _ = direct.try_send(direct_error("Session storage is unavailable"));
+                    }
+                    _ => {}
+                }
+            }
+        });
+        tx
+    }
+
+    async fn handle(
+        &self,
+        text: &str,
+        turns: &mpsc::Sender<String>,
+        direct: &mpsc::Sender<String>,
+    ) {
+        let reply = match parse_incoming(text) {
+            Ok(Incoming::Message { content }) => match check_prompt(&content) {
+                Err(e) => Some(e.to_string()),
+                Ok(()) => match turns.try_send(content) {
+                    Ok(()) => None,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        Some("Too many queued messages; wait for a turn to finish".to_owned())
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => None,
+                },
+            },
+            Ok(Incoming::Approve) => {
+                self.state.chat.approve_unsupported(&self.session_id);
+                None
+            }
+            Ok(Incoming::Cancel) => match self.state.chat.cancel(&self.session_id).await {
+                Ok(_) => None,
+                Err(e @ (CancelError::NothingRunning | CancelError::SessionNotFound)) => {
+                    Some(e.to_string())
+                }
+            },
+            Ok(Incoming::Unknown(op)) => Some(format!("Unknown op: {op}")),
+            Err(e @ (IncomingError::InvalidFormat | IncomingError::ContentNotString)) => {
+                Some(e.to_string())
+            }
+        };
+        if let Some(message) = reply {
+            let _ = direct.send(direct_error(&message)).await;
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! The connection hub: implements [`SessionEvents`] by numbering each
+//! session's events, keeping the recent ones in a ring for resuming clients,
+//! and fanning them out to every subscribed client (WebSocket or SSE).
+//!
+//! Each client has a bounded queue. Publishing never waits: a client whose
+//! queue is full is kicked (its transport closes it with 1013) and may come
+//! back with `after_seq`. Frames are encoded once and shared by all clients.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::protocol::{broadcast_frame, direct_frame, encode_event};
+use crate::domain::events::SessionEvent;
+use crate::domain::session::{SessionId, TurnId};
+use crate::ports::SessionEvents;
+
+/// Sizes of the stream's buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamSettings {
+    /// Events kept per session for clients that resume (`after_seq`).
+    pub ring_capacity: usize,
+    /// Frames queued per client before it counts as too slow and is closed.
+    pub client_queue: usize,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            ring_capacity: 1024,
+            client_queue: 256,
+        }
+    }
+}
+
+/// One encoded frame of a session's stream.
+#[derive(Debug)]
+pub struct Frame {
+    /// `None` for frames that are not part of the log (a `gap` notice).
+    pub seq: Option<u64>,
+    pub op: &'static str,
+    /// The complete JSON text sent to clients.
+    pub json: String,
+}
+
+/// Why the hub closed a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Its queue filled up: it was not reading fast enough.
+    Lagged,
+    /// Its session was deleted.
+    SessionGone,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// What the hub and a client's transport share about that client.
+#[derive(Debug, Default)]
+struct ClientState {
+    reason: OnceLock<CloseReason>,
+    kicked: CancellationToken,
+}
+
+impl ClientState {
+    fn kick(&self, reason: CloseReason) {
+        // The first reason wins; later ones describe the same closing.
+        let _ = self.reason.set(reason);
+        self.kicked.cancel();
+    }
+}
+
+struct Client {
+    id: u64,
+    tx: mpsc::Sender<Arc<Frame>>,
+    state: Arc<ClientState>,
+}
+
+struct SessionLog {
+    next_seq: u64,
+    ring: VecDeque<Arc<Frame>>,
+    clients: Vec<Client>,
+}
+
+impl SessionLog {
+    fn new() -> Self {
+        Self {
+            next_seq: 1,
+            ring: VecDeque::new(),
+            clients: Vec::new(),
+        }
+    }
+}
+
+/// The hub. Cheap to share: hold it in an `Arc`.
+pub struct SessionHub {
+    settings: StreamSettings,
+    sessions: Mutex<HashMap<SessionId, Arc<Mutex<SessionLog>>>>,
+    next_client: AtomicU64,
+}
+
+/// A client's view of a session's stream.
+pub struct Subscription {
+    /// Retained events after the requested `after_seq` (preceded by a `gap`
+    /// frame when some were no longer retained), sent before `live`.
+    replay: VecDeque<Arc<Frame>>,
+    /// Events published after the subscription, in order.
+    live: mpsc::Receiver<Arc<Frame>>,
+    state: Arc<ClientState>,
+    hub: Arc<SessionHub>,
+    session: SessionId,
+    id: u64,
+}
+
+impl Subscription {
+    /// The next frame: replayed ones first, then live ones. `None` once the
+    /// hub has closed this client ([`Self::reason`] says why).
+    pub async fn next(&mut self) -> Option<Arc<Frame>> {
+        if let Some(frame) = self.replay.pop_front() {
+            return Some(frame);
+        }
+        tokio::select! {
+            biased;
+            () = self.state.kicked.cancelled() => None,
+            frame = self.live.recv() => frame,
+        }
+    }
+
+    /// Fires when the hub closes this client, so a transport blocked on a
+    /// client that does not read can give up at once.
+    #[must_use]
+    pub fn kicked(&self) -> CancellationToken {
+        self.state.kicked.clone()
+    }
+
+    /// Why the hub closed this client, if it did.
+    #[must_use]
+    pub fn reason(&self) -> Option<CloseReason> {
+        self.state.reason.get().copied()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.unsubscribe(&self.session, self.id);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here leaves the data consistent, so a lock
+    // poisoned by a panic elsewhere is still safe to use.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl SessionHub {
+    #[must_use]
+    pub fn new(settings: StreamSettings) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            sessions: Mutex::default(),
+            next_client: AtomicU64::new(1),
+        })
+    }
+
+    fn log(&self, session: &SessionId) -> Arc<Mutex<SessionLog>> {
+        Arc::clone(
+            lock(&self.sessions)
+                .entry(session.clone())
+                .or_insert_with(|| Arc::new(Mutex::new(SessionLog::new()))),
+        )
+    }
+
+    /// Subscribes a client to `session`. With `after_seq`, the retained
+    /// events after it are replayed first; replay and live events are taken
+    /// under one lock, so nothing is missed or sent twice.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        session: &SessionId,
+        after_seq: Option<u64>,
+    ) -> Subscription {
+        let (tx, live) = mpsc::channel(self.settings.client_queue);
+        let state = Arc::new(ClientState::default());
+        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
+        let log = self.log(session);
+        let mut log = lock(&log);
+        let mut replay = VecDeque::new();
+        if let Some(after) = after_seq {
+            let first_retained = log.ring.front().and_then(|f| f.seq).unwrap_or(log.next_seq);
+            let last_published = log.next_seq - 1;
+            if after.saturating_add(1) < first_retained && after < last_published {
+                replay.push_back(Arc::new(Frame {
+                    seq: None,
+                    op: "gap",
+                    json: direct_frame(
+                        "gap",
+                        json!({"missed_from": after + 1, "missed_to": first_retained - 1}),
+                    ),
+                }));
+            }
+            replay.extend(
+                log.ring
+                    .iter()
+                    .filter(|f| f.seq.is_some_and(|seq| seq > after))
+                    .cloned(),
+            );
+        }
+        log.clients.push(Client {
+            id,
+            tx,
+            state: Arc::clone(&state),
+        });
+        Subscription {
+            replay,
+            live,
+            state,
+            hub: Arc::clone(self),
+            session: session.clone(),
+            id,
+        }
+    }
+
+    fn unsubscribe(&self, session: &SessionId, id: u64) {
+        let log = lock(&self.sessions).get(session).cloned();
+        if let Some(log) = log {
+            lock(&log).clients.retain(|c| c.id != id);
+        }
+    }
+
+    /// Number of clients subscribed to `session`.
+    #[must_use]
+    pub fn client_count(&self, session: &SessionId) -> usize {
+        let log = lock(&self.sessions).get(session).cloned();
+        log.map_or(0, |log| lock(&log).clients.len())
+    }
+
+    /// Closes every client (server shutdown).
+    pub fn close_all(&self) {
+        let logs: Vec<_> = lock(&self.sessions).values().cloned().collect();
+        for log in logs {
+            for client in lock(&log).clients.drain(..) {
+                client.state.kick(CloseReason::Shutdown);
+            }
+        }
+    }
+}
+
+impl SessionEvents for SessionHub {
+    fn publish(&self, session: &SessionId, turn: Option<TurnId>, event: SessionEvent) {
+        let turn = turn.as_ref();
+        let (op, data) = encode_event(&event, turn);
+        let log = self.log(session);
+        let mut log = lock(&log);
+        let seq = log.next_seq;
+        log.next_seq += 1;
+        let frame = Arc::new(Frame {
+            seq: Some(seq),
+            op,
+            json: broadcast_frame(op, data, seq, turn),
+        });
+        if log.ring.len() == self.settings.ring_capacity {
+            log.ring.pop_front();
+        }
+        if self.settings.ring_capacity > 0 {
+            log.ring.push_back(Arc::clone(&frame));
+        }
+        log.clients.retain(|client| match client.tx.try_send(Arc::clone(&frame)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::info!(session.id = %session, client.id = client.id, "slow client closed");
+                client.state.kick(CloseReason::Lagged);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+    }
+
+    fn live_sessions(&self) -> HashSet<SessionId> {
+        let logs: Vec<_> = lock(&self.sessions)
+            .iter()
+            .map(|(id, log)| (id.clone(), Arc::clone(log)))
+            .collect();
+        logs.into_iter()
+            .filter(|(_, log)| !lock(log).clients.is_empty())
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    fn forget(&self, session: &SessionId) {
+        let log = lock(&self.sessions).remove(session);
+        if let Some(log) = log {
+            for client in lock(&log).clients.drain(..) {
+                client.state.kick(CloseReason::SessionGone);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sid() -> SessionId {
+        SessionId::parse("s").unwrap()
+    }
+
+    fn token(n: usize) -> SessionEvent {
+        SessionEvent::Token {
+            content: n.to_string(),
+        }
+    }
+
+    fn hub(ring_capacity: usize, client_queue: usize) -> Arc<SessionHub> {
+        SessionHub::new(StreamSettings {
+            ring_capacity,
+            client_queue,
+        })
+    }
+
+    fn seqs(frames: &VecDeque<Arc<Frame>>) -> Vec<Option<u64>> {
+        frames.iter().map(|f| f.seq).collect()
+    }
+
+    #[test]
+    fn events_are_numbered_from_one_without_gaps() {
+        let hub = hub(8, 8);
+        let mut sub = hub.subscribe(&sid(), None);
+        for n in 0..3 {
+            hub.publish(&sid(), None, token(n));
+        }
+        let got: Vec<_> = (0..3).map(|_| sub.live.try_recv().unwrap().seq).collect();
+        assert_eq!(got, vec![Some(1), Some(2), Some(3)]);
+    }
+
+    #[test]
+    fn resuming_replays_exactly_the_retained_events_after_the_seq() {
+        let hub = hub(8, 8);
+        for n in 0..5 {
+            hub.publish(&sid(), None, token(n));
+        }
+        let mut sub = hub.subscribe(&sid(), Some(3));
+        assert_eq!(seqs(&sub.replay), vec![Some(4), Some(5)]);
+        hub.publish(&sid(), None, token(5));
+        assert_eq!(sub.live.try_recv().unwrap().seq, Some(6));
+    }
+
+    #[test]
+    fn resuming_from_before_the_ring_starts_with_a_gap() {
+        let hub = hub(2, 8);
+        for n in 0..5 {
+            hub.publish(&sid(), None, token(n));
+        }
+        let sub = hub.subscribe(&sid(), Some(1));
+        assert_eq!(seqs(&sub.replay), vec![None, Some(4), Some(5)]);
+        assert!(sub.replay[0].json.contains(r#""missed_from":2"#));
+        assert!(sub.replay[0].json.contains(r#""missed_to":3"#));
+    }
+
+    #[test]
+    fn resuming_when_up_to_date_replays_nothing() {
+        let hub = hub(2, 8);
+        for n in 0..5 {
+            hub.publish(&sid(), None, token(n));
+        }
+        assert!(hub.subscribe(&sid(), Some(5)).replay.is_empty());
+    }
+
+    #[test]
+    fn a_client_whose_queue_fills_is_kicked_and_the_others_keep_receiving() {
+        let hub = hub(8, 2);
+        let slow = hub.subscribe(&sid(), None);
+        let mut fast = hub.subscribe(&sid(), None);
+        for n in 0..3 {
+            hub.publish(&sid(), None, token(n));
+            fast.live.try_recv().unwrap();
+        }
+        assert_eq!(slow.reason(), Some(CloseReason::Lagged));
+        assert_eq!(hub.client_count(&sid()), 1);
+    }
+
+    #[test]
+    fn dropped_subscriptions_leave_the_session_and_its_live_set() {
+        let hub = hub(8, 8);
+        let sub = hub.subscribe(&sid(), None);
+        assert!(hub.live_sessions().contains(&sid()));
+        drop(sub);
+        assert!(hub.live_sessions().is_empty());
+    }
+
+    #[test]
+    fn forgetting_a_session_closes_its_clients() {
+        let hub = hub(8, 8);
+        let sub = hub.subscribe(&sid(), None);
+        hub.forget(&sid());
+        assert_eq!(sub.reason(), Some(CloseReason::SessionGone));
+    }
+}
