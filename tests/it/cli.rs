@@ -1,0 +1,97 @@
+//! The `autopoiesis` binary itself: settings, errors, the bound address.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn autopoiesis() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_autopoiesis"));
+    for var in ["AUTOPOIESIS_API_KEY", "AUTOPOIESIS_PORT", "AUTOPOIESIS_CONFIG", "AUTOPOIESIS_AGENT"] {
+        command.env_remove(var);
+    }
+    command
+}
+
+/// Runs `serve` with `args`; it must fail. Returns its stderr.
+fn serve_fails(args: &[&str], env: &[(&str, &str)]) -> String {
+    let data = tempfile::tempdir().unwrap();
+    let output = autopoiesis()
+        .args(["serve", "--data-dir"])
+        .arg(data.path())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "{args:?} should fail");
+    String::from_utf8(output.stderr).unwrap()
+}
+
+#[test]
+fn a_bad_port_exits_non_zero_naming_the_setting() {
+    let err = serve_fails(&["--port", "abc"], &[]);
+    assert!(err.contains("--port"), "{err}");
+    let err = serve_fails(&[], &[("AUTOPOIESIS_PORT", "99999")]);
+    assert!(err.contains("--port"), "{err}");
+}
+
+#[test]
+fn an_unknown_agent_or_unreadable_config_exits_with_one_clear_line() {
+    let err = serve_fails(&["--agent", "nobody"], &[]);
+    assert!(err.contains("--agent") && err.contains("nobody"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let err = serve_fails(&["--config", "/nonexistent/agents.toml"], &[]);
+    assert!(err.contains("--config"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agents.toml");
+    std::fs::write(&config, "[agents.default]\nmodel = \"echo\"\ntools = [\"teleport\"]\n").unwrap();
+    let err = serve_fails(&["--config", config.to_str().unwrap()], &[]);
+    assert!(err.contains("teleport"), "{err}");
+}
+
+#[test]
+fn an_empty_api_key_is_a_startup_error_not_auth_off() {
+    let err = serve_fails(&["--port", "0"], &[("AUTOPOIESIS_API_KEY", "")]);
+    assert!(err.contains("AUTOPOIESIS_API_KEY"), "{err}");
+}
+
+#[test]
+fn port_zero_binds_a_free_port_and_logs_it() {
+    let data = tempfile::tempdir().unwrap();
+    let mut child = autopoiesis()
+        .args(["serve", "--port", "0", "--data-dir"])
+        .arg(data.path())
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let address = loop {
+        assert!(Instant::now() < deadline, "no listening line");
+        let line = lines.next().expect("server exited").unwrap();
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    let health = reqwest::blocking_get(&address);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+}
+
+mod reqwest {
+    /// A one-off GET over a plain socket (the test is synchronous).
+    pub fn blocking_get(address: &str) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        write!(stream, "GET /api/health HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    }
+}

@@ -1,0 +1,192 @@
+//! `spawn_app`: the real server on 127.0.0.1:0 with isolated state, composed
+//! like the binary does, with the knobs tests need.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use autopoiesis::adapters::agent::echo::EchoRuntime;
+use autopoiesis::adapters::http::auth::ApiKey;
+use autopoiesis::adapters::http::{self, HttpSettings, Services};
+use autopoiesis::adapters::memory::InMemorySessionStore;
+use autopoiesis::adapters::ws::{SessionHub, StreamSettings};
+use autopoiesis::domain::agent::AgentConfig;
+use autopoiesis::domain::chat::{ChatService, RuntimeSlot};
+use autopoiesis::domain::sessions::{SessionService, SweepPolicy};
+use autopoiesis::ports::AgentRuntime;
+use futures::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+pub struct Options {
+    pub runtime: RuntimeSlot,
+    pub api_key: Option<&'static str>,
+    pub stream: StreamSettings,
+    pub sweep: Option<SweepPolicy>,
+    pub turn_timeout: Option<Duration>,
+    pub http: HttpSettings,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            runtime: RuntimeSlot::Ready(echo(0)),
+            api_key: None,
+            stream: StreamSettings::default(),
+            sweep: None,
+            turn_timeout: None,
+            http: HttpSettings::default(),
+        }
+    }
+}
+
+/// The echo runtime of the built-in agent, its tokens `delay_ms` apart.
+pub fn echo(delay_ms: u64) -> Arc<dyn AgentRuntime> {
+    Arc::new(EchoRuntime::new(
+        Duration::from_millis(delay_ms),
+        AgentConfig::builtin().tools,
+    ))
+}
+
+pub struct TestApp {
+    pub address: std::net::SocketAddr,
+    pub base: String,
+    pub client: reqwest::Client,
+    pub services: Services,
+    shutdown: CancellationToken,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_with(Options::default()).await
+}
+
+pub async fn spawn_with(options: Options) -> TestApp {
+    let hub = SessionHub::new(options.stream);
+    let store = Arc::new(InMemorySessionStore::new());
+    let chat = Arc::new(ChatService::new(
+        options.runtime,
+        store.clone(),
+        hub.clone(),
+        options.turn_timeout,
+    ));
+    let sessions = Arc::new(SessionService::new(store, hub.clone()));
+    let services = Services {
+        chat: chat.clone(),
+        sessions: sessions.clone(),
+        hub: hub.clone(),
+    };
+    let settings = HttpSettings {
+        api_key: options.api_key.map(|k| ApiKey::new(k).unwrap()),
+        ..options.http
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    if let Some(policy) = options.sweep {
+        let (sessions, chat, shutdown) = (sessions.clone(), chat.clone(), shutdown.clone());
+        tokio::spawn(async move { sessions.run_sweeper(policy, &chat, shutdown).await });
+    }
+    let app = http::app(&services, &settings);
+    let signal = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            hub.close_all();
+        }
+    };
+    tokio::spawn(http::serve(listener, app, signal, Duration::from_secs(1)));
+    TestApp {
+        address,
+        base: format!("http://{address}"),
+        client: reqwest::Client::new(),
+        services,
+        shutdown,
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.address)
+    }
+
+    pub async fn chat(&self, body: Value) -> reqwest::Response {
+        self.client.post(self.url("/api/chat")).json(&body).send().await.unwrap()
+    }
+
+    pub async fn ws(&self, session: &str) -> Ws {
+        self.ws_at(&format!("/api/ws/{session}")).await
+    }
+
+    pub async fn ws_at(&self, path: &str) -> Ws {
+        let (ws, _) = tokio_tungstenite::connect_async(self.ws_url(path)).await.unwrap();
+        ws
+    }
+
+    /// Waits until `n` clients are subscribed to `session`.
+    pub async fn wait_for_clients(&self, session: &str, n: usize) {
+        let id = autopoiesis::domain::session::SessionId::parse(session).unwrap();
+        for _ in 0..500 {
+            if self.services.hub.client_count(&id) == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{session} never had {n} clients");
+    }
+}
+
+/// Sends one JSON text frame.
+pub async fn send(ws: &mut Ws, frame: Value) {
+    ws.send(Message::Text(frame.to_string().into())).await.unwrap();
+}
+
+/// The next JSON frame (pings skipped), failing after 10 s.
+pub async fn next(ws: &mut Ws) -> Value {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("no frame within 10 s")
+            .expect("socket closed")
+            .expect("socket error");
+        match message {
+            Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+/// Frames up to and including the turn's terminal one (`done`, `error`,
+/// `cancelled`).
+pub async fn until_terminal(ws: &mut Ws) -> Vec<Value> {
+    let mut frames = Vec::new();
+    loop {
+        let frame = next(ws).await;
+        let op = frame["op"].as_str().unwrap().to_owned();
+        frames.push(frame);
+        if matches!(op.as_str(), "done" | "error" | "cancelled") {
+            return frames;
+        }
+    }
+}
+
+/// Asserts nothing arrives within `wait`.
+pub async fn assert_silent(ws: &mut Ws, wait: Duration) {
+    if let Ok(Some(Ok(message))) = tokio::time::timeout(wait, ws.next()).await {
+        panic!("expected silence, got {message:?}");
+    }
+}

@@ -1,0 +1,254 @@
+//! The REST routes and every status code of SPEC A3.
+
+use autopoiesis::adapters::http::HttpSettings;
+use autopoiesis::domain::chat::RuntimeSlot;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::{Options, spawn_app, spawn_with};
+
+#[tokio::test]
+async fn health_answers_ok_with_the_crate_version() {
+    let app = spawn_app().await;
+    let res = app.client.get(app.url("/api/health")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body, json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}));
+}
+
+#[tokio::test]
+async fn created_sessions_have_32_hex_ids_and_are_listed() {
+    let app = spawn_app().await;
+    let res = app.client.post(app.url("/api/sessions")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let created: Value = res.json().await.unwrap();
+    let id = created["id"].as_str().unwrap();
+    assert_eq!(id.len(), 32);
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    assert_eq!(created["message_count"], 0);
+    chrono::DateTime::parse_from_rfc3339(created["created_at"].as_str().unwrap()).unwrap();
+
+    let list: Value = app.client.get(app.url("/api/sessions")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["id"], id);
+}
+
+#[tokio::test]
+async fn chat_with_echo_answers_and_keeps_history_in_pydantic_ai_shape() {
+    let app = spawn_app().await;
+    let res = app.chat(json!({"content": "hello there", "session_id": "s1"})).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.json::<Value>().await.unwrap(), json!({"session_id": "s1", "content": "hello there"}));
+
+    let history: Value = app.client.get(app.url("/api/sessions/s1/history")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(history["session_id"], "s1");
+    let messages = history["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[0]["kind"], "request");
+    assert_eq!(messages[0]["parts"][0]["part_kind"], "user-prompt");
+    assert_eq!(messages[0]["parts"][0]["content"], "hello there");
+    assert_eq!(messages[1]["kind"], "response");
+    assert_eq!(messages[1]["model_name"], "echo");
+    assert_eq!(messages[1]["parts"][0], json!({"part_kind": "text", "content": "hello there"}));
+
+    let list: Value = app.client.get(app.url("/api/sessions")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list[0]["message_count"], 2);
+}
+
+#[tokio::test]
+async fn chat_without_session_id_creates_a_new_session() {
+    let app = spawn_app().await;
+    let body: Value = app.chat(json!({"content": "hi"})).await.json().await.unwrap();
+    let id = body["session_id"].as_str().unwrap();
+    assert_eq!(id.len(), 32);
+    let res = app.client.get(app.url(&format!("/api/sessions/{id}/history"))).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn chat_returns_409_when_the_turn_is_deferred_and_still_saves_history() {
+    let app = spawn_app().await;
+    let res = app.chat(json!({"content": r#"/tool execute {"command":"ls"}"#, "session_id": "d"})).await;
+    assert_eq!(res.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        res.json::<Value>().await.unwrap(),
+        json!({"detail": {"code": "approval_unsupported", "message": "Deferred approvals are not supported in server mode yet."}})
+    );
+    let history: Value = app.client.get(app.url("/api/sessions/d/history")).send().await.unwrap().json().await.unwrap();
+    let call = &history["messages"][1]["parts"][0];
+    assert_eq!(call["part_kind"], "tool-call");
+    assert_eq!(call["tool_name"], "execute");
+    assert_eq!(call["args"], json!({"command": "ls"}));
+}
+
+#[tokio::test]
+async fn chat_returns_503_with_the_reason_when_the_runtime_is_missing() {
+    let app = spawn_with(Options {
+        runtime: RuntimeSlot::Unavailable("Agent runtime unavailable: no OPENAI_API_KEY".into()),
+        ..Options::default()
+    })
+    .await;
+    let res = app.chat(json!({"content": "hi", "session_id": "x"})).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.json::<Value>().await.unwrap()["detail"], "Agent runtime unavailable: no OPENAI_API_KEY");
+    // Refused before the turn: no session was made, and health stays 200.
+    let res = app.client.get(app.url("/api/sessions/x/history")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    let res = app.client.get(app.url("/api/health")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn chat_returns_502_when_the_model_fails_and_the_session_stays_usable() {
+    let app = spawn_app().await;
+    // The echo agent refuses tools it does not offer, like a provider error.
+    let res = app.chat(json!({"content": "/tool format_disk {}", "session_id": "p"})).await;
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    assert!(res.json::<Value>().await.unwrap()["detail"].as_str().unwrap().contains("format_disk"));
+    let res = app.chat(json!({"content": "still here", "session_id": "p"})).await;
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn malformed_chat_bodies_get_a_json_detail() {
+    let app = spawn_app().await;
+    let cases: [(&str, StatusCode); 8] = [
+        ("{not json", StatusCode::BAD_REQUEST),
+        ("[]", StatusCode::BAD_REQUEST),
+        ("{}", StatusCode::BAD_REQUEST),
+        (r#"{"content": 5}"#, StatusCode::BAD_REQUEST),
+        (r#"{"content": "x", "session_id": 7}"#, StatusCode::BAD_REQUEST),
+        (r#"{"content": "x", "session_id": "has space"}"#, StatusCode::BAD_REQUEST),
+        (r#"{"content": ""}"#, StatusCode::UNPROCESSABLE_ENTITY),
+        (r#"{"content": "   "}"#, StatusCode::UNPROCESSABLE_ENTITY),
+    ];
+    for (body, status) in cases {
+        let res = app
+            .client
+            .post(app.url("/api/chat"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), status, "{body}");
+        let detail: Value = res.json().await.unwrap();
+        assert!(detail["detail"].is_string(), "{body}: {detail}");
+    }
+    let list: Value = app.client.get(app.url("/api/sessions")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list, json!([]), "refused bodies created no session");
+}
+
+#[tokio::test]
+async fn history_and_delete_answer_404_for_unknown_and_400_for_malformed_ids() {
+    let app = spawn_app().await;
+    let res = app.client.get(app.url("/api/sessions/nope/history")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    assert_eq!(res.json::<Value>().await.unwrap(), json!({"detail": "Session not found"}));
+    let res = app.client.delete(app.url("/api/sessions/nope")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    assert_eq!(res.json::<Value>().await.unwrap(), json!({"detail": "Session not found"}));
+    let long = "a".repeat(129);
+    for bad in ["a%20b", "%C3%A9", long.as_str()] {
+        let res = app.client.get(app.url(&format!("/api/sessions/{bad}/history"))).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn deleting_a_session_removes_it() {
+    let app = spawn_app().await;
+    app.chat(json!({"content": "hi", "session_id": "gone"})).await;
+    let res = app.client.delete(app.url("/api/sessions/gone")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    let res = app.client.get(app.url("/api/sessions/gone/history")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_with_a_json_detail() {
+    let app = spawn_app().await;
+    let res = app.client.get(app.url("/api/nothing-here")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    assert_eq!(res.json::<Value>().await.unwrap(), json!({"detail": "Not Found"}));
+    let res = app.client.put(app.url("/api/health")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert!(res.json::<Value>().await.unwrap()["detail"].is_string());
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413_with_a_json_detail() {
+    let app = spawn_with(Options {
+        http: HttpSettings {
+            max_body_bytes: 1024,
+            ..HttpSettings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let big = json!({"content": "x".repeat(4096)});
+    let res = app.chat(big.clone()).await;
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(res.json::<Value>().await.unwrap()["detail"].is_string());
+    // Without Content-Length (chunked), the limit holds too.
+    let chunks: Vec<Result<String, std::io::Error>> = vec![Ok(big.to_string())];
+    let res = app
+        .client
+        .post(app.url("/api/chat"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn with_an_api_key_every_route_but_health_needs_it_and_refusals_have_no_effect() {
+    let app = spawn_with(Options {
+        api_key: Some("s3cret"),
+        ..Options::default()
+    })
+    .await;
+    let res = app.client.get(app.url("/api/health")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    let res = app.chat(json!({"content": "hi", "session_id": "locked"})).await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(res.json::<Value>().await.unwrap(), json!({"detail": "Invalid or missing API key"}));
+    let res = app.client.get(app.url("/api/sessions")).header("x-api-key", "wrong").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+
+    let res = app.client.get(app.url("/api/sessions")).header("x-api-key", "s3cret").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.json::<Value>().await.unwrap(), json!([]), "the refused chat created nothing");
+    let res = app.client.get(app.url("/api/sessions")).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_spec_and_docs_are_served() {
+    let app = spawn_app().await;
+    let spec: Value = app.client.get(app.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(spec["info"]["version"], env!("CARGO_PKG_VERSION"));
+    let res = app.client.get(app.url("/docs")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.text().await.unwrap().contains("swagger"));
+}
+
+#[tokio::test]
+async fn checked_in_openapi_yaml_matches_the_served_spec() {
+    let app = spawn_app().await;
+    let served: Value = app.client.get(app.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    let generated = autopoiesis::adapters::http::openapi_yaml(&app.services);
+    let checked_in = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
+    assert!(
+        checked_in == generated,
+        "openapi.yaml is stale: run `cargo run -- openapi > openapi.yaml`"
+    );
+    let spec = autopoiesis::adapters::http::api_service(&app.services, &HttpSettings::default()).spec();
+    assert_eq!(served, serde_json::from_str::<Value>(&spec).unwrap());
+    for operation in served["paths"].as_object().unwrap().values().flat_map(|p| p.as_object().unwrap().values()) {
+        assert!(operation["operationId"].is_string(), "every operation has an operationId: {operation}");
+    }
+}

@@ -1,0 +1,81 @@
+//! The session stream over SSE (B2).
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::spawn_app;
+
+/// Reads SSE events (`event`, `id`, `data`) until `n` have arrived.
+async fn read_events(res: reqwest::Response, n: usize) -> Vec<(String, Option<String>, Value)> {
+    let mut body = res.bytes_stream();
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    while events.len() < n {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+            .await
+            .expect("no event within 10 s")
+            .expect("stream ended")
+            .unwrap();
+        buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let (mut event, mut id, mut data) = (String::from("message"), None, None);
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event: ") {
+                    event = v.to_owned();
+                } else if let Some(v) = line.strip_prefix("id: ") {
+                    id = Some(v.to_owned());
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data = Some(serde_json::from_str(v).unwrap());
+                }
+            }
+            if let Some(data) = data {
+                events.push((event, id, data));
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn sse_streams_the_session_log_and_resumes_from_last_event_id() {
+    let app = spawn_app().await;
+    let res = app.chat(json!({"content": "a b c", "session_id": "sse"})).await;
+    assert_eq!(res.status(), StatusCode::OK); // seqs 1..=4
+
+    let res = app
+        .client
+        .get(app.url("/api/sessions/sse/events"))
+        .header("Last-Event-ID", "2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let live = app.chat(json!({"content": "d", "session_id": "sse"}));
+    let (events, reply) = tokio::join!(read_events(res, 4), live);
+    assert_eq!(reply.status(), StatusCode::OK);
+    let summary: Vec<(&str, Option<&str>)> = events.iter().map(|(e, id, _)| (e.as_str(), id.as_deref())).collect();
+    assert_eq!(
+        summary,
+        [("token", Some("3")), ("done", Some("4")), ("token", Some("5")), ("done", Some("6"))]
+    );
+    assert_eq!(events[1].2["data"]["content"], "a b c");
+    assert_eq!(events[1].2["seq"], 4);
+}
+
+#[tokio::test]
+async fn sse_refuses_a_malformed_last_event_id() {
+    let app = spawn_app().await;
+    let res = app
+        .client
+        .get(app.url("/api/sessions/s/events"))
+        .header("Last-Event-ID", "yesterday")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+}

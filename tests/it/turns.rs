@@ -1,0 +1,167 @@
+//! How turns run: in parallel across sessions, in arrival order within one,
+//! and how they stop (cancel, timeout).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use autopoiesis::domain::agent::{AgentError, AgentEvent, AgentReply};
+use autopoiesis::domain::chat::RuntimeSlot;
+use autopoiesis::domain::message::ResponsePart;
+use autopoiesis::ports::{AgentRuntime, EventSink, TurnInput};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::sync::Barrier;
+
+use crate::helpers::{Options, echo, next, spawn_with, until_terminal};
+
+/// A runtime that records when turns start and end. A prompt `meet` waits
+/// until two such turns run at once (failing after 5 s): it can only succeed
+/// if turns really run in parallel.
+struct Probe {
+    log: Mutex<Vec<String>>,
+    meeting: Barrier,
+    turn_length: Duration,
+}
+
+impl Probe {
+    fn new(turn_length: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            log: Mutex::default(),
+            meeting: Barrier::new(2),
+            turn_length,
+        })
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl AgentRuntime for Probe {
+    async fn run_turn(&self, input: TurnInput, sink: Arc<dyn EventSink>) -> Result<AgentReply, AgentError> {
+        self.log.lock().unwrap().push(format!("start {}", input.prompt));
+        if input.prompt == "meet" {
+            tokio::time::timeout(Duration::from_secs(5), self.meeting.wait())
+                .await
+                .map_err(|_| AgentError::Provider("the other turn never ran alongside".into()))?;
+        }
+        tokio::time::sleep(self.turn_length).await;
+        sink.emit(AgentEvent::Token(input.prompt.clone()));
+        self.log.lock().unwrap().push(format!("end {}", input.prompt));
+        Ok(AgentReply {
+            model_name: "probe".into(),
+            parts: vec![ResponsePart::Text { content: input.prompt }],
+        })
+    }
+}
+
+#[tokio::test]
+async fn turns_on_two_sessions_run_in_parallel() {
+    let probe = Probe::new(Duration::ZERO);
+    let app = spawn_with(Options {
+        runtime: RuntimeSlot::Ready(probe.clone()),
+        ..Options::default()
+    })
+    .await;
+    let (a, b) = tokio::join!(
+        app.chat(json!({"content": "meet", "session_id": "one"})),
+        app.chat(json!({"content": "meet", "session_id": "two"})),
+    );
+    assert_eq!(a.status(), StatusCode::OK);
+    assert_eq!(b.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn turns_on_one_session_run_one_at_a_time_in_arrival_order() {
+    let probe = Probe::new(Duration::from_millis(150));
+    let app = Arc::new(
+        spawn_with(Options {
+            runtime: RuntimeSlot::Ready(probe.clone()),
+            ..Options::default()
+        })
+        .await,
+    );
+    let mut requests = Vec::new();
+    for prompt in ["first", "second", "third"] {
+        let app = app.clone();
+        requests.push(tokio::spawn(async move {
+            app.chat(json!({"content": prompt, "session_id": "same"})).await.status()
+        }));
+        // Fixes the arrival order; the turns themselves take far longer.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    for request in requests {
+        assert_eq!(request.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(
+        probe.log(),
+        ["start first", "end first", "start second", "end second", "start third", "end third"]
+    );
+}
+
+#[tokio::test]
+async fn a_turn_cancelled_over_rest_stops_keeps_its_partial_text_and_the_next_turn_runs() {
+    let app = Arc::new(
+        spawn_with(Options {
+            runtime: RuntimeSlot::Ready(echo(40)),
+            ..Options::default()
+        })
+        .await,
+    );
+    let mut watcher = app.ws("c").await;
+    let long = "word ".repeat(200);
+    let chat = {
+        let app = app.clone();
+        tokio::spawn(async move { app.chat(json!({"content": long, "session_id": "c"})).await })
+    };
+    let first = next(&mut watcher).await;
+    assert_eq!(first["op"], "token");
+    let res = app.client.post(app.url("/api/sessions/c/cancel")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let turn_id = res.json::<Value>().await.unwrap()["turn_id"].clone();
+
+    let frames = until_terminal(&mut watcher).await;
+    let cancelled = frames.last().unwrap();
+    assert_eq!(cancelled["op"], "cancelled");
+    assert_eq!(cancelled["data"]["turn_id"], turn_id);
+    let partial = cancelled["data"]["partial"].as_str().unwrap().to_owned();
+    assert!(partial.starts_with("word ") && partial.len() < 1000, "{partial:?}");
+
+    let res = chat.await.unwrap();
+    assert_eq!(res.status(), StatusCode::CONFLICT);
+    assert_eq!(res.json::<Value>().await.unwrap()["detail"]["code"], "turn_cancelled");
+    let history: Value = app.client.get(app.url("/api/sessions/c/history")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(history["messages"][1]["parts"][0]["content"], partial.as_str());
+
+    let res = app.chat(json!({"content": "again", "session_id": "c"})).await;
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn cancel_answers_409_when_nothing_runs_and_404_for_unknown_sessions() {
+    let app = spawn_with(Options::default()).await;
+    app.chat(json!({"content": "hi", "session_id": "idle"})).await;
+    let res = app.client.post(app.url("/api/sessions/idle/cancel")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::CONFLICT);
+    let res = app.client.post(app.url("/api/sessions/ghost/cancel")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_turn_past_the_timeout_ends_with_an_error_and_the_session_stays_usable() {
+    let app = spawn_with(Options {
+        runtime: RuntimeSlot::Ready(echo(50)),
+        turn_timeout: Some(Duration::from_millis(200)),
+        ..Options::default()
+    })
+    .await;
+    let mut watcher = app.ws("t").await;
+    let res = app.chat(json!({"content": "a b c d e f g h i j k l", "session_id": "t"})).await;
+    assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+    let frames = until_terminal(&mut watcher).await;
+    assert_eq!(frames.last().unwrap()["data"]["code"], "turn_timeout");
+    let res = app.chat(json!({"content": "short", "session_id": "t"})).await;
+    assert_eq!(res.status(), StatusCode::OK);
+}
