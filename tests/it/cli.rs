@@ -6,7 +6,12 @@ use std::time::{Duration, Instant};
 
 fn autopoiesis() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_autopoiesis"));
-    for var in ["AUTOPOIESIS_API_KEY", "AUTOPOIESIS_PORT", "AUTOPOIESIS_CONFIG", "AUTOPOIESIS_AGENT"] {
+    for var in [
+        "AUTOPOIESIS_API_KEY",
+        "AUTOPOIESIS_PORT",
+        "AUTOPOIESIS_CONFIG",
+        "AUTOPOIESIS_AGENT",
+    ] {
         command.env_remove(var);
     }
     command
@@ -46,7 +51,11 @@ fn an_unknown_agent_or_unreadable_config_exits_with_one_clear_line() {
 
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("agents.toml");
-    std::fs::write(&config, "[agents.default]\nmodel = \"echo\"\ntools = [\"teleport\"]\n").unwrap();
+    std::fs::write(
+        &config,
+        "[agents.default]\nmodel = \"echo\"\ntools = [\"teleport\"]\n",
+    )
+    .unwrap();
     let err = serve_fails(&["--config", config.to_str().unwrap()], &[]);
     assert!(err.contains("teleport"), "{err}");
 }
@@ -89,7 +98,11 @@ mod reqwest {
     pub fn blocking_get(address: &str) -> String {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(address).unwrap();
-        write!(stream, "GET /api/health HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").unwrap();
+        write!(
+            stream,
+            "GET /api/health HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut response = String::new();
         stream.read_to_string(&mut response).unwrap();
         response

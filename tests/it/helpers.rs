@@ -124,7 +124,12 @@ impl TestApp {
     }
 
     pub async fn chat(&self, body: Value) -> reqwest::Response {
-        self.client.post(self.url("/api/chat")).json(&body).send().await.unwrap()
+        self.client
+            .post(self.url("/api/chat"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn ws(&self, session: &str) -> Ws {
@@ -132,7 +137,9 @@ impl TestApp {
     }
 
     pub async fn ws_at(&self, path: &str) -> Ws {
-        let (ws, _) = tokio_tungstenite::connect_async(self.ws_url(path)).await.unwrap();
+        let (ws, _) = tokio_tungstenite::connect_async(self.ws_url(path))
+            .await
+            .unwrap();
         ws
     }
 
@@ -151,7 +158,9 @@ impl TestApp {
 
 /// Sends one JSON text frame.
 pub async fn send(ws: &mut Ws, frame: Value) {
-    ws.send(Message::Text(frame.to_string().into())).await.unwrap();
+    ws.send(Message::Text(frame.to_string().into()))
+        .await
+        .unwrap();
 }
 
 /// The next JSON frame (pings skipped), failing after 10 s.

@@ -2,7 +2,9 @@
 //! to over real sockets.
 
 mod cli;
+mod fake_openai;
 mod helpers;
+mod openai_runtime;
 mod rest;
 mod sse;
 mod turns;

@@ -13,22 +13,41 @@ async fn health_answers_ok_with_the_crate_version() {
     let res = app.client.get(app.url("/api/health")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     let body: Value = res.json().await.unwrap();
-    assert_eq!(body, json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}));
+    assert_eq!(
+        body,
+        json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")})
+    );
 }
 
 #[tokio::test]
 async fn created_sessions_have_32_hex_ids_and_are_listed() {
     let app = spawn_app().await;
-    let res = app.client.post(app.url("/api/sessions")).send().await.unwrap();
+    let res = app
+        .client
+        .post(app.url("/api/sessions"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
     let created: Value = res.json().await.unwrap();
     let id = created["id"].as_str().unwrap();
     assert_eq!(id.len(), 32);
-    assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    assert!(
+        id.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    );
     assert_eq!(created["message_count"], 0);
     chrono::DateTime::parse_from_rfc3339(created["created_at"].as_str().unwrap()).unwrap();
 
-    let list: Value = app.client.get(app.url("/api/sessions")).send().await.unwrap().json().await.unwrap();
+    let list: Value = app
+        .client
+        .get(app.url("/api/sessions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["id"], id);
 }
@@ -36,11 +55,24 @@ async fn created_sessions_have_32_hex_ids_and_are_listed() {
 #[tokio::test]
 async fn chat_with_echo_answers_and_keeps_history_in_pydantic_ai_shape() {
     let app = spawn_app().await;
-    let res = app.chat(json!({"content": "hello there", "session_id": "s1"})).await;
+    let res = app
+        .chat(json!({"content": "hello there", "session_id": "s1"}))
+        .await;
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!(res.json::<Value>().await.unwrap(), json!({"session_id": "s1", "content": "hello there"}));
+    assert_eq!(
+        res.json::<Value>().await.unwrap(),
+        json!({"session_id": "s1", "content": "hello there"})
+    );
 
-    let history: Value = app.client.get(app.url("/api/sessions/s1/history")).send().await.unwrap().json().await.unwrap();
+    let history: Value = app
+        .client
+        .get(app.url("/api/sessions/s1/history"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(history["session_id"], "s1");
     let messages = history["messages"].as_array().unwrap();
     assert_eq!(messages.len(), 2);
@@ -49,32 +81,63 @@ async fn chat_with_echo_answers_and_keeps_history_in_pydantic_ai_shape() {
     assert_eq!(messages[0]["parts"][0]["content"], "hello there");
     assert_eq!(messages[1]["kind"], "response");
     assert_eq!(messages[1]["model_name"], "echo");
-    assert_eq!(messages[1]["parts"][0], json!({"part_kind": "text", "content": "hello there"}));
+    assert_eq!(
+        messages[1]["parts"][0],
+        json!({"part_kind": "text", "content": "hello there"})
+    );
 
-    let list: Value = app.client.get(app.url("/api/sessions")).send().await.unwrap().json().await.unwrap();
+    let list: Value = app
+        .client
+        .get(app.url("/api/sessions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list[0]["message_count"], 2);
 }
 
 #[tokio::test]
 async fn chat_without_session_id_creates_a_new_session() {
     let app = spawn_app().await;
-    let body: Value = app.chat(json!({"content": "hi"})).await.json().await.unwrap();
+    let body: Value = app
+        .chat(json!({"content": "hi"}))
+        .await
+        .json()
+        .await
+        .unwrap();
     let id = body["session_id"].as_str().unwrap();
     assert_eq!(id.len(), 32);
-    let res = app.client.get(app.url(&format!("/api/sessions/{id}/history"))).send().await.unwrap();
+    let res = app
+        .client
+        .get(app.url(&format!("/api/sessions/{id}/history")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
 }
 
 #[tokio::test]
 async fn chat_returns_409_when_the_turn_is_deferred_and_still_saves_history() {
     let app = spawn_app().await;
-    let res = app.chat(json!({"content": r#"/tool execute {"command":"ls"}"#, "session_id": "d"})).await;
+    let res = app
+        .chat(json!({"content": r#"/tool execute {"command":"ls"}"#, "session_id": "d"}))
+        .await;
     assert_eq!(res.status(), StatusCode::CONFLICT);
     assert_eq!(
         res.json::<Value>().await.unwrap(),
         json!({"detail": {"code": "approval_unsupported", "message": "Deferred approvals are not supported in server mode yet."}})
     );
-    let history: Value = app.client.get(app.url("/api/sessions/d/history")).send().await.unwrap().json().await.unwrap();
+    let history: Value = app
+        .client
+        .get(app.url("/api/sessions/d/history"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let call = &history["messages"][1]["parts"][0];
     assert_eq!(call["part_kind"], "tool-call");
     assert_eq!(call["tool_name"], "execute");
@@ -90,9 +153,17 @@ async fn chat_returns_503_with_the_reason_when_the_runtime_is_missing() {
     .await;
     let res = app.chat(json!({"content": "hi", "session_id": "x"})).await;
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(res.json::<Value>().await.unwrap()["detail"], "Agent runtime unavailable: no OPENAI_API_KEY");
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["detail"],
+        "Agent runtime unavailable: no OPENAI_API_KEY"
+    );
     // Refused before the turn: no session was made, and health stays 200.
-    let res = app.client.get(app.url("/api/sessions/x/history")).send().await.unwrap();
+    let res = app
+        .client
+        .get(app.url("/api/sessions/x/history"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
     let res = app.client.get(app.url("/api/health")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
@@ -102,10 +173,19 @@ async fn chat_returns_503_with_the_reason_when_the_runtime_is_missing() {
 async fn chat_returns_502_when_the_model_fails_and_the_session_stays_usable() {
     let app = spawn_app().await;
     // The echo agent refuses tools it does not offer, like a provider error.
-    let res = app.chat(json!({"content": "/tool format_disk {}", "session_id": "p"})).await;
+    let res = app
+        .chat(json!({"content": "/tool format_disk {}", "session_id": "p"}))
+        .await;
     assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
-    assert!(res.json::<Value>().await.unwrap()["detail"].as_str().unwrap().contains("format_disk"));
-    let res = app.chat(json!({"content": "still here", "session_id": "p"})).await;
+    assert!(
+        res.json::<Value>().await.unwrap()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("format_disk")
+    );
+    let res = app
+        .chat(json!({"content": "still here", "session_id": "p"}))
+        .await;
     assert_eq!(res.status(), StatusCode::OK);
 }
 
@@ -117,8 +197,14 @@ async fn malformed_chat_bodies_get_a_json_detail() {
         ("[]", StatusCode::BAD_REQUEST),
         ("{}", StatusCode::BAD_REQUEST),
         (r#"{"content": 5}"#, StatusCode::BAD_REQUEST),
-        (r#"{"content": "x", "session_id": 7}"#, StatusCode::BAD_REQUEST),
-        (r#"{"content": "x", "session_id": "has space"}"#, StatusCode::BAD_REQUEST),
+        (
+            r#"{"content": "x", "session_id": 7}"#,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            r#"{"content": "x", "session_id": "has space"}"#,
+            StatusCode::BAD_REQUEST,
+        ),
         (r#"{"content": ""}"#, StatusCode::UNPROCESSABLE_ENTITY),
         (r#"{"content": "   "}"#, StatusCode::UNPROCESSABLE_ENTITY),
     ];
@@ -135,22 +221,51 @@ async fn malformed_chat_bodies_get_a_json_detail() {
         let detail: Value = res.json().await.unwrap();
         assert!(detail["detail"].is_string(), "{body}: {detail}");
     }
-    let list: Value = app.client.get(app.url("/api/sessions")).send().await.unwrap().json().await.unwrap();
+    let list: Value = app
+        .client
+        .get(app.url("/api/sessions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list, json!([]), "refused bodies created no session");
 }
 
 #[tokio::test]
 async fn history_and_delete_answer_404_for_unknown_and_400_for_malformed_ids() {
     let app = spawn_app().await;
-    let res = app.client.get(app.url("/api/sessions/nope/history")).send().await.unwrap();
+    let res = app
+        .client
+        .get(app.url("/api/sessions/nope/history"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
-    assert_eq!(res.json::<Value>().await.unwrap(), json!({"detail": "Session not found"}));
-    let res = app.client.delete(app.url("/api/sessions/nope")).send().await.unwrap();
+    assert_eq!(
+        res.json::<Value>().await.unwrap(),
+        json!({"detail": "Session not found"})
+    );
+    let res = app
+        .client
+        .delete(app.url("/api/sessions/nope"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
-    assert_eq!(res.json::<Value>().await.unwrap(), json!({"detail": "Session not found"}));
+    assert_eq!(
+        res.json::<Value>().await.unwrap(),
+        json!({"detail": "Session not found"})
+    );
     let long = "a".repeat(129);
     for bad in ["a%20b", "%C3%A9", long.as_str()] {
-        let res = app.client.get(app.url(&format!("/api/sessions/{bad}/history"))).send().await.unwrap();
+        let res = app
+            .client
+            .get(app.url(&format!("/api/sessions/{bad}/history")))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{bad}");
     }
 }
@@ -158,19 +273,38 @@ async fn history_and_delete_answer_404_for_unknown_and_400_for_malformed_ids() {
 #[tokio::test]
 async fn deleting_a_session_removes_it() {
     let app = spawn_app().await;
-    app.chat(json!({"content": "hi", "session_id": "gone"})).await;
-    let res = app.client.delete(app.url("/api/sessions/gone")).send().await.unwrap();
+    app.chat(json!({"content": "hi", "session_id": "gone"}))
+        .await;
+    let res = app
+        .client
+        .delete(app.url("/api/sessions/gone"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
-    let res = app.client.get(app.url("/api/sessions/gone/history")).send().await.unwrap();
+    let res = app
+        .client
+        .get(app.url("/api/sessions/gone/history"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_with_a_json_detail() {
     let app = spawn_app().await;
-    let res = app.client.get(app.url("/api/nothing-here")).send().await.unwrap();
+    let res = app
+        .client
+        .get(app.url("/api/nothing-here"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
-    assert_eq!(res.json::<Value>().await.unwrap(), json!({"detail": "Not Found"}));
+    assert_eq!(
+        res.json::<Value>().await.unwrap(),
+        json!({"detail": "Not Found"})
+    );
     let res = app.client.put(app.url("/api/health")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert!(res.json::<Value>().await.unwrap()["detail"].is_string());
@@ -213,23 +347,58 @@ async fn with_an_api_key_every_route_but_health_needs_it_and_refusals_have_no_ef
     let res = app.client.get(app.url("/api/health")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
 
-    let res = app.chat(json!({"content": "hi", "session_id": "locked"})).await;
+    let res = app
+        .chat(json!({"content": "hi", "session_id": "locked"}))
+        .await;
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(res.json::<Value>().await.unwrap(), json!({"detail": "Invalid or missing API key"}));
-    let res = app.client.get(app.url("/api/sessions")).header("x-api-key", "wrong").send().await.unwrap();
+    assert_eq!(
+        res.json::<Value>().await.unwrap(),
+        json!({"detail": "Invalid or missing API key"})
+    );
+    let res = app
+        .client
+        .get(app.url("/api/sessions"))
+        .header("x-api-key", "wrong")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
 
-    let res = app.client.get(app.url("/api/sessions")).header("x-api-key", "s3cret").send().await.unwrap();
+    let res = app
+        .client
+        .get(app.url("/api/sessions"))
+        .header("x-api-key", "s3cret")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!(res.json::<Value>().await.unwrap(), json!([]), "the refused chat created nothing");
-    let res = app.client.get(app.url("/api/sessions")).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(
+        res.json::<Value>().await.unwrap(),
+        json!([]),
+        "the refused chat created nothing"
+    );
+    let res = app
+        .client
+        .get(app.url("/api/sessions"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
 }
 
 #[tokio::test]
 async fn the_spec_and_docs_are_served() {
     let app = spawn_app().await;
-    let spec: Value = app.client.get(app.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    let spec: Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(spec["info"]["version"], env!("CARGO_PKG_VERSION"));
     let res = app.client.get(app.url("/docs")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
@@ -239,16 +408,34 @@ async fn the_spec_and_docs_are_served() {
 #[tokio::test]
 async fn checked_in_openapi_yaml_matches_the_served_spec() {
     let app = spawn_app().await;
-    let served: Value = app.client.get(app.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    let served: Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let generated = autopoiesis::adapters::http::openapi_yaml(&app.services);
-    let checked_in = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
+    let checked_in =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
     assert!(
         checked_in == generated,
         "openapi.yaml is stale: run `cargo run -- openapi > openapi.yaml`"
     );
-    let spec = autopoiesis::adapters::http::api_service(&app.services, &HttpSettings::default()).spec();
+    let spec =
+        autopoiesis::adapters::http::api_service(&app.services, &HttpSettings::default()).spec();
     assert_eq!(served, serde_json::from_str::<Value>(&spec).unwrap());
-    for operation in served["paths"].as_object().unwrap().values().flat_map(|p| p.as_object().unwrap().values()) {
-        assert!(operation["operationId"].is_string(), "every operation has an operationId: {operation}");
+    for operation in served["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|p| p.as_object().unwrap().values())
+    {
+        assert!(
+            operation["operationId"].is_string(),
+            "every operation has an operationId: {operation}"
+        );
     }
 }

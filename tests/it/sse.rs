@@ -43,7 +43,9 @@ async fn read_events(res: reqwest::Response, n: usize) -> Vec<(String, Option<St
 #[tokio::test]
 async fn sse_streams_the_session_log_and_resumes_from_last_event_id() {
     let app = spawn_app().await;
-    let res = app.chat(json!({"content": "a b c", "session_id": "sse"})).await;
+    let res = app
+        .chat(json!({"content": "a b c", "session_id": "sse"}))
+        .await;
     assert_eq!(res.status(), StatusCode::OK); // seqs 1..=4
 
     let res = app
@@ -54,14 +56,27 @@ async fn sse_streams_the_session_log_and_resumes_from_last_event_id() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
     let live = app.chat(json!({"content": "d", "session_id": "sse"}));
     let (events, reply) = tokio::join!(read_events(res, 4), live);
     assert_eq!(reply.status(), StatusCode::OK);
-    let summary: Vec<(&str, Option<&str>)> = events.iter().map(|(e, id, _)| (e.as_str(), id.as_deref())).collect();
+    let summary: Vec<(&str, Option<&str>)> = events
+        .iter()
+        .map(|(e, id, _)| (e.as_str(), id.as_deref()))
+        .collect();
     assert_eq!(
         summary,
-        [("token", Some("3")), ("done", Some("4")), ("token", Some("5")), ("done", Some("6"))]
+        [
+            ("token", Some("3")),
+            ("done", Some("4")),
+            ("token", Some("5")),
+            ("done", Some("6"))
+        ]
     );
     assert_eq!(events[1].2["data"]["content"], "a b c");
     assert_eq!(events[1].2["seq"], 4);

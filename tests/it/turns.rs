@@ -40,8 +40,15 @@ impl Probe {
 
 #[async_trait]
 impl AgentRuntime for Probe {
-    async fn run_turn(&self, input: TurnInput, sink: Arc<dyn EventSink>) -> Result<AgentReply, AgentError> {
-        self.log.lock().unwrap().push(format!("start {}", input.prompt));
+    async fn run_turn(
+        &self,
+        input: TurnInput,
+        sink: Arc<dyn EventSink>,
+    ) -> Result<AgentReply, AgentError> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("start {}", input.prompt));
         if input.prompt == "meet" {
             tokio::time::timeout(Duration::from_secs(5), self.meeting.wait())
                 .await
@@ -49,10 +56,15 @@ impl AgentRuntime for Probe {
         }
         tokio::time::sleep(self.turn_length).await;
         sink.emit(AgentEvent::Token(input.prompt.clone()));
-        self.log.lock().unwrap().push(format!("end {}", input.prompt));
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("end {}", input.prompt));
         Ok(AgentReply {
             model_name: "probe".into(),
-            parts: vec![ResponsePart::Text { content: input.prompt }],
+            parts: vec![ResponsePart::Text {
+                content: input.prompt,
+            }],
         })
     }
 }
@@ -87,7 +99,9 @@ async fn turns_on_one_session_run_one_at_a_time_in_arrival_order() {
     for prompt in ["first", "second", "third"] {
         let app = app.clone();
         requests.push(tokio::spawn(async move {
-            app.chat(json!({"content": prompt, "session_id": "same"})).await.status()
+            app.chat(json!({"content": prompt, "session_id": "same"}))
+                .await
+                .status()
         }));
         // Fixes the arrival order; the turns themselves take far longer.
         tokio::time::sleep(Duration::from_millis(40)).await;
@@ -97,7 +111,14 @@ async fn turns_on_one_session_run_one_at_a_time_in_arrival_order() {
     }
     assert_eq!(
         probe.log(),
-        ["start first", "end first", "start second", "end second", "start third", "end third"]
+        [
+            "start first",
+            "end first",
+            "start second",
+            "end second",
+            "start third",
+            "end third"
+        ]
     );
 }
 
@@ -118,7 +139,12 @@ async fn a_turn_cancelled_over_rest_stops_keeps_its_partial_text_and_the_next_tu
     };
     let first = next(&mut watcher).await;
     assert_eq!(first["op"], "token");
-    let res = app.client.post(app.url("/api/sessions/c/cancel")).send().await.unwrap();
+    let res = app
+        .client
+        .post(app.url("/api/sessions/c/cancel"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     let turn_id = res.json::<Value>().await.unwrap()["turn_id"].clone();
 
@@ -127,25 +153,55 @@ async fn a_turn_cancelled_over_rest_stops_keeps_its_partial_text_and_the_next_tu
     assert_eq!(cancelled["op"], "cancelled");
     assert_eq!(cancelled["data"]["turn_id"], turn_id);
     let partial = cancelled["data"]["partial"].as_str().unwrap().to_owned();
-    assert!(partial.starts_with("word ") && partial.len() < 1000, "{partial:?}");
+    assert!(
+        partial.starts_with("word ") && partial.len() < 1000,
+        "{partial:?}"
+    );
 
     let res = chat.await.unwrap();
     assert_eq!(res.status(), StatusCode::CONFLICT);
-    assert_eq!(res.json::<Value>().await.unwrap()["detail"]["code"], "turn_cancelled");
-    let history: Value = app.client.get(app.url("/api/sessions/c/history")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(history["messages"][1]["parts"][0]["content"], partial.as_str());
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["detail"]["code"],
+        "turn_cancelled"
+    );
+    let history: Value = app
+        .client
+        .get(app.url("/api/sessions/c/history"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        history["messages"][1]["parts"][0]["content"],
+        partial.as_str()
+    );
 
-    let res = app.chat(json!({"content": "again", "session_id": "c"})).await;
+    let res = app
+        .chat(json!({"content": "again", "session_id": "c"}))
+        .await;
     assert_eq!(res.status(), StatusCode::OK);
 }
 
 #[tokio::test]
 async fn cancel_answers_409_when_nothing_runs_and_404_for_unknown_sessions() {
     let app = spawn_with(Options::default()).await;
-    app.chat(json!({"content": "hi", "session_id": "idle"})).await;
-    let res = app.client.post(app.url("/api/sessions/idle/cancel")).send().await.unwrap();
+    app.chat(json!({"content": "hi", "session_id": "idle"}))
+        .await;
+    let res = app
+        .client
+        .post(app.url("/api/sessions/idle/cancel"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::CONFLICT);
-    let res = app.client.post(app.url("/api/sessions/ghost/cancel")).send().await.unwrap();
+    let res = app
+        .client
+        .post(app.url("/api/sessions/ghost/cancel"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
 }
 
@@ -158,10 +214,14 @@ async fn a_turn_past_the_timeout_ends_with_an_error_and_the_session_stays_usable
     })
     .await;
     let mut watcher = app.ws("t").await;
-    let res = app.chat(json!({"content": "a b c d e f g h i j k l", "session_id": "t"})).await;
+    let res = app
+        .chat(json!({"content": "a b c d e f g h i j k l", "session_id": "t"}))
+        .await;
     assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
     let frames = until_terminal(&mut watcher).await;
     assert_eq!(frames.last().unwrap()["data"]["code"], "turn_timeout");
-    let res = app.chat(json!({"content": "short", "session_id": "t"})).await;
+    let res = app
+        .chat(json!({"content": "short", "session_id": "t"}))
+        .await;
     assert_eq!(res.status(), StatusCode::OK);
 }

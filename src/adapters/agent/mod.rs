@@ -11,8 +11,8 @@ use crate::domain::agent::AgentConfig;
 use crate::ports::AgentRuntime;
 
 /// Provider settings that come from the environment rather than the agents
-/// file (they hold secrets).
-#[derive(Debug, Clone, Default)]
+/// file (they hold secrets, so no `Debug`: it could reach a log).
+#[derive(Clone, Default)]
 pub struct ProviderEnv {
     /// `OPENAI_BASE_URL`: any OpenAI-compatible endpoint.
     pub openai_base_url: Option<String>,

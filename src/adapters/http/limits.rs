@@ -4,7 +4,7 @@
 //! (411), GETs included; this one checks the header when there is one and
 //! reads a chunked body up to the limit when there is not.
 
-use poem::http::StatusCode;
+use poem::http::{Method, StatusCode};
 use poem::web::headers::{ContentLength, HeaderMapExt};
 use poem::{Body, Endpoint, Middleware, Request, Result};
 
@@ -44,14 +44,13 @@ impl<E: Endpoint> Endpoint for BodyLimitEndpoint<E> {
 
     async fn call(&self, mut req: Request) -> Result<Self::Output> {
         match req.headers().typed_get::<ContentLength>() {
-            Some(ContentLength(length)) => {
-                if usize::try_from(length).map_or(true, |length| length > self.max_bytes) {
-                    return Err(too_large());
-                }
-            }
-            None if req.method() != poem::http::Method::GET
-                && req.method() != poem::http::Method::HEAD =>
+            Some(ContentLength(length))
+                if usize::try_from(length).map_or(true, |length| length > self.max_bytes) =>
             {
+                return Err(too_large());
+            }
+            Some(_) => {}
+            None if req.method() != Method::GET && req.method() != Method::HEAD => {
                 let body = req
                     .take_body()
                     .into_bytes_limit(self.max_bytes)

@@ -181,9 +181,10 @@ impl Connection {
             }
         };
         if let Some((code, reason)) = close {
-            // A client that stopped reading may never take the close frame.
+            // A client that stopped reading takes the close frame only if it
+            // reads again soon; otherwise the connection is simply dropped.
             let _ = tokio::time::timeout(
-                Duration::from_secs(1),
+                Duration::from_secs(5),
                 sink.send(Message::close_with(code, reason)),
             )
             .await;
