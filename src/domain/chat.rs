@@ -490,3 +490,316 @@ impl EventSink for TurnSink {
             .publish(&self.session_id, Some(self.turn_id.clone()), event);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use mockall::predicate::eq;
+    use serde_json::json;
+
+    use super::*;
+    use crate::domain::message::RequestPart;
+    use crate::domain::session::SessionInfo;
+    use crate::ports::agent_runtime::MockAgentRuntime;
+    use crate::ports::session_events::MockSessionEvents;
+    use crate::ports::session_store::MockSessionStore;
+
+    fn sid() -> SessionId {
+        SessionId::parse("s1").unwrap()
+    }
+
+    fn info() -> SessionInfo {
+        SessionInfo {
+            id: sid(),
+            created_at: Utc::now(),
+            message_count: 0,
+        }
+    }
+
+    /// A store that has the session, with an empty history, and records
+    /// what is appended.
+    fn store(appended: Arc<Mutex<Vec<ModelMessage>>>) -> MockSessionStore {
+        let mut store = MockSessionStore::new();
+        store.expect_get_or_create().returning(|_, _| Ok(info()));
+        store.expect_history().returning(|_| Ok(vec![]));
+        store.expect_append().returning(move |_, messages, _| {
+            appended.lock().unwrap().extend(messages);
+            Ok(())
+        });
+        store
+    }
+
+    /// Events published, as (op-ish name, event).
+    fn recorder(published: Arc<Mutex<Vec<SessionEvent>>>) -> MockSessionEvents {
+        let mut events = MockSessionEvents::new();
+        events.expect_publish().returning(move |_, _, event| {
+            published.lock().unwrap().push(event);
+        });
+        events
+    }
+
+    fn reply(parts: Vec<ResponsePart>) -> AgentReply {
+        AgentReply {
+            model_name: "mock".into(),
+            parts,
+        }
+    }
+
+    struct Fixture {
+        appended: Arc<Mutex<Vec<ModelMessage>>>,
+        published: Arc<Mutex<Vec<SessionEvent>>>,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Self {
+                appended: Arc::default(),
+                published: Arc::default(),
+            }
+        }
+
+        fn service(&self, runtime: MockAgentRuntime) -> ChatService {
+            ChatService::new(
+                RuntimeSlot::Ready(Arc::new(runtime)),
+                Arc::new(store(self.appended.clone())),
+                Arc::new(recorder(self.published.clone())),
+                None,
+            )
+        }
+
+        fn published(&self) -> Vec<SessionEvent> {
+            self.published.lock().unwrap().clone()
+        }
+
+        fn appended(&self) -> Vec<ModelMessage> {
+            self.appended.lock().unwrap().clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_text_turn_streams_tokens_saves_both_messages_and_ends_with_done() {
+        let fx = Fixture::new();
+        let mut runtime = MockAgentRuntime::new();
+        runtime
+            .expect_run_turn()
+            .withf(|input, _| input.prompt == "hi" && input.history.is_empty())
+            .returning(|_, sink| {
+                sink.emit(AgentEvent::Token("hel".into()));
+                sink.emit(AgentEvent::Token("lo".into()));
+                Ok(reply(vec![ResponsePart::Text {
+                    content: "hello".into(),
+                }]))
+            });
+        let reply = fx
+            .service(runtime)
+            .send(Some(sid()), "hi".into())
+            .await
+            .unwrap();
+        assert_eq!(reply.content, "hello");
+        assert_eq!(
+            fx.published(),
+            vec![
+                SessionEvent::Token {
+                    content: "hel".into()
+                },
+                SessionEvent::Token {
+                    content: "lo".into()
+                },
+                SessionEvent::Done {
+                    content: "hello".into()
+                },
+            ]
+        );
+        let saved = fx.appended();
+        assert_eq!(saved.len(), 2);
+        assert!(matches!(&saved[0], ModelMessage::Request { parts } if matches!(&parts[0], RequestPart::UserPrompt { content, .. } if content == "hi")));
+        assert!(matches!(&saved[1], ModelMessage::Response { model_name: Some(m), .. } if m == "mock"));
+    }
+
+    #[tokio::test]
+    async fn a_deferred_turn_is_approval_unsupported_and_its_history_is_saved() {
+        let fx = Fixture::new();
+        let mut runtime = MockAgentRuntime::new();
+        runtime.expect_run_turn().returning(|_, _| {
+            Ok(reply(vec![ResponsePart::ToolCall {
+                tool_name: "execute".into(),
+                args: json!({"command": "ls"}),
+                tool_call_id: "c1".into(),
+            }]))
+        });
+        let err = fx
+            .service(runtime)
+            .send(Some(sid()), "do it".into())
+            .await
+            .unwrap_err();
+        assert_eq!(err, ChatError::ApprovalUnsupported { session_id: sid() });
+        let published = fx.published();
+        assert!(matches!(&published[0], SessionEvent::ToolResult { tool_call_id, status, .. } if tool_call_id == "c1" && status == "deferred"));
+        assert_eq!(published[1], SessionEvent::approval_unsupported());
+        assert_eq!(published.len(), 2, "exactly one terminal event");
+        let saved = fx.appended();
+        assert_eq!(saved.len(), 2);
+        assert!(matches!(&saved[1], ModelMessage::Response { parts, .. } if matches!(parts[0], ResponsePart::ToolCall { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_locked_turn_is_approval_unsupported_too_and_keeps_the_prompt() {
+        let fx = Fixture::new();
+        let mut runtime = MockAgentRuntime::new();
+        runtime
+            .expect_run_turn()
+            .returning(|_, _| Err(AgentError::DeferredApprovalLocked));
+        let err = fx
+            .service(runtime)
+            .send(Some(sid()), "do it".into())
+            .await
+            .unwrap_err();
+        assert_eq!(err, ChatError::ApprovalUnsupported { session_id: sid() });
+        assert_eq!(fx.published(), vec![SessionEvent::approval_unsupported()]);
+        assert_eq!(fx.appended().len(), 1, "the prompt is kept");
+    }
+
+    #[tokio::test]
+    async fn a_provider_failure_is_published_and_nothing_is_saved() {
+        let fx = Fixture::new();
+        let mut runtime = MockAgentRuntime::new();
+        runtime
+            .expect_run_turn()
+            .returning(|_, _| Err(AgentError::Provider("model down".into())));
+        let err = fx
+            .service(runtime)
+            .send(Some(sid()), "hi".into())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ChatError::Provider {
+                session_id: sid(),
+                message: "model down".into()
+            }
+        );
+        assert_eq!(
+            fx.published(),
+            vec![SessionEvent::Error {
+                code: None,
+                message: "model down".into()
+            }]
+        );
+        assert!(fx.appended().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_missing_runtime_refuses_before_touching_the_session() {
+        let mut store = MockSessionStore::new();
+        store.expect_get_or_create().never();
+        let mut events = MockSessionEvents::new();
+        events.expect_publish().never();
+        let chat = ChatService::new(
+            RuntimeSlot::Unavailable("no provider settings".into()),
+            Arc::new(store),
+            Arc::new(events),
+            None,
+        );
+        assert_eq!(
+            chat.send(Some(sid()), "hi".into()).await,
+            Err(ChatError::RuntimeUnavailable("no provider settings".into()))
+        );
+        assert_eq!(chat.unavailable_reason(), Some("no provider settings"));
+    }
+
+    #[tokio::test]
+    async fn an_empty_prompt_is_refused_before_anything_else() {
+        let fx = Fixture::new();
+        let mut runtime = MockAgentRuntime::new();
+        runtime.expect_run_turn().never();
+        let chat = fx.service(runtime);
+        assert_eq!(chat.send(None, "  ".into()).await, Err(ChatError::EmptyMessage));
+        assert!(fx.published().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_history_before_the_turn_is_given_to_the_runtime() {
+        let earlier = vec![ModelMessage::user_prompt("before", Utc::now())];
+        let mut store = MockSessionStore::new();
+        store.expect_get_or_create().returning(|_, _| Ok(info()));
+        let history = earlier.clone();
+        store
+            .expect_history()
+            .with(eq(sid()))
+            .returning(move |_| Ok(history.clone()));
+        store.expect_append().returning(|_, _, _| Ok(()));
+        let mut runtime = MockAgentRuntime::new();
+        runtime
+            .expect_run_turn()
+            .withf(move |input, _| input.history == earlier)
+            .returning(|_, _| Ok(reply(vec![])));
+        let mut events = MockSessionEvents::new();
+        events.expect_publish().return_const(());
+        let chat = ChatService::new(
+            RuntimeSlot::Ready(Arc::new(runtime)),
+            Arc::new(store),
+            Arc::new(events),
+            None,
+        );
+        chat.send(Some(sid()), "now".into()).await.unwrap();
+    }
+
+    /// A runtime that counts turns running at once on its own.
+    struct Overlap {
+        running: AtomicUsize,
+        most: AtomicUsize,
+        order: Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl AgentRuntime for Overlap {
+        async fn run_turn(
+            &self,
+            input: TurnInput,
+            _sink: Arc<dyn EventSink>,
+        ) -> Result<AgentReply, AgentError> {
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            self.order.lock().unwrap().push(input.prompt);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            Ok(reply(vec![]))
+        }
+    }
+
+    #[tokio::test]
+    async fn turns_on_one_session_never_overlap_and_keep_their_order() {
+        let runtime = Arc::new(Overlap {
+            running: AtomicUsize::new(0),
+            most: AtomicUsize::new(0),
+            order: Mutex::default(),
+        });
+        let fx = Fixture::new();
+        let chat = Arc::new(ChatService::new(
+            RuntimeSlot::Ready(runtime.clone()),
+            Arc::new(store(fx.appended.clone())),
+            Arc::new(recorder(fx.published.clone())),
+            None,
+        ));
+        let mut turns = Vec::new();
+        for n in 0..5 {
+            let chat = chat.clone();
+            turns.push(tokio::spawn(async move {
+                chat.send(Some(sid()), format!("turn {n}")).await
+            }));
+            // Each turn is queued before the next one is sent.
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for turn in turns {
+            turn.await.unwrap().unwrap();
+        }
+        assert_eq!(runtime.most.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            *runtime.order.lock().unwrap(),
+            (0..5).map(|n| format!("turn {n}")).collect::<Vec<_>>()
+        );
+        assert!(chat.busy_sessions().is_empty(), "the session's gate is released");
+    }
+}

@@ -144,3 +144,52 @@ impl SessionService {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::domain::chat::RuntimeSlot;
+    use crate::ports::session_events::MockSessionEvents;
+    use crate::ports::session_store::MockSessionStore;
+
+    fn id(s: &str) -> SessionId {
+        SessionId::parse(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn sweep_removes_idle_sessions_but_spares_those_with_live_clients() {
+        let mut store = MockSessionStore::new();
+        store
+            .expect_idle_since()
+            .returning(|_| Ok(vec![id("idle"), id("watched")]));
+        store
+            .expect_delete()
+            .withf(|s| s == &id("idle"))
+            .times(1)
+            .returning(|_| Ok(()));
+        let mut events = MockSessionEvents::new();
+        events
+            .expect_live_sessions()
+            .returning(|| HashSet::from([id("watched")]));
+        events
+            .expect_forget()
+            .withf(|s| s == &id("idle"))
+            .times(1)
+            .return_const(());
+        let store: Arc<dyn SessionStore> = Arc::new(store);
+        let events: Arc<dyn SessionEvents> = Arc::new(events);
+        let chat = ChatService::new(
+            RuntimeSlot::Unavailable("unused".into()),
+            store.clone(),
+            events.clone(),
+            None,
+        );
+        let sessions = SessionService::new(store, events);
+        assert_eq!(
+            sessions.sweep(Duration::from_secs(60), &chat).await,
+            Ok(1)
+        );
+    }
+}

@@ -4,6 +4,7 @@
 mod cli;
 mod fake_openai;
 mod helpers;
+mod openai_chat;
 mod openai_runtime;
 mod rest;
 mod sse;
