@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use autopoiesis::adapters::agent::{ProviderEnv, build_runtime, config::load_agents};
-use autopoiesis::adapters::http::auth::ApiKey;
+use autopoiesis::adapters::http::auth::{ApiKey, OriginPolicy};
 use autopoiesis::adapters::http::{self, HttpSettings, Services};
 use autopoiesis::adapters::memory::InMemorySessionStore;
 use autopoiesis::adapters::ws::endpoint::WsSettings;
@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the OpenAPI spec of the REST API as YAML (this is openapi.yaml).
     Openapi,
 }
@@ -76,6 +76,20 @@ struct ServeArgs {
     /// Events kept per session for clients that resume with after_seq.
     #[arg(long, env = "AUTOPOIESIS_EVENT_BUFFER", default_value_t = 1024)]
     event_buffer: usize,
+    /// Live WebSocket/SSE clients one session may have.
+    #[arg(
+        long,
+        env = "AUTOPOIESIS_MAX_CLIENTS_PER_SESSION",
+        default_value_t = 2048
+    )]
+    max_clients_per_session: usize,
+    /// Live WebSocket/SSE clients the server may have.
+    #[arg(long, env = "AUTOPOIESIS_MAX_CLIENTS", default_value_t = 20_000)]
+    max_clients: usize,
+    /// Browser origins, besides the server's own, allowed to open WebSockets
+    /// and /mcp (comma-separated, e.g. https://app.example.com; * for any).
+    #[arg(long, env = "AUTOPOIESIS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
     /// Frames queued per client before it counts as too slow (closed, 1013).
     #[arg(long, env = "AUTOPOIESIS_CLIENT_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     client_queue: u32,
@@ -85,7 +99,8 @@ struct ServeArgs {
     /// Largest accepted WebSocket message, in bytes.
     #[arg(long, env = "AUTOPOIESIS_MAX_WS_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
     max_ws_message_bytes: usize,
-    /// On SIGINT/SIGTERM, how long requests in flight may take to finish.
+    /// On SIGINT/SIGTERM, how long running turns may take to finish before
+    /// they are cancelled (their partial text is kept).
     #[arg(long, env = "AUTOPOIESIS_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     shutdown_grace: Duration,
 }
@@ -94,7 +109,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Openapi => {
-            print!("{}", http::openapi_yaml(&offline_services()));
+            print!("{}", http::spec_service(&offline_services()).spec_yaml());
             ExitCode::SUCCESS
         }
         Command::Serve(args) => {
@@ -103,7 +118,7 @@ fn main() -> ExitCode {
                 Ok(runtime) => runtime,
                 Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
             };
-            match runtime.block_on(serve(args)) {
+            match runtime.block_on(serve(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(message) => fail(&message),
             }
@@ -193,6 +208,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let hub = SessionHub::new(StreamSettings {
         ring_capacity: args.event_buffer,
         client_queue: args.client_queue as usize,
+        max_clients_per_session: args.max_clients_per_session,
+        max_clients: args.max_clients,
     });
     let store = Arc::new(InMemorySessionStore::new());
     let turn_timeout = (!args.turn_timeout.is_zero()).then_some(args.turn_timeout);
@@ -210,6 +227,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     };
     let settings = HttpSettings {
         api_key,
+        origins: OriginPolicy {
+            allowed: args.allowed_origins.clone(),
+        },
         max_body_bytes: args.max_body_bytes,
         ws: WsSettings {
             max_message_bytes: args.max_ws_message_bytes,
@@ -242,24 +262,37 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         };
         async move { sessions.run_sweeper(policy, &chat, shutdown).await }
     });
+    // Shutdown, in order: stop accepting (poem, when `signal` resolves);
+    // let running turns finish for the grace period, then cancel them; close
+    // the sockets with 1001; wait for the responses still in flight.
+    let drain = tokio::spawn({
+        let (chat, hub, shutdown) = (chat.clone(), hub.clone(), shutdown.clone());
+        let grace = args.shutdown_grace;
+        async move {
+            shutdown.cancelled().await;
+            chat.shutdown(grace).await;
+            hub.close_all();
+        }
+    });
     let signal = {
         let shutdown = shutdown.clone();
         async move {
             wait_for_signal().await;
-            tracing::info!("shutting down");
+            tracing::info!("shutting down: finishing running turns");
             shutdown.cancel();
-            hub.close_all();
         }
     };
+    let app = http::app(&services, &settings);
     let served = http::serve(
         listener,
-        http::app(&services, &settings),
+        app,
         signal,
-        args.shutdown_grace,
+        args.shutdown_grace + Duration::from_secs(10),
     )
     .await;
     shutdown.cancel();
-    let _ = sweeper.await;
+    let _ = tokio::join!(sweeper, drain);
+    tracing::info!("stopped");
     served.map_err(|e| format!("server failed: {e}"))
 }
 

@@ -70,6 +70,9 @@ pub enum ChatError {
     },
     #[error("session storage unavailable")]
     Storage(#[from] SessionStoreError),
+    /// The server is shutting down and starts no new turn.
+    #[error("The server is shutting down")]
+    ShuttingDown,
 }
 
 /// Why a cancel request did nothing.
@@ -99,6 +102,8 @@ pub struct ChatService {
     running: Mutex<HashMap<SessionId, Running>>,
     /// A turn running longer than this ends with an error (`None`: no limit).
     turn_timeout: Option<Duration>,
+    /// Set at shutdown: no new turn starts, queued ones included.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 enum Outcome {
@@ -122,6 +127,7 @@ impl ChatService {
             gates: Mutex::default(),
             running: Mutex::default(),
             turn_timeout,
+            closing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -147,6 +153,9 @@ impl ChatService {
         content: String,
     ) -> Result<ChatReply, ChatError> {
         check_prompt(&content)?;
+        if self.is_closing() {
+            return Err(ChatError::ShuttingDown);
+        }
         let runtime = match &self.runtime {
             RuntimeSlot::Ready(runtime) => Arc::clone(runtime),
             RuntimeSlot::Unavailable(why) => {
@@ -159,7 +168,11 @@ impl ChatService {
         let gate = self.gate(&session_id);
         let result = {
             let _turn = gate.lock().await;
-            self.run_turn(runtime.as_ref(), &session_id, content).await
+            if self.is_closing() {
+                Err(ChatError::ShuttingDown)
+            } else {
+                self.run_turn(runtime.as_ref(), &session_id, content).await
+            }
         };
         self.release_gate(&session_id, gate);
         result
@@ -190,6 +203,44 @@ impl ChatService {
     pub fn approve_unsupported(&self, session_id: &SessionId) {
         self.events
             .publish(session_id, None, SessionEvent::approval_unsupported());
+    }
+
+    /// Graceful shutdown: starts no new turn, lets running ones finish for
+    /// up to `grace`, then cancels the rest (their partial text is saved, as
+    /// for any cancel) and waits for them to wind up.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if !self.wait_idle(grace).await {
+            let cancelled = {
+                let running = lock(&self.running);
+                running.values().for_each(|r| r.cancel.cancel());
+                running.len()
+            };
+            tracing::info!(
+                turns = cancelled,
+                "grace period over: running turns cancelled"
+            );
+            self.wait_idle(Duration::from_secs(5)).await;
+        }
+    }
+
+    fn is_closing(&self) -> bool {
+        self.closing.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits up to `limit` for no turn to be running; true if none is.
+    async fn wait_idle(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if lock(&self.running).is_empty() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Sessions with a turn running or queued; the sweeper spares them.
@@ -392,6 +443,7 @@ fn error_kind(error: &ChatError) -> &'static str {
         ChatError::Cancelled { .. } => "cancelled",
         ChatError::TimedOut { .. } => "timed_out",
         ChatError::Storage(_) => "storage_error",
+        ChatError::ShuttingDown => "shutting_down",
     }
 }
 
@@ -613,8 +665,12 @@ mod tests {
         );
         let saved = fx.appended();
         assert_eq!(saved.len(), 2);
-        assert!(matches!(&saved[0], ModelMessage::Request { parts } if matches!(&parts[0], RequestPart::UserPrompt { content, .. } if content == "hi")));
-        assert!(matches!(&saved[1], ModelMessage::Response { model_name: Some(m), .. } if m == "mock"));
+        assert!(
+            matches!(&saved[0], ModelMessage::Request { parts } if matches!(&parts[0], RequestPart::UserPrompt { content, .. } if content == "hi"))
+        );
+        assert!(
+            matches!(&saved[1], ModelMessage::Response { model_name: Some(m), .. } if m == "mock")
+        );
     }
 
     #[tokio::test]
@@ -635,12 +691,16 @@ mod tests {
             .unwrap_err();
         assert_eq!(err, ChatError::ApprovalUnsupported { session_id: sid() });
         let published = fx.published();
-        assert!(matches!(&published[0], SessionEvent::ToolResult { tool_call_id, status, .. } if tool_call_id == "c1" && status == "deferred"));
+        assert!(
+            matches!(&published[0], SessionEvent::ToolResult { tool_call_id, status, .. } if tool_call_id == "c1" && status == "deferred")
+        );
         assert_eq!(published[1], SessionEvent::approval_unsupported());
         assert_eq!(published.len(), 2, "exactly one terminal event");
         let saved = fx.appended();
         assert_eq!(saved.len(), 2);
-        assert!(matches!(&saved[1], ModelMessage::Response { parts, .. } if matches!(parts[0], ResponsePart::ToolCall { .. })));
+        assert!(
+            matches!(&saved[1], ModelMessage::Response { parts, .. } if matches!(parts[0], ResponsePart::ToolCall { .. }))
+        );
     }
 
     #[tokio::test]
@@ -714,7 +774,10 @@ mod tests {
         let mut runtime = MockAgentRuntime::new();
         runtime.expect_run_turn().never();
         let chat = fx.service(runtime);
-        assert_eq!(chat.send(None, "  ".into()).await, Err(ChatError::EmptyMessage));
+        assert_eq!(
+            chat.send(None, "  ".into()).await,
+            Err(ChatError::EmptyMessage)
+        );
         assert!(fx.published().is_empty());
     }
 
@@ -800,6 +863,9 @@ mod tests {
             *runtime.order.lock().unwrap(),
             (0..5).map(|n| format!("turn {n}")).collect::<Vec<_>>()
         );
-        assert!(chat.busy_sessions().is_empty(), "the session's gate is released");
+        assert!(
+            chat.busy_sessions().is_empty(),
+            "the session's gate is released"
+        );
     }
 }

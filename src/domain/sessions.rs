@@ -187,9 +187,6 @@ mod tests {
             None,
         );
         let sessions = SessionService::new(store, events);
-        assert_eq!(
-            sessions.sweep(Duration::from_secs(60), &chat).await,
-            Ok(1)
-        );
+        assert_eq!(sessions.sweep(Duration::from_secs(60), &chat).await, Ok(1));
     }
 }

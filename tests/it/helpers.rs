@@ -99,6 +99,7 @@ pub async fn spawn_with(options: Options) -> TestApp {
         let shutdown = shutdown.clone();
         async move {
             shutdown.cancelled().await;
+            chat.shutdown(Duration::ZERO).await;
             hub.close_all();
         }
     };

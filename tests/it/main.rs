@@ -1,6 +1,7 @@
 //! The one integration-test binary: the real server on 127.0.0.1:0, spoken
 //! to over real sockets.
 
+mod auth;
 mod cli;
 mod fake_openai;
 mod helpers;

@@ -48,7 +48,11 @@ async fn a_streamed_answer_reaches_rest_and_websocket_clients() {
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.json::<Value>().await.unwrap()["content"], "Hello!");
     let frames = until_terminal(&mut ws).await;
-    let tokens: Vec<&str> = frames.iter().filter(|f| f["op"] == "token").map(|f| f["data"]["content"].as_str().unwrap()).collect();
+    let tokens: Vec<&str> = frames
+        .iter()
+        .filter(|f| f["op"] == "token")
+        .map(|f| f["data"]["content"].as_str().unwrap())
+        .collect();
     assert_eq!(tokens, ["Hel", "lo", "!"]);
     assert_eq!(fake.requests()[0]["model"], "gpt-test");
     assert_eq!(fake.authorizations()[0].as_deref(), Some("Bearer sk-test"));
@@ -56,13 +60,25 @@ async fn a_streamed_answer_reaches_rest_and_websocket_clients() {
 
 #[tokio::test]
 async fn the_second_turn_sends_the_first_turns_history() {
-    let fake = FakeOpenAi::start(vec![Reply::text(["first answer"]), Reply::text(["second answer"])]).await;
+    let fake = FakeOpenAi::start(vec![
+        Reply::text(["first answer"]),
+        Reply::text(["second answer"]),
+    ])
+    .await;
     let app = app_against(fake.base_url.clone()).await;
-    app.chat(json!({"content": "question one", "session_id": "h"})).await;
-    let res = app.chat(json!({"content": "question two", "session_id": "h"})).await;
+    app.chat(json!({"content": "question one", "session_id": "h"}))
+        .await;
+    let res = app
+        .chat(json!({"content": "question two", "session_id": "h"}))
+        .await;
     assert_eq!(res.status(), StatusCode::OK);
     let messages = fake.requests()[1]["messages"].clone();
-    let roles: Vec<&str> = messages.as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap()).collect();
+    let roles: Vec<&str> = messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
     assert_eq!(roles, ["user", "assistant", "user"]);
     assert_eq!(messages[0]["content"], "question one");
     assert_eq!(messages[1]["content"], "first answer");
@@ -71,14 +87,31 @@ async fn the_second_turn_sends_the_first_turns_history() {
 
 #[tokio::test]
 async fn a_tool_call_to_an_approval_gated_tool_answers_409() {
-    let fake = FakeOpenAi::start(vec![Reply::tool_call("execute", r#"{"command":"rm -rf /tmp/x"}"#)]).await;
+    let fake = FakeOpenAi::start(vec![Reply::tool_call(
+        "execute",
+        r#"{"command":"rm -rf /tmp/x"}"#,
+    )])
+    .await;
     let app = app_against(fake.base_url.clone()).await;
-    let res = app.chat(json!({"content": "clean up", "session_id": "t"})).await;
+    let res = app
+        .chat(json!({"content": "clean up", "session_id": "t"}))
+        .await;
     assert_eq!(res.status(), StatusCode::CONFLICT);
-    assert_eq!(res.json::<Value>().await.unwrap()["detail"]["code"], "approval_unsupported");
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["detail"]["code"],
+        "approval_unsupported"
+    );
     let offered = &fake.requests()[0]["tools"];
     assert_eq!(offered[0]["function"]["name"], "execute");
-    let history: Value = app.client.get(app.url("/api/sessions/t/history")).send().await.unwrap().json().await.unwrap();
+    let history: Value = app
+        .client
+        .get(app.url("/api/sessions/t/history"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let call = &history["messages"][1]["parts"][0];
     assert_eq!(call["part_kind"], "tool-call");
     assert_eq!(call["args"], json!({"command": "rm -rf /tmp/x"}));
@@ -94,9 +127,17 @@ async fn a_provider_500_gives_502_with_a_clear_detail_and_the_session_recovers()
     let app = app_against(fake.base_url.clone()).await;
     let res = app.chat(json!({"content": "hi", "session_id": "e"})).await;
     assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
-    let detail = res.json::<Value>().await.unwrap()["detail"].as_str().unwrap().to_owned();
-    assert!(detail.contains("500") && detail.contains("overloaded"), "{detail}");
-    let res = app.chat(json!({"content": "again", "session_id": "e"})).await;
+    let detail = res.json::<Value>().await.unwrap()["detail"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        detail.contains("500") && detail.contains("overloaded"),
+        "{detail}"
+    );
+    let res = app
+        .chat(json!({"content": "again", "session_id": "e"}))
+        .await;
     assert_eq!(res.status(), StatusCode::OK);
 }
 
@@ -106,9 +147,15 @@ async fn an_unreachable_provider_gives_502_naming_it() {
     let app = app_against(base.clone()).await;
     let res = app.chat(json!({"content": "hi"})).await;
     assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
-    let detail = res.json::<Value>().await.unwrap()["detail"].as_str().unwrap().to_owned();
+    let detail = res.json::<Value>().await.unwrap()["detail"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(detail.contains(&base), "{detail}");
-    assert!(!detail.contains("sk-test"), "the key never reaches a client");
+    assert!(
+        !detail.contains("sk-test"),
+        "the key never reaches a client"
+    );
 }
 
 #[test]

@@ -252,6 +252,7 @@ async fn resuming_from_before_the_ring_gets_a_gap_first() {
         stream: StreamSettings {
             ring_capacity: 4,
             client_queue: 64,
+            ..StreamSettings::default()
         },
         ..Options::default()
     })
@@ -318,6 +319,7 @@ async fn a_client_that_stops_reading_is_closed_while_a_reader_gets_every_event()
         stream: StreamSettings {
             ring_capacity: 16,
             client_queue: 32,
+            ..StreamSettings::default()
         },
         http: HttpSettings {
             max_body_bytes: 64 * 1024 * 1024,

@@ -37,8 +37,8 @@ enum ChatReply {
     /// The model provider failed; the session stays usable.
     #[oai(status = 502)]
     BadGateway(Json<ErrorBody>),
-    /// The agent runtime is not available (the detail says why), or session
-    /// storage failed.
+    /// The agent runtime is not available (the detail says why), session
+    /// storage failed, or the server is shutting down.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>),
     /// The turn ran past the configured turn timeout (partial text saved).
@@ -66,6 +66,7 @@ impl From<ChatError> for ChatReply {
             ))),
             ChatError::Provider { .. } => Self::BadGateway(detail()),
             ChatError::TimedOut { .. } => Self::TimedOut(detail()),
+            ChatError::ShuttingDown => Self::Unavailable(detail()),
             ChatError::Storage(e) => {
                 tracing::error!(error = %e, "session store failed during chat");
                 Self::Unavailable(Json(ErrorBody::new("Session storage is unavailable")))

@@ -6,8 +6,10 @@ pub mod chat;
 pub mod dto;
 pub mod health;
 pub mod limits;
+pub mod request_log;
 pub mod sessions;
 pub mod stream;
+pub mod tickets;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,17 +17,18 @@ use std::time::Duration;
 use poem::endpoint::BoxEndpoint;
 use poem::http::StatusCode;
 use poem::listener::TcpAcceptor;
-use poem::middleware::Tracing;
 use poem::web::Json;
 use poem::{EndpointExt, IntoResponse, Response, Route, Server, get};
 use poem_openapi::{OpenApiService, Tags};
 use serde_json::json;
 
-use self::auth::{ApiKey, ApiKeyAuth};
+use self::auth::{ApiKey, Guard, OriginPolicy, TicketBook};
 use self::chat::ChatApi;
 use self::health::HealthApi;
 use self::limits::BodyLimit;
+use self::request_log::RequestLog;
 use self::sessions::SessionsApi;
+use self::tickets::TicketApi;
 use crate::adapters::ws::SessionHub;
 use crate::adapters::ws::endpoint::{WsSettings, WsState, session_socket};
 use crate::domain::chat::ChatService;
@@ -54,6 +57,10 @@ pub struct Services {
 pub struct HttpSettings {
     /// When set, every route but `GET /api/health` (and the docs) needs it.
     pub api_key: Option<ApiKey>,
+    /// Foreign origins allowed to open WebSockets and `/mcp`.
+    pub origins: OriginPolicy,
+    /// How long a connection ticket stays valid.
+    pub ticket_ttl: Duration,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
     /// Interval of SSE keep-alive comments.
@@ -65,6 +72,8 @@ impl Default for HttpSettings {
     fn default() -> Self {
         Self {
             api_key: None,
+            origins: OriginPolicy::default(),
+            ticket_ttl: Duration::from_secs(30),
             max_body_bytes: 2 * 1024 * 1024,
             sse_keep_alive: Duration::from_secs(15),
             ws: WsSettings::default(),
@@ -72,14 +81,29 @@ impl Default for HttpSettings {
     }
 }
 
-type Apis = (HealthApi, SessionsApi, ChatApi);
+/// The WebSocket route: the one route outside the OpenAPI service.
+pub const WEBSOCKET_PATH: &str = "/api/ws/:session_id";
+
+/// Routes served outside the OpenAPI service, as (method, path). Every route
+/// mounted in [`app`] is either in the spec or here: the auth test walks
+/// both, so a route added without auth fails it.
+pub const PLAIN_ROUTES: &[(&str, &str)] = &[("GET", WEBSOCKET_PATH)];
+
+type Apis = (HealthApi, TicketApi, SessionsApi, ChatApi);
 
 /// The typed REST API; its spec is `openapi.yaml`.
 #[must_use]
-pub fn api_service(services: &Services, settings: &HttpSettings) -> OpenApiService<Apis, ()> {
+pub fn api_service(
+    services: &Services,
+    settings: &HttpSettings,
+    tickets: &Arc<TicketBook>,
+) -> OpenApiService<Apis, ()> {
     OpenApiService::new(
         (
             HealthApi,
+            TicketApi {
+                tickets: Arc::clone(tickets),
+            },
             SessionsApi {
                 sessions: Arc::clone(&services.sessions),
                 chat: Arc::clone(&services.chat),
@@ -103,7 +127,8 @@ pub fn api_service(services: &Services, settings: &HttpSettings) -> OpenApiServi
 /// The whole route tree with its middleware.
 #[must_use]
 pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static> {
-    let api = api_service(services, settings);
+    let tickets = TicketBook::new(settings.ticket_ttl);
+    let api = api_service(services, settings, &tickets);
     let ws_state = Arc::new(WsState {
         chat: Arc::clone(&services.chat),
         sessions: Arc::clone(&services.sessions),
@@ -113,12 +138,16 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
     Route::new()
         .at("/openapi.json", api.spec_endpoint())
         .nest("/docs", api.swagger_ui())
-        .at("/api/ws/:session_id", get(session_socket).data(ws_state))
+        .at(WEBSOCKET_PATH, get(session_socket).data(ws_state))
         .nest("/", api)
-        .with(ApiKeyAuth::new(settings.api_key.clone()))
+        .with(Guard {
+            key: settings.api_key.clone(),
+            tickets,
+            origins: settings.origins.clone(),
+        })
         .with(BodyLimit::new(settings.max_body_bytes))
         .catch_all_error(error_response)
-        .with(Tracing)
+        .with(RequestLog)
         .boxed()
 }
 
@@ -137,10 +166,12 @@ async fn error_response(error: poem::Error) -> Response {
         .into_response()
 }
 
-/// The spec of the REST API as YAML, exactly as served at `/openapi.json`.
+/// The REST API as described by `openapi.yaml` (and served at
+/// `/openapi.json`), for printing its spec.
 #[must_use]
-pub fn openapi_yaml(services: &Services) -> String {
-    api_service(services, &HttpSettings::default()).spec_yaml()
+pub fn spec_service(services: &Services) -> OpenApiService<Apis, ()> {
+    let settings = HttpSettings::default();
+    api_service(services, &settings, &TicketBook::new(settings.ticket_ttl))
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets requests

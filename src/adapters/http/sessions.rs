@@ -111,6 +111,9 @@ enum EventsReply {
     /// The session id or `after_seq`/`Last-Event-ID` is malformed.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
+    /// The session or the server has as many live clients as allowed.
+    #[oai(status = 429)]
+    TooManyClients(Json<ErrorBody>),
     /// The session store is unavailable.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>),
@@ -269,7 +272,10 @@ impl SessionsApi {
         if let Err(e) = self.sessions.open(&id).await {
             return EventsReply::Unavailable(unavailable(&e));
         }
-        let subscription = self.hub.subscribe(&id, after);
+        let subscription = match self.hub.subscribe(&id, after) {
+            Ok(subscription) => subscription,
+            Err(e) => return EventsReply::TooManyClients(Json(ErrorBody::new(e.to_string()))),
+        };
         EventsReply::Ok(
             EventStream::new(frames(subscription))
                 .keep_alive(self.keep_alive)

@@ -81,6 +81,12 @@ pub async fn session_socket(
             "Session storage is unavailable",
         );
     }
+    // Subscribed before the upgrade so a refusal is a plain HTTP answer; a
+    // failed upgrade drops the subscription with the closure.
+    let subscription = match state.hub.subscribe(&session_id, query.after_seq) {
+        Ok(subscription) => subscription,
+        Err(e) => return refuse(StatusCode::TOO_MANY_REQUESTS, &e.to_string()),
+    };
     let state = Arc::clone(&state);
     let max = state.settings.max_message_bytes;
     ws.config(
@@ -89,7 +95,6 @@ pub async fn session_socket(
             .max_frame_size(Some(max)),
     )
     .on_upgrade(move |socket| async move {
-        let subscription = state.hub.subscribe(&session_id, query.after_seq);
         let span = tracing::info_span!("ws", session.id = %session_id);
         let _entered = span.enter();
         tracing::debug!("client connected");
@@ -203,7 +208,11 @@ impl Connection {
                 match chat.send(Some(session_id.clone()), content).await {
                     // Raised before the turn started, so published to nobody:
                     // the sender alone hears of it.
-                    Err(e @ (ChatError::EmptyMessage | ChatError::RuntimeUnavailable(_))) => {
+                    Err(
+                        e @ (ChatError::EmptyMessage
+                        | ChatError::RuntimeUnavailable(_)
+                        | ChatError::ShuttingDown),
+                    ) => {
                         let _ = direct.try_send(direct_error(&e.to_string()));
                     }
                     Err(ChatError::Storage(error)) => {

@@ -7,7 +7,7 @@
 //! back with `after_seq`. Frames are encoded once and shared by all clients.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use serde_json::json;
@@ -19,13 +19,17 @@ use crate::domain::events::SessionEvent;
 use crate::domain::session::{SessionId, TurnId};
 use crate::ports::SessionEvents;
 
-/// Sizes of the stream's buffers.
+/// Sizes of the stream's buffers and how many clients it serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamSettings {
     /// Events kept per session for clients that resume (`after_seq`).
     pub ring_capacity: usize,
     /// Frames queued per client before it counts as too slow and is closed.
     pub client_queue: usize,
+    /// Clients one session may have at once.
+    pub max_clients_per_session: usize,
+    /// Clients the whole server may have at once.
+    pub max_clients: usize,
 }
 
 impl Default for StreamSettings {
@@ -33,8 +37,19 @@ impl Default for StreamSettings {
         Self {
             ring_capacity: 1024,
             client_queue: 256,
+            max_clients_per_session: 2048,
+            max_clients: 20_000,
         }
     }
+}
+
+/// Why a client was not subscribed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("This session has too many live connections ({0}); try again later")]
+    SessionFull(usize),
+    #[error("The server has too many live connections ({0}); try again later")]
+    ServerFull(usize),
 }
 
 /// One encoded frame of a session's stream.
@@ -100,6 +115,8 @@ pub struct SessionHub {
     settings: StreamSettings,
     sessions: Mutex<HashMap<SessionId, Arc<Mutex<SessionLog>>>>,
     next_client: AtomicU64,
+    /// Subscriptions alive now, across sessions.
+    clients: AtomicUsize,
 }
 
 /// A client's view of a session's stream.
@@ -162,6 +179,7 @@ impl SessionHub {
             settings,
             sessions: Mutex::default(),
             next_client: AtomicU64::new(1),
+            clients: AtomicUsize::new(0),
         })
     }
 
@@ -176,16 +194,31 @@ impl SessionHub {
     /// Subscribes a client to `session`. With `after_seq`, the retained
     /// events after it are replayed first; replay and live events are taken
     /// under one lock, so nothing is missed or sent twice.
+    ///
+    /// # Errors
+    /// [`SubscribeError`] when the session or the server has as many clients
+    /// as the settings allow.
     pub fn subscribe(
         self: &Arc<Self>,
         session: &SessionId,
         after_seq: Option<u64>,
-    ) -> Subscription {
+    ) -> Result<Subscription, SubscribeError> {
+        let log = self.log(session);
+        let mut log = lock(&log);
+        if log.clients.len() >= self.settings.max_clients_per_session {
+            return Err(SubscribeError::SessionFull(
+                self.settings.max_clients_per_session,
+            ));
+        }
+        let max = self.settings.max_clients;
+        self.clients
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|_| SubscribeError::ServerFull(max))?;
         let (tx, live) = mpsc::channel(self.settings.client_queue);
         let state = Arc::new(ClientState::default());
         let id = self.next_client.fetch_add(1, Ordering::Relaxed);
-        let log = self.log(session);
-        let mut log = lock(&log);
         let mut replay = VecDeque::new();
         if let Some(after) = after_seq {
             let first_retained = log.ring.front().and_then(|f| f.seq).unwrap_or(log.next_seq);
@@ -212,17 +245,18 @@ impl SessionHub {
             tx,
             state: Arc::clone(&state),
         });
-        Subscription {
+        Ok(Subscription {
             replay,
             live,
             state,
             hub: Arc::clone(self),
             session: session.clone(),
             id,
-        }
+        })
     }
 
     fn unsubscribe(&self, session: &SessionId, id: u64) {
+        self.clients.fetch_sub(1, Ordering::SeqCst);
         let log = lock(&self.sessions).get(session).cloned();
         if let Some(log) = log {
             lock(&log).clients.retain(|c| c.id != id);
@@ -316,7 +350,31 @@ mod tests {
         SessionHub::new(StreamSettings {
             ring_capacity,
             client_queue,
+            ..StreamSettings::default()
         })
+    }
+
+    #[test]
+    fn subscriptions_beyond_the_limits_are_refused_and_freed_on_drop() {
+        let hub = SessionHub::new(StreamSettings {
+            max_clients_per_session: 2,
+            max_clients: 3,
+            ..StreamSettings::default()
+        });
+        let other = SessionId::parse("other").unwrap();
+        let a = hub.subscribe(&sid(), None).unwrap();
+        let _b = hub.subscribe(&sid(), None).unwrap();
+        assert_eq!(
+            hub.subscribe(&sid(), None).err(),
+            Some(SubscribeError::SessionFull(2))
+        );
+        let _c = hub.subscribe(&other, None).unwrap();
+        assert_eq!(
+            hub.subscribe(&other, None).err(),
+            Some(SubscribeError::ServerFull(3))
+        );
+        drop(a);
+        assert!(hub.subscribe(&sid(), None).is_ok());
     }
 
     fn seqs(frames: &VecDeque<Arc<Frame>>) -> Vec<Option<u64>> {
@@ -326,7 +384,7 @@ mod tests {
     #[test]
     fn events_are_numbered_from_one_without_gaps() {
         let hub = hub(8, 8);
-        let mut sub = hub.subscribe(&sid(), None);
+        let mut sub = hub.subscribe(&sid(), None).unwrap();
         for n in 0..3 {
             hub.publish(&sid(), None, token(n));
         }
@@ -340,7 +398,7 @@ mod tests {
         for n in 0..5 {
             hub.publish(&sid(), None, token(n));
         }
-        let mut sub = hub.subscribe(&sid(), Some(3));
+        let mut sub = hub.subscribe(&sid(), Some(3)).unwrap();
         assert_eq!(seqs(&sub.replay), vec![Some(4), Some(5)]);
         hub.publish(&sid(), None, token(5));
         assert_eq!(sub.live.try_recv().unwrap().seq, Some(6));
@@ -352,7 +410,7 @@ mod tests {
         for n in 0..5 {
             hub.publish(&sid(), None, token(n));
         }
-        let sub = hub.subscribe(&sid(), Some(1));
+        let sub = hub.subscribe(&sid(), Some(1)).unwrap();
         assert_eq!(seqs(&sub.replay), vec![None, Some(4), Some(5)]);
         assert!(sub.replay[0].json.contains(r#""missed_from":2"#));
         assert!(sub.replay[0].json.contains(r#""missed_to":3"#));
@@ -364,14 +422,14 @@ mod tests {
         for n in 0..5 {
             hub.publish(&sid(), None, token(n));
         }
-        assert!(hub.subscribe(&sid(), Some(5)).replay.is_empty());
+        assert!(hub.subscribe(&sid(), Some(5)).unwrap().replay.is_empty());
     }
 
     #[test]
     fn a_client_whose_queue_fills_is_kicked_and_the_others_keep_receiving() {
         let hub = hub(8, 2);
-        let slow = hub.subscribe(&sid(), None);
-        let mut fast = hub.subscribe(&sid(), None);
+        let slow = hub.subscribe(&sid(), None).unwrap();
+        let mut fast = hub.subscribe(&sid(), None).unwrap();
         for n in 0..3 {
             hub.publish(&sid(), None, token(n));
             fast.live.try_recv().unwrap();
@@ -383,7 +441,7 @@ mod tests {
     #[test]
     fn dropped_subscriptions_leave_the_session_and_its_live_set() {
         let hub = hub(8, 8);
-        let sub = hub.subscribe(&sid(), None);
+        let sub = hub.subscribe(&sid(), None).unwrap();
         assert!(hub.live_sessions().contains(&sid()));
         drop(sub);
         assert!(hub.live_sessions().is_empty());
@@ -392,7 +450,7 @@ mod tests {
     #[test]
     fn forgetting_a_session_closes_its_clients() {
         let hub = hub(8, 8);
-        let sub = hub.subscribe(&sid(), None);
+        let sub = hub.subscribe(&sid(), None).unwrap();
         hub.forget(&sid());
         assert_eq!(sub.reason(), Some(CloseReason::SessionGone));
     }

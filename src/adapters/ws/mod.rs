@@ -5,4 +5,4 @@ pub mod endpoint;
 pub mod hub;
 pub mod protocol;
 
-pub use hub::{CloseReason, SessionHub, StreamSettings, Subscription};
+pub use hub::{CloseReason, SessionHub, StreamSettings, SubscribeError, Subscription};

@@ -1,0 +1,74 @@
+//! A span and a log line per request, tied together by a request id that is
+//! kept from `x-request-id` or generated, and returned on every response.
+//!
+//! Only the path is logged: query strings may carry tickets.
+
+use std::time::Instant;
+
+use poem::http::HeaderValue;
+use poem::{Endpoint, IntoResponse, Middleware, Request, Response, Result};
+use tracing::Instrument;
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+pub struct RequestLog;
+
+impl<E: Endpoint> Middleware<E> for RequestLog {
+    type Output = RequestLogEndpoint<E>;
+
+    fn transform(&self, inner: E) -> Self::Output {
+        RequestLogEndpoint { inner }
+    }
+}
+
+pub struct RequestLogEndpoint<E> {
+    inner: E,
+}
+
+/// A client's id is kept when it is a short printable token; anything else
+/// is replaced, so log lines cannot be forged through it.
+fn request_id(req: &Request) -> HeaderValue {
+    req.headers()
+        .get(REQUEST_ID)
+        .filter(|v| {
+            v.len() <= 128
+                && v.as_bytes()
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+        })
+}
+
+impl<E: Endpoint> Endpoint for RequestLogEndpoint<E> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> Result<Self::Output> {
+        let id = request_id(&req);
+        let span = tracing::info_span!(
+            "request",
+            request.id = id.to_str().unwrap_or_default(),
+            http.method = %req.method(),
+            http.path = req.uri().path(),
+        );
+        async move {
+            let started = Instant::now();
+            let mut response = match self.inner.call(req).await {
+                Ok(output) => output.into_response(),
+                Err(error) => error.into_response(),
+            };
+            tracing::info!(
+                http.status = response.status().as_u16(),
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "request finished"
+            );
+            response.headers_mut().insert(REQUEST_ID, id);
+            Ok(response)
+        }
+        .instrument(span)
+        .await
+    }
+}

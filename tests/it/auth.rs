@@ -1,0 +1,247 @@
+//! Every door locked (SPEC A6, B5): the auth matrix over the router's own
+//! route list, tickets, and Origin checks.
+
+use std::time::Duration;
+
+use autopoiesis::adapters::http::auth::OriginPolicy;
+use autopoiesis::adapters::http::{HttpSettings, PLAIN_ROUTES, spec_service};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::helpers::{Options, TestApp, spawn_with};
+
+const KEY: &str = "correct-horse";
+
+async fn locked_app(http: HttpSettings) -> TestApp {
+    spawn_with(Options {
+        api_key: Some(KEY),
+        http,
+        ..Options::default()
+    })
+    .await
+}
+
+/// Every (method, concrete path) the server routes: the OpenAPI operations
+/// plus the plain routes.
+fn all_routes(app: &TestApp) -> Vec<(Method, String)> {
+    let spec: Value = serde_json::from_str(&spec_service(&app.services).spec()).unwrap();
+    let mut routes = Vec::new();
+    for (path, operations) in spec["paths"].as_object().unwrap() {
+        for method in operations.as_object().unwrap().keys() {
+            routes.push((
+                method.to_uppercase().parse().unwrap(),
+                path.replace("{id}", "matrix"),
+            ));
+        }
+    }
+    for (method, path) in PLAIN_ROUTES {
+        routes.push((
+            method.parse().unwrap(),
+            path.replace(":session_id", "matrix"),
+        ));
+    }
+    assert!(
+        routes.len() >= 9,
+        "the route list looks incomplete: {routes:?}"
+    );
+    routes
+}
+
+fn is_public(method: &Method, path: &str) -> bool {
+    method == Method::GET && path == "/api/health"
+}
+
+#[tokio::test]
+async fn every_route_refuses_missing_and_wrong_keys_and_accepts_both_header_forms() {
+    let app = locked_app(HttpSettings::default()).await;
+    for (method, path) in all_routes(&app) {
+        let url = app.url(&path);
+        let send = |auth: Option<(&'static str, String)>| {
+            let mut request = app
+                .client
+                .request(method.clone(), &url)
+                .timeout(Duration::from_secs(5));
+            if method == Method::POST {
+                request = request
+                    .header("content-type", "application/json")
+                    .body("{}");
+            }
+            if let Some((name, value)) = auth {
+                request = request.header(name, value);
+            }
+            request.send()
+        };
+        let none = send(None).await.unwrap().status();
+        let wrong = send(Some(("x-api-key", "nope".into())))
+            .await
+            .unwrap()
+            .status();
+        let header = send(Some(("x-api-key", KEY.into())))
+            .await
+            .unwrap()
+            .status();
+        let bearer = send(Some(("authorization", format!("Bearer {KEY}"))))
+            .await
+            .unwrap()
+            .status();
+        if is_public(&method, &path) {
+            assert_eq!(none, StatusCode::OK, "{method} {path}");
+        } else {
+            assert_eq!(
+                none,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} without a key"
+            );
+            assert_eq!(
+                wrong,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} with a wrong key"
+            );
+        }
+        assert_ne!(
+            header,
+            StatusCode::UNAUTHORIZED,
+            "{method} {path} with X-API-Key"
+        );
+        assert_ne!(
+            bearer,
+            StatusCode::UNAUTHORIZED,
+            "{method} {path} with Bearer"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_websocket_checks_the_key_before_the_upgrade() {
+    let app = locked_app(HttpSettings::default()).await;
+    let err = tokio_tungstenite::connect_async(app.ws_url("/api/ws/w"))
+        .await
+        .unwrap_err();
+    let tokio_tungstenite::tungstenite::Error::Http(res) = err else {
+        panic!("expected an HTTP refusal");
+    };
+    assert_eq!(res.status(), 401);
+    let mut request = app.ws_url("/api/ws/w").into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("x-api-key", KEY.parse().unwrap());
+    assert!(tokio_tungstenite::connect_async(request).await.is_ok());
+}
+
+async fn ticket(app: &TestApp) -> String {
+    let res = app
+        .client
+        .post(app.url("/api/auth/ticket"))
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["expires_in"], 30);
+    body["ticket"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_ticket_opens_one_websocket_once() {
+    let app = locked_app(HttpSettings::default()).await;
+    let res = app
+        .client
+        .post(app.url("/api/auth/ticket"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::UNAUTHORIZED,
+        "tickets need the key"
+    );
+    let ticket = ticket(&app).await;
+    let url = app.ws_url(&format!("/api/ws/t?ticket={ticket}"));
+    assert!(tokio_tungstenite::connect_async(&url).await.is_ok());
+    let err = tokio_tungstenite::connect_async(&url).await.unwrap_err();
+    assert!(matches!(err, tokio_tungstenite::tungstenite::Error::Http(res) if res.status() == 401));
+}
+
+#[tokio::test]
+async fn a_ticket_opens_sse_but_not_rest_routes() {
+    let app = locked_app(HttpSettings::default()).await;
+    let ticket = ticket(&app).await;
+    let res = app
+        .client
+        .get(app.url(&format!("/api/sessions?ticket={ticket}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let res = app
+        .client
+        .get(app.url(&format!("/api/sessions/t/events?ticket={ticket}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_expired_ticket_is_refused() {
+    let app = locked_app(HttpSettings {
+        ticket_ttl: Duration::ZERO,
+        ..HttpSettings::default()
+    })
+    .await;
+    let res = app
+        .client
+        .post(app.url("/api/auth/ticket"))
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .unwrap();
+    let ticket = res.json::<Value>().await.unwrap()["ticket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let err = tokio_tungstenite::connect_async(app.ws_url(&format!("/api/ws/t?ticket={ticket}")))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, tokio_tungstenite::tungstenite::Error::Http(res) if res.status() == 401));
+}
+
+async fn ws_status_with_origin(app: &TestApp, origin: &str) -> u16 {
+    let mut request = app.ws_url("/api/ws/o").into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("origin", origin.parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((_, res)) => res.status().as_u16(),
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => res.status().as_u16(),
+        Err(other) => panic!("{other}"),
+    }
+}
+
+#[tokio::test]
+async fn websockets_refuse_foreign_origins_unless_allowed() {
+    let app = spawn_with(Options {
+        http: HttpSettings {
+            origins: OriginPolicy {
+                allowed: vec!["https://app.example".into()],
+            },
+            ..HttpSettings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(
+        ws_status_with_origin(&app, "https://evil.example").await,
+        403
+    );
+    assert_eq!(
+        ws_status_with_origin(&app, "https://app.example").await,
+        101
+    );
+    assert_eq!(
+        ws_status_with_origin(&app, &format!("http://{}", app.address)).await,
+        101
+    );
+}
