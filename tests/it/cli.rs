@@ -66,12 +66,13 @@ fn an_empty_api_key_is_a_startup_error_not_auth_off() {
     assert!(err.contains("AUTOPOIESIS_API_KEY"), "{err}");
 }
 
-#[test]
-fn port_zero_binds_a_free_port_and_logs_it() {
-    let data = tempfile::tempdir().unwrap();
+/// Starts `autopoiesis serve --port 0 ARGS` and reads the bound address from
+/// its log; the rest of the log is drained in the background.
+fn spawn_server(args: &[&str], data: &std::path::Path) -> (std::process::Child, String) {
     let mut child = autopoiesis()
         .args(["serve", "--port", "0", "--data-dir"])
-        .arg(data.path())
+        .arg(data)
+        .args(args)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
@@ -87,10 +88,95 @@ fn port_zero_binds_a_free_port_and_logs_it() {
             break rest.split_whitespace().next().unwrap().to_owned();
         }
     };
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, address)
+}
+
+#[test]
+fn port_zero_binds_a_free_port_and_logs_it() {
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, address) = spawn_server(&[], data.path());
     let health = reqwest::blocking_get(&address);
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(health.contains("\"status\":\"ok\""), "{health}");
+}
+
+#[tokio::test]
+async fn sigterm_cancels_turns_past_the_grace_period_closes_sockets_1001_and_exits_0() {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("agents.toml");
+    std::fs::write(&config, "[agents.default]\nmodel = \"echo:delay_ms=50\"\n").unwrap();
+    let (mut child, address) = spawn_server(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--shutdown-grace",
+            "300ms",
+        ],
+        data.path(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{address}/api/ws/long"))
+        .await
+        .unwrap();
+    let long = "word ".repeat(200);
+    let frame = serde_json::json!({"op": "message", "data": {"content": long}});
+    futures::SinkExt::send(&mut ws, Message::Text(frame.to_string().into()))
+        .await
+        .unwrap();
+    let (mut rest_watch, _) = tokio_tungstenite::connect_async(format!("ws://{address}/api/ws/rest")).await.unwrap();
+    let rest_turn = tokio::spawn({
+        let url = format!("http://{address}/api/chat");
+        async move {
+            ::reqwest::Client::new()
+                .post(url)
+                .json(&serde_json::json!({"content": "word ".repeat(200), "session_id": "rest"}))
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    for socket in [&mut ws, &mut rest_watch] {
+        let first = socket.next().await.unwrap().unwrap();
+        assert!(first.to_text().unwrap().contains("\"token\""), "both turns are running");
+    }
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+
+    let mut last_op = String::new();
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("socket stayed open")
+        {
+            Some(Ok(Message::Text(text))) => {
+                let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+                last_op = frame["op"].as_str().unwrap().to_owned();
+            }
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| f.code),
+            Some(Ok(_)) => {}
+            other => panic!("socket ended without a close frame: {other:?}"),
+        }
+    };
+    assert_eq!(last_op, "cancelled", "the turn outlived the grace period");
+    assert_eq!(close, Some(CloseCode::Away));
+    let res = rest_turn.await.unwrap();
+    assert_eq!(res.status(), 409);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["detail"]["code"], "turn_cancelled");
+
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
 }
 
 mod reqwest {

@@ -3,6 +3,7 @@
 
 mod auth;
 mod cli;
+mod edges;
 mod fake_openai;
 mod helpers;
 mod openai_chat;

@@ -2,6 +2,8 @@
 //! domain. The JSON shapes are the contract of SPEC A3.
 
 use std::borrow::Cow;
+use std::fmt;
+use std::marker::PhantomData;
 
 use chrono::{DateTime, Utc};
 use poem_openapi::Object;
@@ -56,10 +58,10 @@ pub struct HistoryBody {
 #[oai(rename = "ChatRequest")]
 pub struct ChatBody {
     /// The user's message. Must not be empty.
-    pub content: StrictString,
+    pub content: StrictString<NonBlank>,
     /// The session to continue (1-128 characters of `[A-Za-z0-9._:-]`); a
     /// new one is created when absent or unknown.
-    pub session_id: Option<StrictString>,
+    pub session_id: Option<StrictString<SessionIdText>>,
 }
 
 /// A completed chat turn.
@@ -122,15 +124,49 @@ impl CodedErrorBody {
     }
 }
 
+/// What a [`StrictString`] must look like, as its schema tells clients.
+pub trait TextRule: Send + Sync + 'static {
+    /// ECMA regex of the schema's `pattern`.
+    const PATTERN: &'static str;
+    /// Whether `null` stands for "absent" (`str|null` fields).
+    const NULLABLE: bool = false;
+}
+
+/// Any text with something other than white space in it. The domain, not
+/// the parser, refuses blank prompts (422 `Empty message`, as on the
+/// WebSocket); the pattern tells client generators and fuzzers what counts.
+pub struct NonBlank;
+
+impl TextRule for NonBlank {
+    const PATTERN: &'static str = r"\S";
+}
+
+/// A session id (1 to 128 characters of `[A-Za-z0-9._:-]`), or `null`.
+pub struct SessionIdText;
+
+impl TextRule for SessionIdText {
+    const PATTERN: &'static str = SESSION_ID_PATTERN;
+    const NULLABLE: bool = true;
+}
+
+/// The session id rule as a schema pattern (validated again by the domain).
+pub const SESSION_ID_PATTERN: &str = "^[A-Za-z0-9._:-]{1,128}$";
+
 /// A JSON string and nothing else.
 ///
 /// poem-openapi's `String` also accepts numbers and booleans (`5` becomes
 /// `"5"`); a chat body with `"content": 5` is a client bug that deserves a
-/// clear 400, not a silent conversion.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StrictString(pub String);
+/// clear 400, not a silent conversion. The rule `R` only describes the
+/// expected text in the schema; the domain enforces it.
+pub struct StrictString<R: TextRule>(pub String, PhantomData<R>);
 
-impl Type for StrictString {
+impl<R: TextRule> fmt::Debug for StrictString<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<R: TextRule> Type for StrictString<R> {
     const IS_REQUIRED: bool = true;
     type RawValueType = Self;
     type RawElementValueType = Self;
@@ -140,7 +176,10 @@ impl Type for StrictString {
     }
 
     fn schema_ref() -> MetaSchemaRef {
-        MetaSchemaRef::Inline(Box::new(MetaSchema::new("string")))
+        let mut schema = MetaSchema::new("string");
+        schema.pattern = Some(R::PATTERN.to_owned());
+        schema.nullable = R::NULLABLE;
+        MetaSchemaRef::Inline(Box::new(schema))
     }
 
     fn as_raw_value(&self) -> Option<&Self::RawValueType> {
@@ -154,16 +193,16 @@ impl Type for StrictString {
     }
 }
 
-impl ParseFromJSON for StrictString {
+impl<R: TextRule> ParseFromJSON for StrictString<R> {
     fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
         match value {
-            Some(Value::String(s)) => Ok(Self(s)),
+            Some(Value::String(s)) => Ok(Self(s, PhantomData)),
             other => Err(ParseError::expected_type(other.unwrap_or_default())),
         }
     }
 }
 
-impl ToJSON for StrictString {
+impl<R: TextRule> ToJSON for StrictString<R> {
     fn to_json(&self) -> Option<Value> {
         Some(Value::String(self.0.clone()))
     }

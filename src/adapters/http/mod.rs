@@ -1,6 +1,7 @@
 //! The HTTP adapter: the REST API (poem-openapi), the WebSocket endpoint, the
 //! served spec and docs, and the middleware every route shares.
 
+pub mod allow;
 pub mod auth;
 pub mod chat;
 pub mod dto;
@@ -22,6 +23,7 @@ use poem::{EndpointExt, IntoResponse, Response, Route, Server, get};
 use poem_openapi::{OpenApiService, Tags};
 use serde_json::json;
 
+use self::allow::AllowHeader;
 use self::auth::{ApiKey, Guard, OriginPolicy, TicketBook};
 use self::chat::ChatApi;
 use self::health::HealthApi;
@@ -129,6 +131,7 @@ pub fn api_service(
 pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static> {
     let tickets = TicketBook::new(settings.ticket_ttl);
     let api = api_service(services, settings, &tickets);
+    let spec: serde_json::Value = serde_json::from_str(&api.spec()).unwrap_or_default();
     let ws_state = Arc::new(WsState {
         chat: Arc::clone(&services.chat),
         sessions: Arc::clone(&services.sessions),
@@ -147,6 +150,7 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
         })
         .with(BodyLimit::new(settings.max_body_bytes))
         .catch_all_error(error_response)
+        .with(AllowHeader::new(&spec, PLAIN_ROUTES))
         .with(RequestLog)
         .boxed()
 }

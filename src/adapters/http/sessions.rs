@@ -160,7 +160,10 @@ impl SessionsApi {
         operation_id = "get_session_history",
         tag = "ApiTags::Sessions"
     )]
-    async fn history(&self, id: Path<String>) -> HistoryReply {
+    async fn history(
+        &self,
+        #[oai(validator(pattern = "^[A-Za-z0-9._:-]{1,128}$"))] id: Path<String>,
+    ) -> HistoryReply {
         let id = match parse_id(&id) {
             Ok(id) => id,
             Err(body) => return HistoryReply::BadRequest(body),
@@ -190,7 +193,10 @@ impl SessionsApi {
         operation_id = "delete_session",
         tag = "ApiTags::Sessions"
     )]
-    async fn delete(&self, id: Path<String>) -> DeleteReply {
+    async fn delete(
+        &self,
+        #[oai(validator(pattern = "^[A-Za-z0-9._:-]{1,128}$"))] id: Path<String>,
+    ) -> DeleteReply {
         let id = match parse_id(&id) {
             Ok(id) => id,
             Err(body) => return DeleteReply::BadRequest(body),
@@ -215,7 +221,10 @@ impl SessionsApi {
         operation_id = "cancel_turn",
         tag = "ApiTags::Sessions"
     )]
-    async fn cancel(&self, id: Path<String>) -> CancelReply {
+    async fn cancel(
+        &self,
+        #[oai(validator(pattern = "^[A-Za-z0-9._:-]{1,128}$"))] id: Path<String>,
+    ) -> CancelReply {
         let id = match parse_id(&id) {
             Ok(id) => id,
             Err(body) => return CancelReply::BadRequest(body),
@@ -247,7 +256,7 @@ impl SessionsApi {
     )]
     async fn events(
         &self,
-        id: Path<String>,
+        #[oai(validator(pattern = "^[A-Za-z0-9._:-]{1,128}$"))] id: Path<String>,
         /// Replay retained events after this sequence number.
         after_seq: Query<Option<u64>>,
         /// Set by `EventSource` on reconnect: the last `id` it saw.
