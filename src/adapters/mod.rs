@@ -3,4 +3,5 @@
 pub mod agent;
 pub mod http;
 pub mod memory;
+pub mod metrics;
 pub mod ws;

@@ -5,6 +5,9 @@
 //! exactly one terminal event (`done`, `error` or `cancelled`), whichever
 //! transport started it. Turns on one session run one at a time, in the order
 //! they arrived (a fair lock per session); different sessions run in parallel.
+//!
+//! Turns are counted through the `metrics` facade, which like `tracing` names
+//! no technology: the binary decides where the figures go.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -269,6 +272,7 @@ impl ChatService {
             session_id,
         };
         let started = std::time::Instant::now();
+        metrics::counter!("turns_started_total").increment(1);
         tracing::info!(session.id = %session_id, turn.id = %turn_id, "turn started");
 
         // A session deleted between creation and now simply starts empty.
@@ -376,11 +380,15 @@ impl ChatService {
                 Err(error)
             }
         };
+        let outcome = result.as_ref().map_or_else(error_kind, |_| "done");
+        metrics::counter!("turns_finished_total", "outcome" => outcome).increment(1);
+        metrics::histogram!("turn_duration_seconds", "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
         tracing::info!(
             session.id = %session_id,
             turn.id = %turn_id,
             duration_ms = started.elapsed().as_millis(),
-            outcome = result.as_ref().map_or_else(error_kind, |_| "done"),
+            outcome,
             "turn finished"
         );
         result

@@ -438,3 +438,69 @@ async fn checked_in_openapi_yaml_matches_the_served_spec() {
         );
     }
 }
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_turns_by_outcome() {
+    let app = spawn_with(Options {
+        api_key: Some("k"),
+        ..Options::default()
+    })
+    .await;
+    let res = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::UNAUTHORIZED,
+        "behind auth like every route"
+    );
+    let res = app
+        .client
+        .post(app.url("/api/chat"))
+        .header("x-api-key", "k")
+        .json(&json!({"content": "count me", "session_id": "m"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let res = app
+        .client
+        .get(app.url("/metrics"))
+        .header("x-api-key", "k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let text = res.text().await.unwrap();
+    for needle in [
+        r#"http_requests_total{method="POST",route="/api/chat",status="200"}"#,
+        "http_request_duration_seconds_bucket",
+        r#"turns_finished_total{outcome="done"}"#,
+        "turn_duration_seconds_bucket",
+        "turns_started_total",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn every_response_carries_a_request_id_kept_from_the_client_when_sane() {
+    let app = spawn_app().await;
+    let res = app.client.get(app.url("/api/health")).send().await.unwrap();
+    let generated = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(generated.len(), 32);
+    let res = app
+        .client
+        .get(app.url("/nope"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["x-request-id"], "abc-123");
+    let res = app
+        .client
+        .get(app.url("/api/health"))
+        .header("x-request-id", "bad id\twith junk")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(res.headers()["x-request-id"], "bad id\twith junk");
+}

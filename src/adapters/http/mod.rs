@@ -7,6 +7,7 @@ pub mod chat;
 pub mod dto;
 pub mod health;
 pub mod limits;
+pub mod metrics;
 pub mod request_log;
 pub mod sessions;
 pub mod stream;
@@ -28,6 +29,7 @@ use self::auth::{ApiKey, Guard, OriginPolicy, TicketBook};
 use self::chat::ChatApi;
 use self::health::HealthApi;
 use self::limits::BodyLimit;
+use self::metrics::MetricsApi;
 use self::request_log::RequestLog;
 use self::sessions::SessionsApi;
 use self::tickets::TicketApi;
@@ -91,7 +93,7 @@ pub const WEBSOCKET_PATH: &str = "/api/ws/:session_id";
 /// both, so a route added without auth fails it.
 pub const PLAIN_ROUTES: &[(&str, &str)] = &[("GET", WEBSOCKET_PATH)];
 
-type Apis = (HealthApi, TicketApi, SessionsApi, ChatApi);
+type Apis = (HealthApi, MetricsApi, TicketApi, SessionsApi, ChatApi);
 
 /// The typed REST API; its spec is `openapi.yaml`.
 #[must_use]
@@ -103,6 +105,9 @@ pub fn api_service(
     OpenApiService::new(
         (
             HealthApi,
+            MetricsApi {
+                handle: crate::adapters::metrics::prometheus(),
+            },
             TicketApi {
                 tickets: Arc::clone(tickets),
             },

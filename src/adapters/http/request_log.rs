@@ -5,6 +5,7 @@
 
 use std::time::Instant;
 
+use poem::PathPattern;
 use poem::http::HeaderValue;
 use poem::{Endpoint, IntoResponse, Middleware, Request, Response, Result};
 use tracing::Instrument;
@@ -54,15 +55,24 @@ impl<E: Endpoint> Endpoint for RequestLogEndpoint<E> {
             http.method = %req.method(),
             http.path = req.uri().path(),
         );
+        let method = req.method().to_string();
         async move {
             let started = Instant::now();
             let mut response = match self.inner.call(req).await {
                 Ok(output) => output.into_response(),
                 Err(error) => error.into_response(),
             };
+            let elapsed = started.elapsed();
+            let status = response.status().as_u16();
+            // The route's pattern, not its path, keeps label values bounded.
+            let route = response
+                .data::<PathPattern>()
+                .map_or_else(|| "unmatched".to_owned(), |p| p.0.to_string());
+            metrics::counter!("http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status.to_string()).increment(1);
+            metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route).record(elapsed.as_secs_f64());
             tracing::info!(
-                http.status = response.status().as_u16(),
-                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                http.status = status,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
                 "request finished"
             );
             response.headers_mut().insert(REQUEST_ID, id);

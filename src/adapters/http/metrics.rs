@@ -1,0 +1,37 @@
+//! `GET /metrics`: Prometheus text for operators (behind auth like every
+//! route but health).
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use poem_openapi::payload::PlainText;
+use poem_openapi::{ApiResponse, OpenApi};
+
+use super::ApiTags;
+
+pub struct MetricsApi {
+    pub handle: PrometheusHandle,
+}
+
+#[derive(ApiResponse)]
+enum MetricsReply {
+    /// Prometheus text exposition format.
+    #[oai(status = 200, content_type = "text/plain; version=0.0.4")]
+    Ok(PlainText<String>),
+}
+
+#[OpenApi]
+impl MetricsApi {
+    /// Metrics
+    ///
+    /// Requests by route and status with latency histograms, live stream
+    /// clients, turns by outcome with their duration, slow clients closed.
+    #[oai(
+        path = "/metrics",
+        method = "get",
+        operation_id = "metrics",
+        tag = "ApiTags::System"
+    )]
+    async fn metrics(&self) -> MetricsReply {
+        self.handle.run_upkeep();
+        MetricsReply::Ok(PlainText(self.handle.render()))
+    }
+}
