@@ -4,4 +4,5 @@ pub mod agent;
 pub mod ed25519;
 pub mod http;
 pub mod memory;
+pub mod persistence;
 pub mod ws;
