@@ -6,18 +6,23 @@
 //! (`-----BEGIN PRIVATE KEY-----`, RFC 8410), the format
 //! `openssl genpkey -algorithm ed25519` writes, so operators can make,
 //! inspect and back up keys with standard tools
-//! (`openssl pkey -in KEY -pubout` shows the public key). The file is the
-//! key's only protection, so it must be readable by its owner alone: keygen
-//! creates it with mode 0600 and loading refuses one that group or others
-//! can read or write.
+//! (`openssl pkey -in KEY -pubout` shows the public key, and
+//! `openssl pkey -in KEY -pubout -outform DER | tail -c 32 | sha256sum | cut -c1-16`
+//! its key id). Keygen writes PKCS#8 version 1, which every OpenSSL 3 reads.
+//!
+//! The file is the key's only protection, so it must be readable by its
+//! owner alone: keygen creates it with mode 0600 and loading refuses one that
+//! group or others can read or write.
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, spki::der::pem::LineEnding};
+use ed25519_dalek::pkcs8::{
+    DecodePrivateKey, EncodePrivateKey, KeypairBytes, spki::der::pem::LineEnding,
+};
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::domain::approvals::key_id;
 use crate::ports::ApprovalSigner;
@@ -85,10 +90,15 @@ impl Ed25519ApprovalKey {
             source,
         };
         let key = Self::generate()?;
-        let pem = key
-            .signing
-            .to_pkcs8_pem(LineEnding::LF)
-            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+        // PKCS#8 v1, the seed alone: OpenSSL 3.0 refuses the v2 form that
+        // also carries the public key, and the public key is derived anyway.
+        let mut keypair = KeypairBytes {
+            secret_key: key.signing.to_bytes(),
+            public_key: None,
+        };
+        let pem = keypair.to_pkcs8_pem(LineEnding::LF);
+        keypair.secret_key.zeroize();
+        let pem = pem.map_err(|e| io(std::io::Error::other(e.to_string())))?;
         let mut options = OpenOptions::new();
         // create_new: an existing key is never replaced, even by a race.
         options.write(true).create_new(true);
@@ -203,6 +213,8 @@ mod tests {
         assert_eq!(mode(&path), 0o600);
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{text}");
+        // Version 1 with the Ed25519 OID, as OpenSSL writes and reads it.
+        assert!(text.contains("\nMC4CAQAwBQYDK2VwBCIEI"), "{text}");
     }
 
     #[test]
