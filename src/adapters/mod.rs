@@ -1,7 +1,9 @@
 //! Adapters: the technologies that implement the ports and expose the domain.
 
 pub mod agent;
+pub mod ed25519;
 pub mod http;
 pub mod memory;
 pub mod metrics;
+pub mod persistence;
 pub mod ws;

@@ -271,7 +271,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         async move {
             shutdown.cancelled().await;
             chat.shutdown(grace).await;
-            hub.close_all();
+            hub.close_all_and_wait(Duration::from_secs(5)).await;
         }
     });
     let signal = {

@@ -2,6 +2,7 @@
 //! storage technology. Depends only on [`crate::ports`].
 
 pub mod agent;
+pub mod approvals;
 pub mod chat;
 pub mod events;
 pub mod message;

@@ -1,6 +1,8 @@
-//! The one integration-test binary: the real server on 127.0.0.1:0, spoken
-//! to over real sockets.
+//! The one integration-test binary: the real server on 127.0.0.1:0 spoken to
+//! over real sockets, and adapters driven against the real thing (a SQLite
+//! file, PostgreSQL when configured, real key files).
 
+mod approval_store;
 mod auth;
 mod cli;
 mod edges;

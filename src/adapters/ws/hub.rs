@@ -272,6 +272,17 @@ impl SessionHub {
         log.map_or(0, |log| lock(&log).clients.len())
     }
 
+    /// Closes every client (server shutdown) and waits, up to `limit`, for
+    /// their transports to let go, so close frames go out before the process
+    /// ends.
+    pub async fn close_all_and_wait(&self, limit: std::time::Duration) {
+        self.close_all();
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.clients.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// Closes every client (server shutdown).
     pub fn close_all(&self) {
         let logs: Vec<_> = lock(&self.sessions).values().cloned().collect();

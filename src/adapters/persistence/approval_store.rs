@@ -1,0 +1,155 @@
+//! [`ApprovalStore`] over sea-orm: one table, `approval_envelopes`.
+
+use async_trait::async_trait;
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
+    QueryOrder,
+};
+
+use super::entity::{ActiveModel, Column, Entity, Model};
+use super::{ConnectError, ConnectSettings, connect};
+use crate::domain::approvals::{
+    ApprovalDecision, ApprovalEnvelope, ApprovalState, ToolCallRequest,
+};
+use crate::ports::{ApprovalStore, ApprovalStoreError};
+
+/// Approval envelopes in a SQLite or PostgreSQL database.
+#[derive(Clone)]
+pub struct SeaOrmApprovalStore {
+    db: DatabaseConnection,
+}
+
+impl SeaOrmApprovalStore {
+    /// A store over an open, migrated connection (see [`connect`]).
+    #[must_use]
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+
+    /// Connects to `url`, migrates, and returns the store.
+    ///
+    /// # Errors
+    /// As [`connect`].
+    pub async fn open(url: &str, settings: &ConnectSettings) -> Result<Self, ConnectError> {
+        connect(url, settings).await.map(Self::new)
+    }
+}
+
+const PENDING: &str = "pending";
+
+fn unavailable(error: DbErr) -> ApprovalStoreError {
+    ApprovalStoreError::Unavailable(error.to_string())
+}
+
+fn to_envelope(row: Model) -> Result<ApprovalEnvelope, ApprovalStoreError> {
+    let state = row.state.parse::<ApprovalState>().map_err(|why| {
+        ApprovalStoreError::Unavailable(format!("envelope {}: {why}", row.envelope_id))
+    })?;
+    Ok(ApprovalEnvelope {
+        // The original wrote scope_json itself; text that is not JSON is
+        // kept as a string rather than hiding the envelope.
+        scope: serde_json::from_str(&row.scope_json)
+            .unwrap_or(serde_json::Value::String(row.scope_json)),
+        tool_calls: ToolCallRequest::list_from_json(&row.tool_calls_json),
+        decision: row
+            .signed_object_json
+            .as_deref()
+            .and_then(ApprovalDecision::from_json),
+        envelope_id: row.envelope_id,
+        nonce: row.nonce,
+        plan_hash: row.plan_hash,
+        key_id: row.key_id,
+        signature_hex: row.signature_hex,
+        state,
+        issued_at: row.issued_at,
+        expires_at: row.expires_at,
+        consumed_at: row.consumed_at,
+    })
+}
+
+#[async_trait]
+impl ApprovalStore for SeaOrmApprovalStore {
+    async fn insert(&self, envelope: &ApprovalEnvelope) -> Result<(), ApprovalStoreError> {
+        let row = ActiveModel {
+            envelope_id: Set(envelope.envelope_id.clone()),
+            nonce: Set(envelope.nonce.clone()),
+            scope_json: Set(envelope.scope_json()),
+            tool_calls_json: Set(envelope.tool_calls_json()),
+            plan_hash: Set(envelope.plan_hash.clone()),
+            key_id: Set(envelope.key_id.clone()),
+            signed_object_json: Set(envelope
+                .decision
+                .as_ref()
+                .map(ApprovalDecision::to_canonical_json)),
+            signature_hex: Set(envelope.signature_hex.clone()),
+            state: Set(envelope.state.as_str().to_owned()),
+            issued_at: Set(envelope.issued_at),
+            expires_at: Set(envelope.expires_at),
+            consumed_at: Set(envelope.consumed_at),
+        };
+        Entity::insert(row)
+            .exec_without_returning(&self.db)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn list_pending(&self, now: i64) -> Result<Vec<ApprovalEnvelope>, ApprovalStoreError> {
+        Entity::find()
+            .filter(Column::State.eq(PENDING))
+            .filter(Column::ExpiresAt.gt(now))
+            .order_by_asc(Column::IssuedAt)
+            // Envelopes issued in the same second still list in a stable order.
+            .order_by_asc(Column::EnvelopeId)
+            .all(&self.db)
+            .await
+            .map_err(unavailable)?
+            .into_iter()
+            .map(to_envelope)
+            .collect()
+    }
+
+    async fn decide(
+        &self,
+        approval_id: &str,
+        decision: &ApprovalDecision,
+    ) -> Result<ApprovalEnvelope, ApprovalStoreError> {
+        let state = ApprovalState::after_decision(decision.approved);
+        // One conditional UPDATE ... RETURNING: the database serialises
+        // racing decisions, and only the first finds the row still pending.
+        // Ids are hyphenated uuids and nonces plain hex, so one string
+        // never names two envelopes.
+        let updated = Entity::update_many()
+            .col_expr(Column::State, Expr::value(state.as_str()))
+            .col_expr(Column::ConsumedAt, Expr::value(decision.decided_at))
+            .col_expr(
+                Column::SignedObjectJson,
+                Expr::value(decision.to_canonical_json()),
+            )
+            .filter(
+                Condition::any()
+                    .add(Column::EnvelopeId.eq(approval_id))
+                    .add(Column::Nonce.eq(approval_id)),
+            )
+            .filter(Column::State.eq(PENDING))
+            .filter(Column::ExpiresAt.gt(decision.decided_at))
+            .exec_with_returning(&self.db)
+            .await
+            .map_err(unavailable)?;
+        let row = updated
+            .into_iter()
+            .next()
+            .ok_or(ApprovalStoreError::NotFound)?;
+        to_envelope(row)
+    }
+
+    async fn prune_expired_before(&self, cutoff: i64) -> Result<u64, ApprovalStoreError> {
+        let deleted = Entity::delete_many()
+            .filter(Column::ExpiresAt.lt(cutoff))
+            .exec(&self.db)
+            .await
+            .map_err(unavailable)?;
+        Ok(deleted.rows_affected)
+    }
+}

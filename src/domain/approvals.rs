@@ -1,0 +1,878 @@
+//! Approvals: a deferred turn's tool calls wait, as a signed envelope, for a
+//! human to approve or reject them.
+//!
+//! This module owns the rules and the on-disk JSON shapes (so the plan hash
+//! and the stored text can never disagree); it reaches storage through the
+//! [`ApprovalStore`] port and the approval key through [`ApprovalSigner`].
+//!
+//! An envelope records one deferred turn:
+//! - `scope`: where the turn ran, `{"agent", "session_id", "turn_id"}`: the
+//!   agent that asked, the session it asked in and the turn that ended
+//!   deferred. A human deciding from a dashboard needs to know which
+//!   conversation a request comes from, and the turn id ties the envelope to
+//!   the turn's events in the session stream;
+//! - `tool_calls`: the requested calls, `[{"tool_call_id", "tool_name", "args"}]`;
+//! - `plan_hash`: SHA-256 (hex) of the canonical `{"scope", "tool_calls"}`,
+//!   and `signature_hex`: the approval key's Ed25519 signature of those same
+//!   canonical bytes, so a plan edited in the database no longer verifies;
+//! - a one-way state: `pending`, then `consumed` (approved) or `expired`
+//!   (rejected, or never decided before `expires_at`).
+//!
+//! Canonical JSON is sorted keys and no spaces, UTF-8, exactly what
+//! `json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`
+//! writes in Python.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use super::session::{SessionId, TurnId};
+use crate::ports::{ApprovalSigner, ApprovalStore, ApprovalStoreError};
+
+/// What [`ApprovalDecision::source`] says for decisions taken through this
+/// server. The dashboard REST routes are the MCP tools over plain HTTP, as in
+/// the original, so every decision here is an MCP decision.
+pub const DECISION_SOURCE: &str = "mcp";
+
+/// Where a deferred turn ran: the `scope` of its envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalScope {
+    pub session_id: SessionId,
+    /// Name of the agent whose turn asked for the tools.
+    pub agent: String,
+    pub turn_id: TurnId,
+}
+
+impl ApprovalScope {
+    fn to_json(&self) -> Value {
+        json!({
+            "session_id": self.session_id.as_str(),
+            "agent": self.agent,
+            "turn_id": self.turn_id.as_str(),
+        })
+    }
+}
+
+/// One tool call waiting for a human.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCallRequest {
+    pub tool_call_id: String,
+    pub tool_name: String,
+    /// The arguments as the model produced them.
+    pub args: Value,
+}
+
+impl ToolCallRequest {
+    fn to_json(&self) -> Value {
+        json!({
+            "tool_call_id": self.tool_call_id,
+            "tool_name": self.tool_name,
+            "args": self.args,
+        })
+    }
+
+    /// Reads a stored `tool_calls_json`.
+    ///
+    /// Rows may have been written by the Python original, so reading is as
+    /// lenient as it was there: text that is not a JSON list yields no calls,
+    /// entries that are not objects are skipped, a missing id or name reads
+    /// as empty and missing args as `{}`.
+    #[must_use]
+    pub fn list_from_json(raw: &str) -> Vec<Self> {
+        let Ok(Value::Array(entries)) = serde_json::from_str::<Value>(raw) else {
+            return Vec::new();
+        };
+        entries
+            .into_iter()
+            .filter_map(|entry| match entry {
+                Value::Object(mut fields) => Some(Self {
+                    tool_call_id: text_field(fields.remove("tool_call_id")),
+                    tool_name: text_field(fields.remove("tool_name")),
+                    args: fields
+                        .remove("args")
+                        .unwrap_or_else(|| Value::Object(Map::new())),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// A stored JSON field read as text the way Python's `str()` would.
+fn text_field(value: Option<Value>) -> String {
+    match value {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(text)) => text,
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Where an envelope is in its life. The only transitions are `pending` to
+/// `consumed` or `expired`, made once, by [`ApprovalService::decide`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApprovalState {
+    Pending,
+    /// Approved: the plan may run, once.
+    Consumed,
+    /// Rejected. (A pending envelope past `expires_at` is expired too, even
+    /// though its stored state still says pending.)
+    Expired,
+}
+
+impl ApprovalState {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Consumed => "consumed",
+            Self::Expired => "expired",
+        }
+    }
+
+    /// The state a decision moves a pending envelope to.
+    #[must_use]
+    pub fn after_decision(approved: bool) -> Self {
+        if approved {
+            Self::Consumed
+        } else {
+            Self::Expired
+        }
+    }
+}
+
+impl fmt::Display for ApprovalState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ApprovalState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pending" => Ok(Self::Pending),
+            "consumed" => Ok(Self::Consumed),
+            "expired" => Ok(Self::Expired),
+            other => Err(format!("unknown approval state {other:?}")),
+        }
+    }
+}
+
+/// A human's answer to an envelope, kept in its `signed_object_json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalDecision {
+    /// Which surface took the decision; [`DECISION_SOURCE`] for this server.
+    pub source: String,
+    pub approved: bool,
+    pub reason: Option<String>,
+    /// Epoch seconds, UTC.
+    pub decided_at: i64,
+}
+
+impl ApprovalDecision {
+    /// The stored form: canonical `{"approved","decided_at","reason","source"}`.
+    #[must_use]
+    pub fn to_canonical_json(&self) -> String {
+        canonical_json(&json!({
+            "source": self.source,
+            "approved": self.approved,
+            "reason": self.reason,
+            "decided_at": self.decided_at,
+        }))
+    }
+
+    /// Reads a stored `signed_object_json`. `None` when it holds something
+    /// else: the Python original also kept other signed objects there.
+    #[must_use]
+    pub fn from_json(raw: &str) -> Option<Self> {
+        let Value::Object(fields) = serde_json::from_str::<Value>(raw).ok()? else {
+            return None;
+        };
+        Some(Self {
+            source: fields.get("source")?.as_str()?.to_owned(),
+            approved: fields.get("approved")?.as_bool()?,
+            reason: match fields.get("reason") {
+                None | Some(Value::Null) => None,
+                Some(reason) => Some(reason.as_str()?.to_owned()),
+            },
+            decided_at: fields.get("decided_at")?.as_i64()?,
+        })
+    }
+}
+
+/// One deferred turn's request for approval, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApprovalEnvelope {
+    /// A uuid4, hyphenated.
+    pub envelope_id: String,
+    /// A uuid4 as 32 hex characters; decisions accept it instead of the id.
+    pub nonce: String,
+    /// The scope as stored: an [`ApprovalScope`] for envelopes recorded here,
+    /// whatever the Python original wrote for its own.
+    pub scope: Value,
+    pub tool_calls: Vec<ToolCallRequest>,
+    /// SHA-256 hex of the canonical `{"scope", "tool_calls"}`.
+    pub plan_hash: String,
+    /// Which approval key signed the plan.
+    pub key_id: String,
+    /// Ed25519 signature (hex) of the canonical plan; `None` on rows of the
+    /// Python original, which signed elsewhere.
+    pub signature_hex: Option<String>,
+    pub state: ApprovalState,
+    /// Epoch seconds, UTC, as every instant of an envelope.
+    pub issued_at: i64,
+    pub expires_at: i64,
+    /// When the envelope was decided.
+    pub consumed_at: Option<i64>,
+    pub decision: Option<ApprovalDecision>,
+}
+
+impl ApprovalEnvelope {
+    /// The first 8 characters of the plan hash: enough for a human to match
+    /// an envelope with what a client shows.
+    #[must_use]
+    pub fn plan_hash_prefix(&self) -> &str {
+        self.plan_hash.get(..8).unwrap_or(&self.plan_hash)
+    }
+
+    /// The stored `scope_json`.
+    #[must_use]
+    pub fn scope_json(&self) -> String {
+        canonical_json(&self.scope)
+    }
+
+    /// The stored `tool_calls_json`.
+    #[must_use]
+    pub fn tool_calls_json(&self) -> String {
+        canonical_json(&tool_calls_value(&self.tool_calls))
+    }
+}
+
+fn tool_calls_value(tool_calls: &[ToolCallRequest]) -> Value {
+    Value::Array(tool_calls.iter().map(ToolCallRequest::to_json).collect())
+}
+
+/// Serialises `value` as canonical JSON: object keys sorted (by code point,
+/// at every depth), no insignificant whitespace.
+///
+/// Keys are sorted explicitly rather than trusting `serde_json::Map` to be a
+/// B-tree: any crate in the build enabling serde_json's `preserve_order`
+/// would otherwise silently change every plan hash.
+#[must_use]
+pub fn canonical_json(value: &Value) -> String {
+    canonicalize(value).to_string()
+}
+
+fn canonicalize(value: &Value) -> Value {
+    match value {
+        Value::Object(fields) => {
+            let mut sorted: Vec<_> = fields.iter().collect();
+            sorted.sort_unstable_by_key(|&(key, _)| key);
+            Value::Object(
+                sorted
+                    .into_iter()
+                    .map(|(key, value)| (key.clone(), canonicalize(value)))
+                    .collect(),
+            )
+        }
+        Value::Array(items) => Value::Array(items.iter().map(canonicalize).collect()),
+        scalar => scalar.clone(),
+    }
+}
+
+/// The canonical plan: the bytes the plan hash and the signature cover.
+fn canonical_plan(scope: &Value, tool_calls: &[ToolCallRequest]) -> String {
+    canonical_json(&json!({"scope": scope, "tool_calls": tool_calls_value(tool_calls)}))
+}
+
+/// SHA-256 hex of the canonical `{"scope", "tool_calls"}`.
+#[must_use]
+pub fn plan_hash(scope: &Value, tool_calls: &[ToolCallRequest]) -> String {
+    hex::encode(Sha256::digest(canonical_plan(scope, tool_calls).as_bytes()))
+}
+
+/// The id of an approval key: the first 16 hex characters of the SHA-256 of
+/// its 32-byte public key.
+#[must_use]
+pub fn key_id(public_key: &[u8]) -> String {
+    let mut id = hex::encode(Sha256::digest(public_key));
+    id.truncate(16);
+    id
+}
+
+/// How long envelopes live and how long decided ones are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApprovalPolicy {
+    /// A pending envelope not decided within this time expires.
+    pub ttl: Duration,
+    /// Envelopes are deleted this long after they expire. A nonce stays
+    /// known (so it cannot be mistaken for a new one) at least this long.
+    pub retention: Duration,
+    /// How often [`ApprovalService::run_pruner`] prunes.
+    pub prune_interval: Duration,
+}
+
+impl Default for ApprovalPolicy {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(3600),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            prune_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Why a deferred turn was not recorded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// No approval key is loaded: nothing can be signed, so nothing is
+    /// recorded (the runtime's `DeferredApprovalLocked`).
+    #[error("approval needed but the approval key is locked")]
+    Locked,
+    #[error("approval storage unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Why a decision was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecideError {
+    /// No pending, unexpired envelope has this id or nonce: it never existed,
+    /// was decided already (by another client, perhaps a moment earlier) or
+    /// expired.
+    #[error("approval not found: {approval_id}")]
+    NotFound { approval_id: String },
+    #[error("approval storage unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Approval operations offered to every transport.
+///
+/// `record_deferred` and `decide` return the envelope they changed, so a
+/// caller can tell subscribers that the approvals changed and what changed.
+pub struct ApprovalService {
+    store: Arc<dyn ApprovalStore>,
+    /// `None` while approvals are locked: no key, no new envelopes.
+    signer: Option<Arc<dyn ApprovalSigner>>,
+    policy: ApprovalPolicy,
+}
+
+impl ApprovalService {
+    #[must_use]
+    pub fn new(
+        store: Arc<dyn ApprovalStore>,
+        signer: Option<Arc<dyn ApprovalSigner>>,
+        policy: ApprovalPolicy,
+    ) -> Self {
+        Self {
+            store,
+            signer,
+            policy,
+        }
+    }
+
+    /// Whether an approval key is loaded (`approval_unlocked`).
+    #[must_use]
+    pub fn is_unlocked(&self) -> bool {
+        self.signer.is_some()
+    }
+
+    /// The loaded key's id, if one is loaded.
+    #[must_use]
+    pub fn key_id(&self) -> Option<String> {
+        self.signer.as_ref().map(|signer| signer.key_id())
+    }
+
+    /// Records a deferred turn's tool calls as one pending envelope that
+    /// expires `policy.ttl` after `now`.
+    ///
+    /// # Errors
+    /// [`RecordError::Locked`] when no approval key is loaded (nothing is
+    /// stored), [`RecordError::Unavailable`] when storage fails.
+    pub async fn record_deferred(
+        &self,
+        scope: &ApprovalScope,
+        tool_calls: Vec<ToolCallRequest>,
+        now: DateTime<Utc>,
+    ) -> Result<ApprovalEnvelope, RecordError> {
+        let signer = self.signer.as_ref().ok_or(RecordError::Locked)?;
+        let scope = scope.to_json();
+        let plan = canonical_plan(&scope, &tool_calls);
+        let issued_at = now.timestamp();
+        let envelope = ApprovalEnvelope {
+            envelope_id: uuid::Uuid::new_v4().to_string(),
+            nonce: uuid::Uuid::new_v4().simple().to_string(),
+            plan_hash: hex::encode(Sha256::digest(plan.as_bytes())),
+            key_id: signer.key_id(),
+            signature_hex: Some(hex::encode(signer.sign(plan.as_bytes()))),
+            scope,
+            tool_calls,
+            state: ApprovalState::Pending,
+            issued_at,
+            expires_at: issued_at.saturating_add(seconds(self.policy.ttl)),
+            consumed_at: None,
+            decision: None,
+        };
+        self.store
+            .insert(&envelope)
+            .await
+            .map_err(|error| match error {
+                ApprovalStoreError::NotFound => {
+                    RecordError::Unavailable("the store lost the new envelope".into())
+                }
+                ApprovalStoreError::Unavailable(why) => RecordError::Unavailable(why),
+            })?;
+        tracing::info!(
+            approval.id = %envelope.envelope_id,
+            approval.plan_hash = %envelope.plan_hash_prefix(),
+            approval.tool_count = envelope.tool_calls.len(),
+            "approval requested"
+        );
+        Ok(envelope)
+    }
+
+    /// Envelopes waiting for a decision at `now`, oldest first. Expired ones
+    /// are left out.
+    ///
+    /// # Errors
+    /// [`ApprovalStoreError::Unavailable`] when storage fails.
+    pub async fn list_pending(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<ApprovalEnvelope>, ApprovalStoreError> {
+        self.store.list_pending(now.timestamp()).await
+    }
+
+    /// Approves or rejects the pending envelope whose id or nonce is
+    /// `approval_id`. Approval consumes it, rejection expires it; either way
+    /// the decision is kept with it. Of two racing decisions exactly one
+    /// wins; the other gets [`DecideError::NotFound`].
+    ///
+    /// # Errors
+    /// [`DecideError::NotFound`] when no pending, unexpired envelope has that
+    /// id or nonce; [`DecideError::Unavailable`] when storage fails.
+    pub async fn decide(
+        &self,
+        approval_id: &str,
+        approved: bool,
+        reason: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<ApprovalEnvelope, DecideError> {
+        let decision = ApprovalDecision {
+            source: DECISION_SOURCE.to_owned(),
+            approved,
+            reason,
+            decided_at: now.timestamp(),
+        };
+        let envelope =
+            self.store
+                .decide(approval_id, &decision)
+                .await
+                .map_err(|error| match error {
+                    ApprovalStoreError::NotFound => DecideError::NotFound {
+                        approval_id: approval_id.to_owned(),
+                    },
+                    ApprovalStoreError::Unavailable(why) => DecideError::Unavailable(why),
+                })?;
+        tracing::info!(
+            approval.id = %envelope.envelope_id,
+            approval.state = %envelope.state,
+            "approval decided"
+        );
+        Ok(envelope)
+    }
+
+    /// Deletes envelopes that expired more than `policy.retention` before
+    /// `now`: by then each one is decided or was never decided in time, and
+    /// its nonce is long unusable. Returns how many went.
+    ///
+    /// # Errors
+    /// [`ApprovalStoreError::Unavailable`] when storage fails.
+    pub async fn prune(&self, now: DateTime<Utc>) -> Result<u64, ApprovalStoreError> {
+        let cutoff = now
+            .timestamp()
+            .saturating_sub(seconds(self.policy.retention));
+        self.store.prune_expired_before(cutoff).await
+    }
+
+    /// Prunes now and then every `policy.prune_interval` until `shutdown`
+    /// fires.
+    pub async fn run_pruner(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut ticks = tokio::time::interval(self.policy.prune_interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            match self.prune(Utc::now()).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(approvals.removed = removed, "old approvals pruned"),
+                Err(error) => tracing::warn!(%error, "approval pruning failed"),
+            }
+        }
+    }
+}
+
+/// A duration in whole seconds, saturating: policies come from
+/// configuration, and an absurd one must not wrap around.
+fn seconds(duration: Duration) -> i64 {
+    i64::try_from(duration.as_secs()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use mockall::predicate::eq;
+
+    use super::*;
+    use crate::ports::approval_signer::MockApprovalSigner;
+    use crate::ports::approval_store::MockApprovalStore;
+
+    const KEY_ID: &str = "0123456789abcdef";
+
+    fn at(epoch: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(epoch, 0).unwrap()
+    }
+
+    fn execute(command: &str) -> ToolCallRequest {
+        ToolCallRequest {
+            tool_call_id: "c1".into(),
+            tool_name: "execute".into(),
+            args: json!({"command": command}),
+        }
+    }
+
+    fn scope() -> ApprovalScope {
+        ApprovalScope {
+            session_id: SessionId::parse("s1").unwrap(),
+            agent: "default".into(),
+            turn_id: TurnId::generate(),
+        }
+    }
+
+    fn signer() -> MockApprovalSigner {
+        let mut signer = MockApprovalSigner::new();
+        signer.expect_key_id().return_const(KEY_ID.to_owned());
+        signer.expect_sign().returning(|_| vec![0xab; 64]);
+        signer
+    }
+
+    fn service(store: MockApprovalStore, signer: Option<MockApprovalSigner>) -> ApprovalService {
+        ApprovalService::new(
+            Arc::new(store),
+            signer.map(|s| Arc::new(s) as Arc<dyn ApprovalSigner>),
+            ApprovalPolicy::default(),
+        )
+    }
+
+    fn pending(id: &str) -> ApprovalEnvelope {
+        ApprovalEnvelope {
+            envelope_id: id.into(),
+            nonce: "00112233445566778899aabbccddeeff".into(),
+            scope: json!({}),
+            tool_calls: vec![execute("ls")],
+            plan_hash: "24c9c3f5c24c4c20".into(),
+            key_id: KEY_ID.into(),
+            signature_hex: None,
+            state: ApprovalState::Pending,
+            issued_at: 1_000,
+            expires_at: 4_600,
+            consumed_at: None,
+            decision: None,
+        }
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys_at_every_depth_and_has_no_spaces() {
+        let value =
+            json!({"b": "é", "a": [1, {"d": null, "c": true}], "C": {"z": 1.5, "y": "x y"}});
+        assert_eq!(
+            canonical_json(&value),
+            r#"{"C":{"y":"x y","z":1.5},"a":[1,{"c":true,"d":null}],"b":"é"}"#
+        );
+    }
+
+    #[test]
+    fn plan_hash_matches_pythons_sorted_compact_json() {
+        // The expected hash is hashlib.sha256(json.dumps(plan, sort_keys=True,
+        // separators=(",", ":"), ensure_ascii=False).encode()).hexdigest().
+        let scope = json!({"session_id": "s1", "agent": "default", "turn_id": "t1"});
+        let calls = vec![ToolCallRequest {
+            tool_call_id: "c1".into(),
+            tool_name: "execute".into(),
+            args: json!({"command": "ls -l", "env": {"B": "2", "A": "é"}}),
+        }];
+        assert_eq!(
+            plan_hash(&scope, &calls),
+            "24c9c3f5c24c4c201d31c67aa6d2616f1e1a2a2e08b22662a5512a645b0adae4"
+        );
+    }
+
+    #[test]
+    fn key_id_is_the_first_16_hex_characters_of_the_public_keys_sha256() {
+        assert_eq!(key_id(&[0; 32]), "66687aadf862bd77");
+        let counting: Vec<u8> = (0..32).collect();
+        assert_eq!(key_id(&counting), "630dcd2966c43366");
+    }
+
+    #[tokio::test]
+    async fn record_deferred_stores_one_signed_pending_envelope() {
+        let scope = scope();
+        let calls = vec![execute("rm -rf /tmp/x")];
+        let expected_scope = json!({
+            "agent": "default",
+            "session_id": "s1",
+            "turn_id": scope.turn_id.as_str(),
+        });
+        let plan = canonical_json(&json!({
+            "scope": expected_scope,
+            "tool_calls": [{"args": {"command": "rm -rf /tmp/x"}, "tool_call_id": "c1", "tool_name": "execute"}],
+        }));
+
+        let mut signer = MockApprovalSigner::new();
+        signer.expect_key_id().return_const(KEY_ID.to_owned());
+        signer
+            .expect_sign()
+            .with(eq(plan.clone().into_bytes()))
+            .times(1)
+            .returning(|_| vec![0xab; 64]);
+        let mut store = MockApprovalStore::new();
+        store
+            .expect_insert()
+            .withf(|envelope| envelope.state == ApprovalState::Pending)
+            .times(1)
+            .returning(|_| Ok(()));
+
+        let envelope = service(store, Some(signer))
+            .record_deferred(&scope, calls.clone(), at(1_700_000_000))
+            .await
+            .unwrap();
+
+        assert_eq!(envelope.scope, expected_scope);
+        assert_eq!(envelope.tool_calls, calls);
+        assert_eq!(
+            envelope.scope_json(),
+            format!(
+                r#"{{"agent":"default","session_id":"s1","turn_id":"{}"}}"#,
+                scope.turn_id
+            )
+        );
+        assert_eq!(
+            envelope.tool_calls_json(),
+            r#"[{"args":{"command":"rm -rf /tmp/x"},"tool_call_id":"c1","tool_name":"execute"}]"#
+        );
+        assert_eq!(
+            envelope.plan_hash,
+            hex::encode(Sha256::digest(plan.as_bytes()))
+        );
+        assert_eq!(envelope.plan_hash, plan_hash(&expected_scope, &calls));
+        assert_eq!(envelope.key_id, KEY_ID);
+        assert_eq!(envelope.signature_hex, Some("ab".repeat(64)));
+        assert_eq!(envelope.issued_at, 1_700_000_000);
+        assert_eq!(envelope.expires_at, 1_700_003_600);
+        assert_eq!(envelope.consumed_at, None);
+        assert_eq!(envelope.decision, None);
+        assert!(uuid::Uuid::parse_str(&envelope.envelope_id).is_ok());
+        assert_eq!(envelope.envelope_id.len(), 36);
+        assert_eq!(envelope.nonce.len(), 32);
+        assert!(envelope.nonce.bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+
+    #[tokio::test]
+    async fn record_deferred_without_a_key_records_nothing() {
+        let service = service(MockApprovalStore::new(), None);
+        assert!(!service.is_unlocked());
+        assert_eq!(service.key_id(), None);
+        let result = service
+            .record_deferred(&scope(), vec![execute("ls")], Utc::now())
+            .await;
+        assert_eq!(result, Err(RecordError::Locked));
+    }
+
+    #[tokio::test]
+    async fn record_deferred_reports_a_storage_failure() {
+        let mut store = MockApprovalStore::new();
+        store
+            .expect_insert()
+            .returning(|_| Err(ApprovalStoreError::Unavailable("disk full".into())));
+        let result = service(store, Some(signer()))
+            .record_deferred(&scope(), vec![execute("ls")], Utc::now())
+            .await;
+        assert_eq!(result, Err(RecordError::Unavailable("disk full".into())));
+    }
+
+    #[tokio::test]
+    async fn list_pending_asks_the_store_with_now_in_epoch_seconds() {
+        let mut store = MockApprovalStore::new();
+        store
+            .expect_list_pending()
+            .with(eq(1_234_i64))
+            .returning(|_| Ok(vec![pending("a")]));
+        let listed = service(store, None).list_pending(at(1_234)).await.unwrap();
+        assert_eq!(listed, vec![pending("a")]);
+    }
+
+    #[tokio::test]
+    async fn approving_passes_an_mcp_decision_to_the_store() {
+        let mut store = MockApprovalStore::new();
+        store
+            .expect_decide()
+            .withf(|id, decision| {
+                id == "nonce-or-id"
+                    && *decision
+                        == ApprovalDecision {
+                            source: "mcp".into(),
+                            approved: true,
+                            reason: Some("looks fine".into()),
+                            decided_at: 2_000,
+                        }
+            })
+            .times(1)
+            .returning(|_, decision| {
+                Ok(ApprovalEnvelope {
+                    state: ApprovalState::after_decision(decision.approved),
+                    consumed_at: Some(decision.decided_at),
+                    decision: Some(decision.clone()),
+                    ..pending("a")
+                })
+            });
+        let decided = service(store, None)
+            .decide("nonce-or-id", true, Some("looks fine".into()), at(2_000))
+            .await
+            .unwrap();
+        assert_eq!(decided.state, ApprovalState::Consumed);
+        assert_eq!(decided.consumed_at, Some(2_000));
+    }
+
+    #[tokio::test]
+    async fn rejecting_expires_the_envelope() {
+        let mut store = MockApprovalStore::new();
+        store
+            .expect_decide()
+            .withf(|_, decision| !decision.approved && decision.reason.is_none())
+            .returning(|_, decision| {
+                Ok(ApprovalEnvelope {
+                    state: ApprovalState::after_decision(decision.approved),
+                    ..pending("a")
+                })
+            });
+        let decided = service(store, None)
+            .decide("a", false, None, at(2_000))
+            .await
+            .unwrap();
+        assert_eq!(decided.state, ApprovalState::Expired);
+    }
+
+    #[tokio::test]
+    async fn deciding_an_unknown_or_decided_envelope_is_not_found() {
+        let mut store = MockApprovalStore::new();
+        store
+            .expect_decide()
+            .returning(|_, _| Err(ApprovalStoreError::NotFound));
+        let result = service(store, None)
+            .decide("gone", true, None, Utc::now())
+            .await;
+        assert_eq!(
+            result,
+            Err(DecideError::NotFound {
+                approval_id: "gone".into()
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn prune_deletes_what_expired_before_the_retention_window() {
+        let mut store = MockApprovalStore::new();
+        store
+            .expect_prune_expired_before()
+            .with(eq(1_000_000 - 7 * 24 * 3600_i64))
+            .times(1)
+            .returning(|_| Ok(3));
+        assert_eq!(service(store, None).prune(at(1_000_000)).await.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_pruner_prunes_at_once_and_stops_on_shutdown() {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let mut store = MockApprovalStore::new();
+        let stop = shutdown.clone();
+        store
+            .expect_prune_expired_before()
+            .times(1)
+            .returning(move |_| {
+                stop.cancel();
+                Ok(1)
+            });
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            service(store, None).run_pruner(shutdown),
+        )
+        .await
+        .unwrap();
+    }
+
+    #[test]
+    fn decisions_are_stored_as_canonical_json_and_read_back() {
+        let decision = ApprovalDecision {
+            source: "mcp".into(),
+            approved: false,
+            reason: Some("no".into()),
+            decided_at: 7,
+        };
+        let stored = decision.to_canonical_json();
+        assert_eq!(
+            stored,
+            r#"{"approved":false,"decided_at":7,"reason":"no","source":"mcp"}"#
+        );
+        assert_eq!(ApprovalDecision::from_json(&stored), Some(decision));
+        // The original's chat flow kept other signed objects in that column.
+        assert_eq!(
+            ApprovalDecision::from_json(r#"{"ctx":"x","nonce":"n"}"#),
+            None
+        );
+        assert_eq!(ApprovalDecision::from_json("not json"), None);
+    }
+
+    #[test]
+    fn stored_tool_calls_are_read_as_leniently_as_the_original_did() {
+        assert_eq!(
+            ToolCallRequest::list_from_json(
+                r#"[{"tool_call_id":"c1","tool_name":"execute","args":{"command":"ls"}},
+                    "junk",
+                    {"tool_name":"read_file","tool_call_id":7}]"#
+            ),
+            vec![
+                execute("ls"),
+                ToolCallRequest {
+                    tool_call_id: "7".into(),
+                    tool_name: "read_file".into(),
+                    args: json!({}),
+                },
+            ]
+        );
+        assert_eq!(ToolCallRequest::list_from_json("{}"), Vec::new());
+        assert_eq!(ToolCallRequest::list_from_json("not json"), Vec::new());
+    }
+
+    #[test]
+    fn the_plan_hash_prefix_is_its_first_8_characters() {
+        assert_eq!(pending("a").plan_hash_prefix(), "24c9c3f5");
+    }
+
+    #[test]
+    fn states_read_back_from_their_stored_names() {
+        for state in [
+            ApprovalState::Pending,
+            ApprovalState::Consumed,
+            ApprovalState::Expired,
+        ] {
+            assert_eq!(state.as_str().parse::<ApprovalState>(), Ok(state));
+        }
+        assert!("approved".parse::<ApprovalState>().is_err());
+    }
+}
