@@ -1,6 +1,7 @@
 //! Adapters: the technologies that implement the ports and expose the domain.
 
 pub mod agent;
+pub mod approval_broadcast;
 pub mod ed25519;
 pub mod http;
 pub mod memory;

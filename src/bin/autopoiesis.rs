@@ -8,14 +8,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use autopoiesis::adapters::agent::{ProviderEnv, build_runtime, config::load_agents};
+use autopoiesis::adapters::approval_broadcast::ApprovalBroadcast;
+use autopoiesis::adapters::ed25519::Ed25519ApprovalKey;
 use autopoiesis::adapters::http::auth::{ApiKey, OriginPolicy};
 use autopoiesis::adapters::http::{self, HttpSettings, Services};
 use autopoiesis::adapters::memory::InMemorySessionStore;
+use autopoiesis::adapters::persistence::{ConnectSettings, SeaOrmApprovalStore, sqlite_url};
 use autopoiesis::adapters::ws::endpoint::WsSettings;
 use autopoiesis::adapters::ws::{SessionHub, StreamSettings};
 use autopoiesis::domain::agent::AgentConfig;
-use autopoiesis::domain::chat::{ChatService, RuntimeSlot};
+use autopoiesis::domain::approvals::{ApprovalPolicy, ApprovalService};
+use autopoiesis::domain::chat::{ApprovalRecording, ChatService, RuntimeSlot};
+use autopoiesis::domain::dashboard::ControlPlane;
 use autopoiesis::domain::sessions::{SessionService, SweepPolicy};
+use autopoiesis::ports::ApprovalSigner;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +40,14 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Print the OpenAPI spec of the REST API as YAML (this is openapi.yaml).
     Openapi,
+    /// Write a new Ed25519 approval key (mode 0600); load it at `serve` with
+    /// AUTOPOIESIS_APPROVAL_KEY_FILE to unlock approvals.
+    Keygen {
+        /// Where to write the key (PKCS#8 PEM). An existing file is never
+        /// overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn duration(raw: &str) -> Result<Duration, humantime::DurationError> {
@@ -54,6 +68,14 @@ struct ServeArgs {
     /// Directory for the server's files; created if missing.
     #[arg(long, env = "AUTOPOIESIS_DATA_DIR", default_value = "./data")]
     data_dir: PathBuf,
+    /// Approval database: sqlite:PATH or postgres://... [default: SQLite
+    /// file approvals.sqlite in the data dir]
+    #[arg(long, env = "AUTOPOIESIS_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Ed25519 approval key (from `autopoiesis keygen`). Loaded, it unlocks
+    /// approvals: deferred turns are recorded for a human to decide.
+    #[arg(long, env = "AUTOPOIESIS_APPROVAL_KEY_FILE")]
+    approval_key_file: Option<PathBuf>,
     /// Agents file (TOML, one [agents.NAME] table each). Without it there is
     /// one built-in agent, `default`, with the offline `echo` model.
     #[arg(long, env = "AUTOPOIESIS_CONFIG")]
@@ -112,6 +134,13 @@ fn main() -> ExitCode {
             print!("{}", http::spec_service(&offline_services()).spec_yaml());
             ExitCode::SUCCESS
         }
+        Command::Keygen { out } => match Ed25519ApprovalKey::create_file(&out) {
+            Ok(key) => {
+                println!("wrote approval key {} to {}", key.id(), out.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&format!("keygen: {e}")),
+        },
         Command::Serve(args) => {
             init_tracing();
             let runtime = match tokio::runtime::Runtime::new() {
@@ -144,15 +173,29 @@ fn init_tracing() {
 fn offline_services() -> Services {
     let hub = SessionHub::new(StreamSettings::default());
     let store = Arc::new(InMemorySessionStore::new());
+    let chat = Arc::new(ChatService::new(
+        RuntimeSlot::Unavailable("spec only".into()),
+        store.clone(),
+        hub.clone(),
+        None,
+    ));
+    let sessions = Arc::new(SessionService::new(store, hub.clone()));
+    let approval_events = Arc::new(ApprovalBroadcast::new());
+    let agent = AgentConfig::builtin();
+    let control = Arc::new(ControlPlane::new(
+        chat.clone(),
+        sessions.clone(),
+        None,
+        approval_events.clone(),
+        agent.clone(),
+        vec![agent],
+    ));
     Services {
-        chat: Arc::new(ChatService::new(
-            RuntimeSlot::Unavailable("spec only".into()),
-            store.clone(),
-            hub.clone(),
-            None,
-        )),
-        sessions: Arc::new(SessionService::new(store, hub.clone())),
+        chat,
+        sessions,
         hub,
+        control,
+        approval_events,
     }
 }
 
@@ -186,7 +229,23 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     };
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
-    let (agent, _agents) = select_agent(&args)?;
+    let (agent, agents) = select_agent(&args)?;
+    let approval_key = args
+        .approval_key_file
+        .as_deref()
+        .map(Ed25519ApprovalKey::load)
+        .transpose()
+        .map_err(|e| format!("AUTOPOIESIS_APPROVAL_KEY_FILE: {e}"))?;
+    let database_url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| sqlite_url(&args.data_dir.join("approvals.sqlite")));
+    let approval_store = SeaOrmApprovalStore::open(&database_url, &ConnectSettings::default())
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "approval database unavailable; chat and MCP answer 'runtime uninitialized' until this is fixed");
+            format!("Approval database unavailable: {e}")
+        });
 
     let provider_env = ProviderEnv {
         openai_base_url: std::env::var("OPENAI_BASE_URL")
@@ -197,8 +256,13 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             .filter(|v| !v.is_empty()),
         stream_idle_timeout: args.provider_timeout,
     };
-    let runtime = match build_runtime(&agent, &provider_env) {
+    let runtime = match approval_store
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|_| build_runtime(&agent, &provider_env))
+    {
         Ok(runtime) => RuntimeSlot::Ready(runtime),
+        Err(why) if approval_store.is_err() => RuntimeSlot::Unavailable(why),
         Err(why) => {
             tracing::warn!(reason = %why, "agent runtime unavailable; chat answers 503 until this is fixed");
             RuntimeSlot::Unavailable(format!("Agent runtime unavailable: {why}"))
@@ -213,17 +277,39 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     });
     let store = Arc::new(InMemorySessionStore::new());
     let turn_timeout = (!args.turn_timeout.is_zero()).then_some(args.turn_timeout);
-    let chat = Arc::new(ChatService::new(
-        runtime,
-        store.clone(),
-        hub.clone(),
-        turn_timeout,
-    ));
+    let approval_events = Arc::new(ApprovalBroadcast::new());
+    let approvals = approval_store.ok().map(|store| {
+        let signer = approval_key.map(|key| Arc::new(key) as Arc<dyn ApprovalSigner>);
+        Arc::new(ApprovalService::new(
+            Arc::new(store),
+            signer,
+            ApprovalPolicy::default(),
+        ))
+    });
+    let mut chat = ChatService::new(runtime, store.clone(), hub.clone(), turn_timeout);
+    if let Some(service) = &approvals {
+        chat = chat.with_approvals(ApprovalRecording {
+            service: service.clone(),
+            events: approval_events.clone(),
+            agent: agent.name.clone(),
+        });
+    }
+    let chat = Arc::new(chat);
     let sessions = Arc::new(SessionService::new(store, hub.clone()));
+    let control = Arc::new(ControlPlane::new(
+        chat.clone(),
+        sessions.clone(),
+        approvals.clone(),
+        approval_events.clone(),
+        agent.clone(),
+        agents,
+    ));
     let services = Services {
         chat: chat.clone(),
         sessions: sessions.clone(),
         hub: hub.clone(),
+        control,
+        approval_events,
     };
     let settings = HttpSettings {
         api_key,
@@ -274,6 +360,14 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             hub.close_all_and_wait(Duration::from_secs(5)).await;
         }
     });
+    let pruner = tokio::spawn({
+        let (approvals, shutdown) = (approvals.clone(), shutdown.clone());
+        async move {
+            if let Some(approvals) = approvals {
+                approvals.run_pruner(shutdown).await;
+            }
+        }
+    });
     let signal = {
         let shutdown = shutdown.clone();
         async move {
@@ -291,7 +385,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     )
     .await;
     shutdown.cancel();
-    let _ = tokio::join!(sweeper, drain);
+    let _ = tokio::join!(sweeper, drain, pruner);
     tracing::info!("stopped");
     served.map_err(|e| format!("server failed: {e}"))
 }

@@ -18,11 +18,13 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::agent::{AgentError, AgentEvent, AgentReply};
+use super::approvals::{ApprovalScope, ApprovalService, RecordError, ToolCallRequest};
 use super::events::SessionEvent;
 use super::message::{ModelMessage, ResponsePart};
 use super::session::{SessionId, TurnId};
 use crate::ports::{
-    AgentRuntime, EventSink, SessionEvents, SessionStore, SessionStoreError, TurnInput,
+    AgentRuntime, ApprovalEvents, EventSink, SessionEvents, SessionStore, SessionStoreError,
+    TurnInput,
 };
 
 /// The runtime the server drives, or why there is none.
@@ -76,6 +78,18 @@ pub enum ChatError {
     /// The server is shutting down and starts no new turn.
     #[error("The server is shutting down")]
     ShuttingDown,
+    /// The turn ended deferred but its approval request could not be
+    /// recorded: the approval store is unavailable. The history was saved.
+    #[error("Approval storage is unavailable; the approval request was not recorded")]
+    ApprovalStorage { session_id: SessionId },
+}
+
+/// Where deferred turns are recorded when approvals are unlocked.
+pub struct ApprovalRecording {
+    pub service: Arc<ApprovalService>,
+    pub events: Arc<dyn ApprovalEvents>,
+    /// The agent named in each envelope's scope.
+    pub agent: String,
 }
 
 /// Why a cancel request did nothing.
@@ -107,6 +121,8 @@ pub struct ChatService {
     turn_timeout: Option<Duration>,
     /// Set at shutdown: no new turn starts, queued ones included.
     closing: std::sync::atomic::AtomicBool,
+    /// `None` when the server keeps no approval store.
+    approvals: Option<ApprovalRecording>,
 }
 
 enum Outcome {
@@ -131,7 +147,15 @@ impl ChatService {
             running: Mutex::default(),
             turn_timeout,
             closing: std::sync::atomic::AtomicBool::new(false),
+            approvals: None,
         }
+    }
+
+    /// Records deferred turns as pending approval envelopes.
+    #[must_use]
+    pub fn with_approvals(mut self, approvals: ApprovalRecording) -> Self {
+        self.approvals = Some(approvals);
+        self
     }
 
     /// Why the runtime is unavailable, if it is.
@@ -304,7 +328,9 @@ impl ChatService {
 
         let result = match outcome {
             Outcome::Finished(Ok(reply)) => {
-                let deferred = deferred_calls(&reply);
+                // The server executes no tool itself, so every call is
+                // deferred to a human: that is the deferred-approval policy.
+                let requests = tool_requests(&reply);
                 let text = reply_text(&reply);
                 self.save(
                     session_id,
@@ -313,7 +339,7 @@ impl ChatService {
                     Some(reply.model_name),
                 )
                 .await;
-                if deferred.is_empty() {
+                if requests.is_empty() {
                     publish(SessionEvent::Done {
                         content: text.clone(),
                     });
@@ -322,17 +348,28 @@ impl ChatService {
                         content: text,
                     })
                 } else {
-                    for tool_call_id in deferred {
+                    for request in &requests {
                         publish(SessionEvent::ToolResult {
-                            tool_call_id,
+                            tool_call_id: request.tool_call_id.clone(),
                             status: "deferred".into(),
                             details: json!({"reason": "needs a human's approval"}),
                         });
                     }
-                    publish(SessionEvent::approval_unsupported());
-                    Err(ChatError::ApprovalUnsupported {
-                        session_id: session,
-                    })
+                    if self.record(session_id, &turn_id, requests).await {
+                        publish(SessionEvent::approval_unsupported());
+                        Err(ChatError::ApprovalUnsupported {
+                            session_id: session,
+                        })
+                    } else {
+                        let error = ChatError::ApprovalStorage {
+                            session_id: session,
+                        };
+                        publish(SessionEvent::Error {
+                            code: Some("approval_storage_unavailable"),
+                            message: error.to_string(),
+                        });
+                        Err(error)
+                    }
                 }
             }
             Outcome::Finished(Err(AgentError::DeferredApprovalLocked)) => {
@@ -394,6 +431,40 @@ impl ChatService {
         result
     }
 
+    /// Records a deferred turn's tool calls for approval when approvals are
+    /// unlocked. False only when recording was due and failed.
+    async fn record(
+        &self,
+        session_id: &SessionId,
+        turn_id: &TurnId,
+        requests: Vec<ToolCallRequest>,
+    ) -> bool {
+        let Some(approvals) = &self.approvals else {
+            return true;
+        };
+        let scope = ApprovalScope {
+            session_id: session_id.clone(),
+            agent: approvals.agent.clone(),
+            turn_id: turn_id.clone(),
+        };
+        match approvals
+            .service
+            .record_deferred(&scope, requests, Utc::now())
+            .await
+        {
+            Ok(_) => {
+                approvals.events.approvals_changed();
+                true
+            }
+            // Locked: nothing is recorded, as with DeferredApprovalLocked.
+            Err(RecordError::Locked) => true,
+            Err(RecordError::Unavailable(why)) => {
+                tracing::error!(session.id = %session_id, error = %why, "approval request not recorded");
+                false
+            }
+        }
+    }
+
     /// Appends the turn's request and, when there is one, its response.
     async fn save(
         &self,
@@ -452,6 +523,7 @@ fn error_kind(error: &ChatError) -> &'static str {
         ChatError::TimedOut { .. } => "timed_out",
         ChatError::Storage(_) => "storage_error",
         ChatError::ShuttingDown => "shutting_down",
+        ChatError::ApprovalStorage { .. } => "approval_storage_error",
     }
 }
 
@@ -467,14 +539,20 @@ where
     }
 }
 
-/// The tool calls of a reply. The server executes no tool itself, so every
-/// call is deferred to a human: that is the deferred-approval policy.
-fn deferred_calls(reply: &AgentReply) -> Vec<String> {
+fn tool_requests(reply: &AgentReply) -> Vec<ToolCallRequest> {
     reply
         .parts
         .iter()
         .filter_map(|part| match part {
-            ResponsePart::ToolCall { tool_call_id, .. } => Some(tool_call_id.clone()),
+            ResponsePart::ToolCall {
+                tool_name,
+                args,
+                tool_call_id,
+            } => Some(ToolCallRequest {
+                tool_call_id: tool_call_id.clone(),
+                tool_name: tool_name.clone(),
+                args: args.clone(),
+            }),
             _ => None,
         })
         .collect()

@@ -2,12 +2,14 @@
 //! implement them; the domain holds them as `Arc<dyn Port>`.
 
 pub mod agent_runtime;
+pub mod approval_events;
 pub mod approval_signer;
 pub mod approval_store;
 pub mod session_events;
 pub mod session_store;
 
 pub use agent_runtime::{AgentRuntime, EventSink, TurnInput};
+pub use approval_events::ApprovalEvents;
 pub use approval_signer::ApprovalSigner;
 pub use approval_store::{ApprovalStore, ApprovalStoreError};
 pub use session_events::SessionEvents;

@@ -5,14 +5,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use autopoiesis::adapters::agent::echo::EchoRuntime;
+use autopoiesis::adapters::approval_broadcast::ApprovalBroadcast;
+use autopoiesis::adapters::ed25519::Ed25519ApprovalKey;
 use autopoiesis::adapters::http::auth::ApiKey;
 use autopoiesis::adapters::http::{self, HttpSettings, Services};
 use autopoiesis::adapters::memory::InMemorySessionStore;
+use autopoiesis::adapters::persistence::{ConnectSettings, SeaOrmApprovalStore, sqlite_url};
 use autopoiesis::adapters::ws::{SessionHub, StreamSettings};
 use autopoiesis::domain::agent::AgentConfig;
-use autopoiesis::domain::chat::{ChatService, RuntimeSlot};
+use autopoiesis::domain::approvals::{ApprovalPolicy, ApprovalService};
+use autopoiesis::domain::chat::{ApprovalRecording, ChatService, RuntimeSlot};
+use autopoiesis::domain::dashboard::ControlPlane;
 use autopoiesis::domain::sessions::{SessionService, SweepPolicy};
 use autopoiesis::ports::AgentRuntime;
+use autopoiesis::ports::ApprovalSigner;
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::net::TcpStream;
@@ -27,6 +33,10 @@ pub struct Options {
     pub sweep: Option<SweepPolicy>,
     pub turn_timeout: Option<Duration>,
     pub http: HttpSettings,
+    /// Load a fresh approval key (approvals unlocked).
+    pub approval_key: bool,
+    /// The approval database; `None`: a SQLite file in the app's temp dir.
+    pub database_url: Option<String>,
 }
 
 impl Default for Options {
@@ -38,6 +48,8 @@ impl Default for Options {
             sweep: None,
             turn_timeout: None,
             http: HttpSettings::default(),
+            approval_key: false,
+            database_url: None,
         }
     }
 }
@@ -55,6 +67,10 @@ pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
     pub services: Services,
+    /// The approval service, to inspect or break in tests.
+    pub approvals: Arc<ApprovalService>,
+    /// Holds the app's files (the approval database) until the app goes.
+    _data: tempfile::TempDir,
     shutdown: CancellationToken,
 }
 
@@ -69,19 +85,53 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_with(options: Options) -> TestApp {
+    let data = tempfile::tempdir().unwrap();
     let hub = SessionHub::new(options.stream);
     let store = Arc::new(InMemorySessionStore::new());
-    let chat = Arc::new(ChatService::new(
-        options.runtime,
-        store.clone(),
-        hub.clone(),
-        options.turn_timeout,
+    let url = options
+        .database_url
+        .unwrap_or_else(|| sqlite_url(&data.path().join("approvals.sqlite")));
+    let approval_store = SeaOrmApprovalStore::open(&url, &ConnectSettings::default())
+        .await
+        .unwrap();
+    let signer = options
+        .approval_key
+        .then(|| Arc::new(Ed25519ApprovalKey::generate().unwrap()) as Arc<dyn ApprovalSigner>);
+    let approvals = Arc::new(ApprovalService::new(
+        Arc::new(approval_store),
+        signer,
+        ApprovalPolicy::default(),
     ));
+    let approval_events = Arc::new(ApprovalBroadcast::new());
+    let agent = AgentConfig::builtin();
+    let chat = Arc::new(
+        ChatService::new(
+            options.runtime,
+            store.clone(),
+            hub.clone(),
+            options.turn_timeout,
+        )
+        .with_approvals(ApprovalRecording {
+            service: approvals.clone(),
+            events: approval_events.clone(),
+            agent: agent.name.clone(),
+        }),
+    );
     let sessions = Arc::new(SessionService::new(store, hub.clone()));
+    let control = Arc::new(ControlPlane::new(
+        chat.clone(),
+        sessions.clone(),
+        Some(approvals.clone()),
+        approval_events.clone(),
+        agent.clone(),
+        vec![agent],
+    ));
     let services = Services {
         chat: chat.clone(),
         sessions: sessions.clone(),
         hub: hub.clone(),
+        control,
+        approval_events,
     };
     let settings = HttpSettings {
         api_key: options.api_key.map(|k| ApiKey::new(k).unwrap()),
@@ -109,6 +159,8 @@ pub async fn spawn_with(options: Options) -> TestApp {
         base: format!("http://{address}"),
         client: reqwest::Client::new(),
         services,
+        approvals,
+        _data: data,
         shutdown,
     }
 }

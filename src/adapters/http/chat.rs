@@ -66,7 +66,9 @@ impl From<ChatError> for ChatReply {
             ))),
             ChatError::Provider { .. } => Self::BadGateway(detail()),
             ChatError::TimedOut { .. } => Self::TimedOut(detail()),
-            ChatError::ShuttingDown => Self::Unavailable(detail()),
+            ChatError::ShuttingDown | ChatError::ApprovalStorage { .. } => {
+                Self::Unavailable(detail())
+            }
             ChatError::Storage(e) => {
                 tracing::error!(error = %e, "session store failed during chat");
                 Self::Unavailable(Json(ErrorBody::new("Session storage is unavailable")))

@@ -33,9 +33,11 @@ use self::metrics::MetricsApi;
 use self::request_log::RequestLog;
 use self::sessions::SessionsApi;
 use self::tickets::TicketApi;
+use crate::adapters::approval_broadcast::ApprovalBroadcast;
 use crate::adapters::ws::SessionHub;
 use crate::adapters::ws::endpoint::{WsSettings, WsState, session_socket};
 use crate::domain::chat::ChatService;
+use crate::domain::dashboard::ControlPlane;
 use crate::domain::sessions::SessionService;
 
 #[derive(Tags)]
@@ -54,6 +56,10 @@ pub struct Services {
     pub chat: Arc<ChatService>,
     pub sessions: Arc<SessionService>,
     pub hub: Arc<SessionHub>,
+    /// The control plane behind `/api/*` dashboard routes and `/mcp`.
+    pub control: Arc<ControlPlane>,
+    /// Wakes dashboard streams (and MCP clients) when approvals change.
+    pub approval_events: Arc<ApprovalBroadcast>,
 }
 
 /// Limits and switches of the HTTP surface.

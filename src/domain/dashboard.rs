@@ -1,0 +1,499 @@
+//! The control plane: runtime status, approvals, system info, chat and
+//! sessions as named tools that answer JSON envelopes
+//! (`{"type", "data", "meta"}`). MCP clients call them through `/mcp`, web
+//! front ends through `/api/*`; both transports call [`ControlPlane`], so
+//! every rule is written once, here.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{SecondsFormat, Utc};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::agent::AgentConfig;
+use super::approvals::{ApprovalEnvelope, ApprovalService, DecideError};
+use super::chat::{ChatError, ChatService};
+use super::events::{APPROVAL_UNSUPPORTED_CODE, APPROVAL_UNSUPPORTED_MESSAGE};
+use super::session::SessionId;
+use super::sessions::SessionService;
+use crate::ports::ApprovalEvents;
+
+/// A tool's answer: `type` says what `data` holds (`error.*` for failures).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    pub kind: String,
+    pub data: Value,
+    pub meta: Map<String, Value>,
+}
+
+impl Envelope {
+    fn new(tool: &str, kind: &str, data: Value) -> Self {
+        let mut meta = Map::new();
+        meta.insert("tool".into(), json!(tool));
+        meta.insert(
+            "timestamp".into(),
+            json!(Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)),
+        );
+        Self {
+            kind: kind.to_owned(),
+            data,
+            meta,
+        }
+    }
+
+    /// An `error.<kind>` envelope; `extra` fields join `message` in `data`.
+    fn error(tool: &str, kind: ErrorKind, message: &str, extra: Value) -> Self {
+        let mut data = match extra {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        };
+        data.insert("message".into(), json!(message));
+        Self::new(
+            tool,
+            &format!("error.{}", kind.as_str()),
+            Value::Object(data),
+        )
+    }
+
+    /// The error kind, for envelopes of type `error.<kind>`.
+    #[must_use]
+    pub fn error_kind(&self) -> Option<ErrorKind> {
+        ErrorKind::ALL
+            .into_iter()
+            .find(|kind| self.kind.strip_prefix("error.") == Some(kind.as_str()))
+    }
+
+    /// The envelope as JSON.
+    #[must_use]
+    pub fn to_json(&self) -> Value {
+        json!({"type": self.kind, "data": self.data, "meta": self.meta})
+    }
+}
+
+/// The kinds of error envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    RuntimeUninitialized,
+    ApprovalNotFound,
+    ApprovalUnsupported,
+    StorageUnavailable,
+    InvalidArguments,
+    ToolFailed,
+}
+
+impl ErrorKind {
+    const ALL: [Self; 6] = [
+        Self::RuntimeUninitialized,
+        Self::ApprovalNotFound,
+        Self::ApprovalUnsupported,
+        Self::StorageUnavailable,
+        Self::InvalidArguments,
+        Self::ToolFailed,
+    ];
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RuntimeUninitialized => "runtime_uninitialized",
+            Self::ApprovalNotFound => "approval_not_found",
+            Self::ApprovalUnsupported => "approval_unsupported",
+            Self::StorageUnavailable => "storage_unavailable",
+            Self::InvalidArguments => "invalid_arguments",
+            Self::ToolFailed => "tool_failed",
+        }
+    }
+}
+
+/// Arguments of `approval.decide`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DecideArgs {
+    /// The approval to decide: its envelope `id` or its `nonce`, as listed
+    /// by `approval.list`.
+    pub approval_id: String,
+    /// `true` approves the tool calls (the envelope is consumed); `false`
+    /// rejects them (the envelope expires).
+    pub approved: bool,
+    /// Why, in a few words; kept with the decision.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// Arguments of `chat.send`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatSendArgs {
+    /// The message to send to the agent. Must not be empty.
+    pub content: String,
+    /// The session to continue (1-128 characters of A-Z a-z 0-9 . _ : -);
+    /// a new session is created when absent or unknown.
+    #[serde(default)]
+    pub session_id: Option<String>,
+}
+
+/// Arguments of a tool that takes none.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NoArgs {}
+
+/// What clients are told about a tool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolInfo {
+    pub name: &'static str,
+    pub description: &'static str,
+    /// JSON Schema of the arguments.
+    pub input_schema: Value,
+}
+
+fn schema<T: JsonSchema>() -> Value {
+    serde_json::to_value(schemars::schema_for!(T)).unwrap_or_else(|_| json!({"type": "object"}))
+}
+
+/// The tools, in the order they are listed.
+#[must_use]
+pub fn tools() -> Vec<ToolInfo> {
+    vec![
+        ToolInfo {
+            name: "dashboard.status",
+            description: "Runtime health: the active agent, its shell tier, whether approvals are unlocked (an approval key is loaded) and how many approvals are pending.",
+            input_schema: schema::<NoArgs>(),
+        },
+        ToolInfo {
+            name: "approval.list",
+            description: "Pending approval envelopes, oldest first: the tool calls a model asked for that wait for a human's decision.",
+            input_schema: schema::<NoArgs>(),
+        },
+        ToolInfo {
+            name: "approval.decide",
+            description: "Approve or reject a pending approval envelope by its id or nonce. Exactly one decision wins; a second one finds nothing pending.",
+            input_schema: schema::<DecideArgs>(),
+        },
+        ToolInfo {
+            name: "system.info",
+            description: "Server version, uptime and the configured agents.",
+            input_schema: schema::<NoArgs>(),
+        },
+        ToolInfo {
+            name: "chat.send",
+            description: "Send a message to the agent and wait for its full reply. A reply that needs tool approval answers error.approval_unsupported.",
+            input_schema: schema::<ChatSendArgs>(),
+        },
+        ToolInfo {
+            name: "session.list",
+            description: "The chat sessions, oldest first, with their message counts.",
+            input_schema: schema::<NoArgs>(),
+        },
+    ]
+}
+
+/// The tool named does not exist.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown tool: {0}")]
+pub struct UnknownTool(pub String);
+
+/// The control plane's services.
+pub struct ControlPlane {
+    chat: Arc<ChatService>,
+    sessions: Arc<SessionService>,
+    /// `None` when the approval store could not be opened (the runtime is
+    /// then uninitialised, and the chat service says why).
+    approvals: Option<Arc<ApprovalService>>,
+    events: Arc<dyn ApprovalEvents>,
+    /// The active agent.
+    agent: AgentConfig,
+    /// Every configured agent, the active one included.
+    agents: Vec<AgentConfig>,
+    started: Instant,
+}
+
+impl ControlPlane {
+    #[must_use]
+    pub fn new(
+        chat: Arc<ChatService>,
+        sessions: Arc<SessionService>,
+        approvals: Option<Arc<ApprovalService>>,
+        events: Arc<dyn ApprovalEvents>,
+        agent: AgentConfig,
+        agents: Vec<AgentConfig>,
+    ) -> Self {
+        Self {
+            chat,
+            sessions,
+            approvals,
+            events,
+            agent,
+            agents,
+            started: Instant::now(),
+        }
+    }
+
+    /// Calls the tool `name` with JSON `args` (`null` counts as `{}`).
+    ///
+    /// # Errors
+    /// [`UnknownTool`] when no tool has that name. Every other failure is an
+    /// `error.*` envelope.
+    pub async fn call(&self, name: &str, args: Value) -> Result<Envelope, UnknownTool> {
+        let args = if args.is_null() { json!({}) } else { args };
+        let parsed = |tool: &str| -> Result<(), Envelope> {
+            serde_json::from_value::<NoArgs>(args.clone())
+                .map(drop)
+                .map_err(|e| invalid(tool, &e))
+        };
+        Ok(match name {
+            "dashboard.status" => match parsed(name) {
+                Ok(()) => self.status().await,
+                Err(envelope) => envelope,
+            },
+            "approval.list" => match parsed(name) {
+                Ok(()) => self.approval_list().await,
+                Err(envelope) => envelope,
+            },
+            "system.info" => match parsed(name) {
+                Ok(()) => self.system_info(),
+                Err(envelope) => envelope,
+            },
+            "session.list" => match parsed(name) {
+                Ok(()) => self.session_list().await,
+                Err(envelope) => envelope,
+            },
+            "approval.decide" => match serde_json::from_value::<DecideArgs>(args) {
+                Ok(a) => self.decide(&a.approval_id, a.approved, a.reason).await,
+                Err(e) => invalid(name, &e),
+            },
+            "chat.send" => match serde_json::from_value::<ChatSendArgs>(args) {
+                Ok(a) => self.send_message(name, a.content, a.session_id).await,
+                Err(e) => invalid(name, &e),
+            },
+            other => return Err(UnknownTool(other.to_owned())),
+        })
+    }
+
+    /// The approval service, or the envelope saying the runtime is missing.
+    fn runtime(&self, tool: &str) -> Result<&ApprovalService, Envelope> {
+        match (self.chat.unavailable_reason(), &self.approvals) {
+            (None, Some(approvals)) => Ok(approvals),
+            (Some(why), _) => Err(uninitialized(tool, why)),
+            (None, None) => Err(uninitialized(tool, "the approval store is not open")),
+        }
+    }
+
+    /// `dashboard.status`.
+    pub async fn status(&self) -> Envelope {
+        const TOOL: &str = "dashboard.status";
+        let approvals = match self.runtime(TOOL) {
+            Ok(approvals) => approvals,
+            Err(envelope) => return envelope,
+        };
+        match approvals.list_pending(Utc::now()).await {
+            Ok(pending) => Envelope::new(
+                TOOL,
+                TOOL,
+                json!({
+                    "initialized": true,
+                    "agent_name": self.agent.name,
+                    "shell_tier": self.agent.shell_tier.as_str(),
+                    "approval_unlocked": approvals.is_unlocked(),
+                    "pending_approvals_count": pending.len(),
+                }),
+            ),
+            Err(e) => storage(TOOL, &e.to_string()),
+        }
+    }
+
+    /// `approval.list`: pending envelopes, oldest first.
+    pub async fn approval_list(&self) -> Envelope {
+        const TOOL: &str = "approval.list";
+        let approvals = match self.runtime(TOOL) {
+            Ok(approvals) => approvals,
+            Err(envelope) => return envelope,
+        };
+        match approvals.list_pending(Utc::now()).await {
+            Ok(pending) => {
+                metrics::gauge!("approvals_pending").set(pending.len() as f64);
+                let items: Vec<Value> = pending.iter().map(approval_item).collect();
+                Envelope::new(TOOL, TOOL, json!({"count": items.len(), "items": items}))
+            }
+            Err(e) => storage(TOOL, &e.to_string()),
+        }
+    }
+
+    /// `approval.decide`.
+    pub async fn decide(
+        &self,
+        approval_id: &str,
+        approved: bool,
+        reason: Option<String>,
+    ) -> Envelope {
+        const TOOL: &str = "approval.decide";
+        let approvals = match self.runtime(TOOL) {
+            Ok(approvals) => approvals,
+            Err(envelope) => return envelope,
+        };
+        match approvals
+            .decide(approval_id, approved, reason, Utc::now())
+            .await
+        {
+            Ok(envelope) => {
+                let notified = self.events.approvals_changed();
+                let mut answer = Envelope::new(
+                    TOOL,
+                    "approval.decision",
+                    json!({
+                        "id": envelope.envelope_id,
+                        "nonce": envelope.nonce,
+                        "state": envelope.state.as_str(),
+                        "approved": approved,
+                        "plan_hash_prefix": envelope.plan_hash_prefix(),
+                    }),
+                );
+                answer
+                    .meta
+                    .insert("notification_emitted".into(), json!(notified));
+                answer
+            }
+            Err(DecideError::NotFound { approval_id }) => Envelope::error(
+                TOOL,
+                ErrorKind::ApprovalNotFound,
+                "No pending approval has this id or nonce",
+                json!({ "approval_id": approval_id }),
+            ),
+            Err(DecideError::Unavailable(why)) => storage(TOOL, &why),
+        }
+    }
+
+    /// `system.info`. Answers even when the runtime is missing: it is how
+    /// an operator finds out what is configured.
+    #[must_use]
+    pub fn system_info(&self) -> Envelope {
+        let configs: Vec<Value> = self
+            .agents
+            .iter()
+            .map(|a| {
+                json!({
+                    "name": a.name,
+                    "model": a.model,
+                    "shell_tier": a.shell_tier.as_str(),
+                    "tools": a.tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        Envelope::new(
+            "system.info",
+            "system.info",
+            json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "uptime_seconds": self.started.elapsed().as_secs(),
+                "agent_name": self.agent.name,
+                "agent_configs": configs,
+            }),
+        )
+    }
+
+    /// `chat.send` (and the dashboard's `send_message` action, named `tool`).
+    pub async fn send_message(
+        &self,
+        tool: &str,
+        content: String,
+        session_id: Option<String>,
+    ) -> Envelope {
+        let session_id = match session_id.map(|raw| SessionId::parse(&raw)).transpose() {
+            Ok(id) => id,
+            Err(e) => {
+                return Envelope::error(
+                    tool,
+                    ErrorKind::InvalidArguments,
+                    &e.to_string(),
+                    json!({}),
+                );
+            }
+        };
+        let kind = if tool == "chat.send" {
+            "chat.reply"
+        } else {
+            "action.send_message"
+        };
+        match self.chat.send(session_id, content).await {
+            Ok(reply) => Envelope::new(
+                tool,
+                kind,
+                json!({"session_id": reply.session_id.as_str(), "content": reply.content}),
+            ),
+            Err(ChatError::ApprovalUnsupported { session_id }) => Envelope::error(
+                tool,
+                ErrorKind::ApprovalUnsupported,
+                APPROVAL_UNSUPPORTED_MESSAGE,
+                json!({"code": APPROVAL_UNSUPPORTED_CODE, "session_id": session_id.as_str()}),
+            ),
+            Err(ChatError::RuntimeUnavailable(why)) => uninitialized(tool, &why),
+            Err(e @ ChatError::EmptyMessage) => {
+                Envelope::error(tool, ErrorKind::InvalidArguments, &e.to_string(), json!({}))
+            }
+            Err(e @ (ChatError::Storage(_) | ChatError::ApprovalStorage { .. })) => {
+                storage(tool, &e.to_string())
+            }
+            Err(e) => Envelope::error(tool, ErrorKind::ToolFailed, &e.to_string(), json!({})),
+        }
+    }
+
+    /// `session.list`.
+    pub async fn session_list(&self) -> Envelope {
+        const TOOL: &str = "session.list";
+        match self.sessions.list().await {
+            Ok(list) => {
+                let items: Vec<Value> = list
+                    .iter()
+                    .map(|s| {
+                        json!({
+                            "id": s.id.as_str(),
+                            "created_at": s.created_at.to_rfc3339(),
+                            "message_count": s.message_count,
+                        })
+                    })
+                    .collect();
+                Envelope::new(TOOL, TOOL, json!({"count": items.len(), "items": items}))
+            }
+            Err(e) => storage(TOOL, &e.to_string()),
+        }
+    }
+}
+
+fn approval_item(envelope: &ApprovalEnvelope) -> Value {
+    json!({
+        "id": envelope.envelope_id,
+        "nonce": envelope.nonce,
+        "plan_hash_prefix": envelope.plan_hash_prefix(),
+        "issued_at": envelope.issued_at,
+        "expires_at": envelope.expires_at,
+        "tool_count": envelope.tool_calls.len(),
+        "requests": envelope.tool_calls.iter().map(|c| json!({
+            "tool_call_id": c.tool_call_id,
+            "tool_name": c.tool_name,
+            "args": c.args,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn uninitialized(tool: &str, why: &str) -> Envelope {
+    Envelope::error(tool, ErrorKind::RuntimeUninitialized, why, json!({}))
+}
+
+fn storage(tool: &str, why: &str) -> Envelope {
+    tracing::error!(tool, error = %why, "approval storage failed");
+    Envelope::error(
+        tool,
+        ErrorKind::StorageUnavailable,
+        "The approval store is unavailable; try again shortly",
+        json!({}),
+    )
+}
+
+fn invalid(tool: &str, error: &serde_json::Error) -> Envelope {
+    Envelope::error(
+        tool,
+        ErrorKind::InvalidArguments,
+        &format!("invalid arguments: {error}"),
+        json!({}),
+    )
+}
