@@ -54,9 +54,12 @@ impl ApprovalEvents for ApprovalBroadcast {
             .listeners
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        listeners
-            .iter()
-            .fold(false, |told, listener| listener() || told)
+        // Every listener is told, even after one has reached a client.
+        let mut told = false;
+        for listener in listeners.iter() {
+            told |= listener();
+        }
+        told
     }
 }
 
