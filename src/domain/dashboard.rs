@@ -29,7 +29,9 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    fn new(tool: &str, kind: &str, data: Value) -> Self {
+    /// An envelope of type `kind` answered by `tool`.
+    #[must_use]
+    pub fn new(tool: &str, kind: &str, data: Value) -> Self {
         let mut meta = Map::new();
         meta.insert("tool".into(), json!(tool));
         meta.insert(
@@ -44,7 +46,8 @@ impl Envelope {
     }
 
     /// An `error.<kind>` envelope; `extra` fields join `message` in `data`.
-    fn error(tool: &str, kind: ErrorKind, message: &str, extra: Value) -> Self {
+    #[must_use]
+    pub fn error(tool: &str, kind: ErrorKind, message: &str, extra: Value) -> Self {
         let mut data = match extra {
             Value::Object(map) => map,
             _ => Map::new(),
@@ -81,16 +84,22 @@ pub enum ErrorKind {
     StorageUnavailable,
     InvalidArguments,
     ToolFailed,
+    MissingField,
+    UnknownAction,
+    UnknownTool,
 }
 
 impl ErrorKind {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 9] = [
         Self::RuntimeUninitialized,
         Self::ApprovalNotFound,
         Self::ApprovalUnsupported,
         Self::StorageUnavailable,
         Self::InvalidArguments,
         Self::ToolFailed,
+        Self::MissingField,
+        Self::UnknownAction,
+        Self::UnknownTool,
     ];
 
     #[must_use]
@@ -102,6 +111,9 @@ impl ErrorKind {
             Self::StorageUnavailable => "storage_unavailable",
             Self::InvalidArguments => "invalid_arguments",
             Self::ToolFailed => "tool_failed",
+            Self::MissingField => "missing_field",
+            Self::UnknownAction => "unknown_action",
+            Self::UnknownTool => "unknown_tool",
         }
     }
 }
@@ -437,6 +449,41 @@ impl ControlPlane {
         }
     }
 
+    /// A dashboard action: `approve` / `reject` an approval, or
+    /// `send_message` (`payload`: `{"content", "session_id"?}`).
+    pub async fn action(
+        &self,
+        action: &str,
+        approval_id: Option<String>,
+        reason: Option<String>,
+        payload: &Value,
+    ) -> Envelope {
+        const TOOL: &str = "dashboard.action";
+        match action {
+            "approve" | "reject" => match approval_id.filter(|id| !id.trim().is_empty()) {
+                Some(id) => self.decide(&id, action == "approve", reason).await,
+                None => missing(TOOL, "approval_id"),
+            },
+            "send_message" => match payload.get("content").and_then(Value::as_str) {
+                Some(content) => {
+                    let session_id = payload
+                        .get("session_id")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned);
+                    self.send_message("action.send_message", content.to_owned(), session_id)
+                        .await
+                }
+                None => missing(TOOL, "payload.content"),
+            },
+            other => Envelope::error(
+                TOOL,
+                ErrorKind::UnknownAction,
+                "Unknown action; expected approve, reject or send_message",
+                json!({ "action": other }),
+            ),
+        }
+    }
+
     /// `session.list`.
     pub async fn session_list(&self) -> Envelope {
         const TOOL: &str = "session.list";
@@ -473,6 +520,15 @@ fn approval_item(envelope: &ApprovalEnvelope) -> Value {
             "args": c.args,
         })).collect::<Vec<_>>(),
     })
+}
+
+fn missing(tool: &str, field: &str) -> Envelope {
+    Envelope::error(
+        tool,
+        ErrorKind::MissingField,
+        &format!("{field} is required"),
+        json!({ "field": field }),
+    )
 }
 
 fn uninitialized(tool: &str, why: &str) -> Envelope {

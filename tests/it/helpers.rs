@@ -67,8 +67,6 @@ pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
     pub services: Services,
-    /// The approval service, to inspect or break in tests.
-    pub approvals: Arc<ApprovalService>,
     /// Holds the app's files (the approval database) until the app goes.
     _data: tempfile::TempDir,
     shutdown: CancellationToken,
@@ -159,7 +157,6 @@ pub async fn spawn_with(options: Options) -> TestApp {
         base: format!("http://{address}"),
         client: reqwest::Client::new(),
         services,
-        approvals,
         _data: data,
         shutdown,
     }
@@ -168,6 +165,11 @@ pub async fn spawn_with(options: Options) -> TestApp {
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 impl TestApp {
+    /// Where the app keeps its files (the approval database).
+    pub fn data_path(&self) -> &std::path::Path {
+        self._data.path()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -4,6 +4,7 @@
 pub mod allow;
 pub mod auth;
 pub mod chat;
+pub mod dashboard;
 pub mod dto;
 pub mod health;
 pub mod limits;
@@ -27,6 +28,7 @@ use serde_json::json;
 use self::allow::AllowHeader;
 use self::auth::{ApiKey, Guard, OriginPolicy, TicketBook};
 use self::chat::ChatApi;
+use self::dashboard::DashboardApi;
 use self::health::HealthApi;
 use self::limits::BodyLimit;
 use self::metrics::MetricsApi;
@@ -48,6 +50,8 @@ enum ApiTags {
     Sessions,
     /// Chat turns.
     Chat,
+    /// The control plane for web front ends: the same envelopes as `/mcp`.
+    Dashboard,
 }
 
 /// The domain services the HTTP adapter exposes.
@@ -75,6 +79,8 @@ pub struct HttpSettings {
     pub max_body_bytes: usize,
     /// Interval of SSE keep-alive comments.
     pub sse_keep_alive: Duration,
+    /// `/api/stream` sends a fresh snapshot at least this often.
+    pub dashboard_refresh: Duration,
     pub ws: WsSettings,
 }
 
@@ -86,6 +92,7 @@ impl Default for HttpSettings {
             ticket_ttl: Duration::from_secs(30),
             max_body_bytes: 2 * 1024 * 1024,
             sse_keep_alive: Duration::from_secs(15),
+            dashboard_refresh: Duration::from_secs(5),
             ws: WsSettings::default(),
         }
     }
@@ -99,7 +106,14 @@ pub const WEBSOCKET_PATH: &str = "/api/ws/:session_id";
 /// both, so a route added without auth fails it.
 pub const PLAIN_ROUTES: &[(&str, &str)] = &[("GET", WEBSOCKET_PATH)];
 
-type Apis = (HealthApi, MetricsApi, TicketApi, SessionsApi, ChatApi);
+type Apis = (
+    HealthApi,
+    MetricsApi,
+    TicketApi,
+    SessionsApi,
+    ChatApi,
+    DashboardApi,
+);
 
 /// The typed REST API; its spec is `openapi.yaml`.
 #[must_use]
@@ -125,6 +139,11 @@ pub fn api_service(
             },
             ChatApi {
                 chat: Arc::clone(&services.chat),
+            },
+            DashboardApi {
+                control: Arc::clone(&services.control),
+                events: Arc::clone(&services.approval_events),
+                refresh: settings.dashboard_refresh,
             },
         ),
         "autopoiesis",

@@ -25,8 +25,10 @@ pub struct ConnectSettings {
     /// one. Short, so that a database that is down answers an error quickly
     /// instead of hanging the request.
     pub acquire_timeout: Duration,
-    /// SQLite only: how long a write waits for another connection's (or
-    /// process's) write lock before failing.
+    /// SQLite only: how long a statement waits for another connection's (or
+    /// process's) lock before failing. Approval writes are single short
+    /// statements, so a lock held longer than this means trouble, and the
+    /// client is better served by a quick 503 than by a hanging request.
     pub busy_timeout: Duration,
 }
 
@@ -35,7 +37,7 @@ impl Default for ConnectSettings {
         Self {
             max_connections: 5,
             acquire_timeout: Duration::from_secs(1),
-            busy_timeout: Duration::from_secs(5),
+            busy_timeout: Duration::from_millis(750),
         }
     }
 }

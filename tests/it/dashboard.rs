@@ -1,0 +1,352 @@
+//! The dashboard API (SPEC A8) and the approval flow end to end: a deferred
+//! turn recorded, listed, streamed, decided once.
+
+use std::time::{Duration, Instant};
+
+use autopoiesis::domain::chat::RuntimeSlot;
+use futures::StreamExt;
+use reqwest::StatusCode;
+use sea_orm::{ConnectionTrait, Database};
+use serde_json::{Value, json};
+
+use crate::helpers::{Options, TestApp, spawn_with};
+
+async fn unlocked() -> TestApp {
+    spawn_with(Options {
+        approval_key: true,
+        ..Options::default()
+    })
+    .await
+}
+
+async fn get(app: &TestApp, path: &str) -> (StatusCode, Value) {
+    let res = app.client.get(app.url(path)).send().await.unwrap();
+    (res.status(), res.json().await.unwrap())
+}
+
+async fn post(app: &TestApp, path: &str, body: Value) -> (StatusCode, Value) {
+    let res = app
+        .client
+        .post(app.url(path))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (res.status(), res.json().await.unwrap())
+}
+
+async fn defer_a_tool_call(app: &TestApp) {
+    let res = app
+        .chat(json!({"content": r#"/tool execute {"command":"ls"}"#, "session_id": "ops"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::CONFLICT);
+}
+
+/// Reads SSE events from `/api/stream` until `pred` holds for one.
+async fn stream_until<B: AsRef<[u8]>>(
+    body: &mut (impl futures::Stream<Item = reqwest::Result<B>> + Unpin),
+    buffer: &mut String,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) {
+                let envelope: Value = serde_json::from_str(data).unwrap();
+                if pred(&envelope) {
+                    return envelope;
+                }
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = tokio::time::timeout(left, body.next())
+            .await
+            .expect("no such event within 10 s")
+            .unwrap()
+            .unwrap();
+        buffer.push_str(std::str::from_utf8(chunk.as_ref()).unwrap());
+    }
+}
+
+#[tokio::test]
+async fn status_reports_the_agent_and_whether_approvals_are_unlocked() {
+    let app = spawn_with(Options::default()).await;
+    let (status, body) = get(&app, "/api/status").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["type"], "dashboard.status");
+    assert_eq!(
+        body["data"],
+        json!({"initialized": true, "agent_name": "default", "shell_tier": "review", "approval_unlocked": false, "pending_approvals_count": 0})
+    );
+    assert_eq!(body["meta"]["tool"], "dashboard.status");
+    chrono::DateTime::parse_from_rfc3339(body["meta"]["timestamp"].as_str().unwrap()).unwrap();
+}
+
+#[tokio::test]
+async fn without_a_key_a_deferred_turn_records_nothing() {
+    let app = spawn_with(Options::default()).await;
+    defer_a_tool_call(&app).await;
+    let (_, list) = get(&app, "/api/approvals").await;
+    assert_eq!(list["data"], json!({"count": 0, "items": []}));
+}
+
+#[tokio::test]
+async fn a_deferred_turn_is_listed_streamed_and_decided_exactly_once() {
+    let app = unlocked().await;
+    let res = app.client.get(app.url("/api/stream")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut stream = res.bytes_stream();
+    let mut buffer = String::new();
+    let connected = stream_until(&mut stream, &mut buffer, |_| true).await;
+    assert_eq!(connected["type"], "stream.connected");
+    let first = stream_until(&mut stream, &mut buffer, |e| e["type"] == "approval.list").await;
+    assert_eq!(first["data"]["count"], 0);
+
+    defer_a_tool_call(&app).await;
+
+    // Pushed on creation, not on the 5 s timer.
+    let pushed = stream_until(&mut stream, &mut buffer, |e| {
+        e["type"] == "approval.list" && e["data"]["count"] == 1
+    })
+    .await;
+    let item = &pushed["data"]["items"][0];
+    assert_eq!(item["tool_count"], 1);
+    assert_eq!(item["requests"][0]["tool_name"], "execute");
+    assert_eq!(item["requests"][0]["args"], json!({"command": "ls"}));
+    assert_eq!(
+        item["expires_at"].as_i64().unwrap() - item["issued_at"].as_i64().unwrap(),
+        3600
+    );
+    let id = item["id"].as_str().unwrap().to_owned();
+
+    let (_, status) = get(&app, "/api/status").await;
+    assert_eq!(status["data"]["approval_unlocked"], true);
+    assert_eq!(status["data"]["pending_approvals_count"], 1);
+    let (_, list) = get(&app, "/api/approvals").await;
+    assert_eq!(list["data"]["items"][0]["id"], id.as_str());
+
+    let (code, decision) = post(
+        &app,
+        "/api/actions",
+        json!({"action": "approve", "approval_id": id, "reason": "looks fine"}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(decision["type"], "approval.decision");
+    assert_eq!(decision["data"]["state"], "consumed");
+    assert_eq!(decision["data"]["approved"], true);
+    assert_eq!(
+        decision["data"]["plan_hash_prefix"],
+        item["plan_hash_prefix"]
+    );
+    let after = stream_until(&mut stream, &mut buffer, |e| {
+        e["type"] == "approval.list" && e["data"]["count"] == 0
+    })
+    .await;
+    assert_eq!(after["data"]["items"], json!([]));
+
+    let (code, again) = post(
+        &app,
+        "/api/actions",
+        json!({"action": "reject", "approval_id": id}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert_eq!(again["type"], "error.approval_not_found");
+    assert_eq!(again["data"]["approval_id"], id.as_str());
+}
+
+#[tokio::test]
+async fn rejecting_by_nonce_expires_the_envelope() {
+    let app = unlocked().await;
+    defer_a_tool_call(&app).await;
+    let (_, list) = get(&app, "/api/approvals").await;
+    let nonce = list["data"]["items"][0]["nonce"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (code, decision) = post(
+        &app,
+        "/api/actions",
+        json!({"action": "reject", "approval_id": nonce}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(decision["data"]["state"], "expired");
+    assert_eq!(decision["data"]["approved"], false);
+}
+
+#[tokio::test]
+async fn actions_refuse_missing_ids_and_unknown_actions_and_send_messages() {
+    let app = unlocked().await;
+    let (code, body) = post(&app, "/api/actions", json!({"action": "approve"})).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert_eq!(body["type"], "error.missing_field");
+    let (code, body) = post(&app, "/api/actions", json!({"action": "dance"})).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert_eq!(body["type"], "error.unknown_action");
+    let (code, body) = post(
+        &app,
+        "/api/actions",
+        json!({"action": "send_message", "payload": {"content": "hi", "session_id": "dash"}}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(body["type"], "action.send_message");
+    assert_eq!(body["data"], json!({"session_id": "dash", "content": "hi"}));
+    let (code, body) = post(
+        &app,
+        "/api/actions",
+        json!({"action": "send_message", "payload": {"content": "/tool execute {}"}}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::CONFLICT);
+    assert_eq!(body["type"], "error.approval_unsupported");
+    let (code, _) = post(&app, "/api/actions", json!({"action": 5})).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn without_a_runtime_the_dashboard_answers_runtime_uninitialized() {
+    let app = spawn_with(Options {
+        runtime: RuntimeSlot::Unavailable("Agent runtime unavailable: no provider".into()),
+        ..Options::default()
+    })
+    .await;
+    let (code, body) = get(&app, "/api/status").await;
+    assert_eq!(code, StatusCode::OK, "an error envelope still answers 200");
+    assert_eq!(body["type"], "error.runtime_uninitialized");
+    assert_eq!(
+        body["data"]["message"],
+        "Agent runtime unavailable: no provider"
+    );
+    let (code, body) = post(
+        &app,
+        "/api/actions",
+        json!({"action": "send_message", "payload": {"content": "hi"}}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["type"], "error.runtime_uninitialized");
+}
+
+#[tokio::test]
+async fn tools_are_listed_and_callable_with_their_own_envelopes() {
+    let app = unlocked().await;
+    let (code, body) = get(&app, "/api/tools").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(body["type"], "tools.list");
+    let names: Vec<&str> = body["data"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "dashboard.status",
+            "approval.list",
+            "approval.decide",
+            "system.info",
+            "chat.send",
+            "session.list"
+        ]
+    );
+    assert_eq!(body["data"]["count"], 6);
+    let decide = &body["data"]["tools"][2]["inputSchema"];
+    assert!(
+        decide["properties"]["approval_id"]["description"].is_string(),
+        "{decide}"
+    );
+
+    let (code, info) = post(&app, "/api/tools/system.info", json!({})).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(
+        info["type"], "system.info",
+        "the tool's own envelope, not double-encoded"
+    );
+    assert_eq!(info["data"]["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(info["data"]["agent_configs"][0]["name"], "default");
+
+    let (code, body) = post(
+        &app,
+        "/api/tools/approval.decide",
+        json!({"approval_id": "nope", "approved": true}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(body["type"], "error.approval_not_found");
+    let (code, body) = post(
+        &app,
+        "/api/tools/approval.decide",
+        json!({"approved": "yes"}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert_eq!(body["type"], "error.invalid_arguments");
+    let (code, body) = post(&app, "/api/tools/teleport", json!({})).await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert_eq!(body["type"], "error.unknown_tool");
+}
+
+#[tokio::test]
+async fn a_locked_approval_database_answers_503_within_a_second_and_recovers() {
+    let app = unlocked().await;
+    defer_a_tool_call(&app).await;
+    let (_, list) = get(&app, "/api/approvals").await;
+    let id = list["data"]["items"][0]["id"].as_str().unwrap().to_owned();
+    let url =
+        autopoiesis::adapters::persistence::sqlite_url(&app.data_path().join("approvals.sqlite"));
+    // Another process takes the write lock and holds it.
+    let intruder = Database::connect(url.as_str()).await.unwrap();
+    intruder
+        .execute_unprepared("BEGIN EXCLUSIVE")
+        .await
+        .unwrap();
+    intruder
+        .execute_unprepared("UPDATE approval_envelopes SET key_id = key_id")
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let (code, body) = post(
+        &app,
+        "/api/actions",
+        json!({"action": "approve", "approval_id": id}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["type"], "error.storage_unavailable");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "took {:?}",
+        started.elapsed()
+    );
+    let res = app
+        .chat(json!({"content": r#"/tool execute {"command":"pwd"}"#, "session_id": "ops"}))
+        .await;
+    assert_eq!(
+        res.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the approval could not be recorded"
+    );
+    assert!(
+        res.json::<Value>().await.unwrap()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Approval storage")
+    );
+
+    intruder.execute_unprepared("ROLLBACK").await.unwrap();
+    intruder.close().await.unwrap();
+    let (code, body) = post(
+        &app,
+        "/api/actions",
+        json!({"action": "approve", "approval_id": id}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["data"]["state"], "consumed");
+}
