@@ -200,3 +200,63 @@ mod reqwest {
         response
     }
 }
+
+#[test]
+fn keygen_writes_a_private_key_and_serve_refuses_one_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("approval.key");
+    let output = autopoiesis()
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let again = autopoiesis()
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        !again.status.success(),
+        "an existing key is never overwritten"
+    );
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = serve_fails(
+        &["--port", "0"],
+        &[("AUTOPOIESIS_APPROVAL_KEY_FILE", key.to_str().unwrap())],
+    );
+    assert!(
+        err.contains("AUTOPOIESIS_APPROVAL_KEY_FILE") && err.contains("chmod"),
+        "{err}"
+    );
+    std::fs::write(&key, "not a key").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let err = serve_fails(
+        &["--port", "0"],
+        &[("AUTOPOIESIS_APPROVAL_KEY_FILE", key.to_str().unwrap())],
+    );
+    assert!(err.contains("AUTOPOIESIS_APPROVAL_KEY_FILE"), "{err}");
+}
+
+#[test]
+fn an_unopenable_approval_database_still_starts_and_reports_why() {
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, address) = spawn_server(&["--database-url", "mysql://nowhere/db"], data.path());
+    let health = reqwest::blocking_get(&address);
+    let status = reqwest::get_path(&address, "/api/status");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+    assert!(
+        status.contains("error.runtime_uninitialized")
+            && status.contains("Approval database unavailable"),
+        "{status}"
+    );
+}
