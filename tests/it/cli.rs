@@ -96,7 +96,7 @@ fn spawn_server(args: &[&str], data: &std::path::Path) -> (std::process::Child, 
 fn port_zero_binds_a_free_port_and_logs_it() {
     let data = tempfile::tempdir().unwrap();
     let (mut child, address) = spawn_server(&[], data.path());
-    let health = reqwest::blocking_get(&address);
+    let health = plain_http::get(&address, "/api/health");
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(health.contains("\"status\":\"ok\""), "{health}");
@@ -135,7 +135,7 @@ async fn sigterm_cancels_turns_past_the_grace_period_closes_sockets_1001_and_exi
     let rest_turn = tokio::spawn({
         let url = format!("http://{address}/api/chat");
         async move {
-            ::reqwest::Client::new()
+            reqwest::Client::new()
                 .post(url)
                 .json(&serde_json::json!({"content": "word ".repeat(200), "session_id": "rest"}))
                 .send()
@@ -185,14 +185,14 @@ async fn sigterm_cancels_turns_past_the_grace_period_closes_sockets_1001_and_exi
     assert!(status.success(), "exit status {status}");
 }
 
-mod reqwest {
-    /// A one-off GET over a plain socket (the test is synchronous).
-    pub fn blocking_get(address: &str) -> String {
+mod plain_http {
+    /// A one-off GET over a plain socket (these tests are synchronous).
+    pub fn get(address: &str, path: &str) -> String {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(address).unwrap();
         write!(
             stream,
-            "GET /api/health HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
         )
         .unwrap();
         let mut response = String::new();
@@ -249,8 +249,8 @@ fn keygen_writes_a_private_key_and_serve_refuses_one_others_can_read() {
 fn an_unopenable_approval_database_still_starts_and_reports_why() {
     let data = tempfile::tempdir().unwrap();
     let (mut child, address) = spawn_server(&["--database-url", "mysql://nowhere/db"], data.path());
-    let health = reqwest::blocking_get(&address);
-    let status = reqwest::get_path(&address, "/api/status");
+    let health = plain_http::get(&address, "/api/health");
+    let status = plain_http::get(&address, "/api/status");
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(health.contains("\"status\":\"ok\""), "{health}");
