@@ -13,7 +13,9 @@ use autopoiesis::adapters::ed25519::Ed25519ApprovalKey;
 use autopoiesis::adapters::http::auth::{ApiKey, OriginPolicy};
 use autopoiesis::adapters::http::{self, HttpSettings, Services};
 use autopoiesis::adapters::memory::InMemorySessionStore;
-use autopoiesis::adapters::persistence::{ConnectSettings, SeaOrmApprovalStore, sqlite_url};
+use autopoiesis::adapters::persistence::{
+    ConnectSettings, SeaOrmApprovalStore, connect, sqlite_url,
+};
 use autopoiesis::adapters::ws::endpoint::WsSettings;
 use autopoiesis::adapters::ws::{SessionHub, StreamSettings};
 use autopoiesis::domain::agent::AgentConfig;
@@ -240,7 +242,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .database_url
         .clone()
         .unwrap_or_else(|| sqlite_url(&args.data_dir.join("approvals.sqlite")));
-    let approval_store = SeaOrmApprovalStore::open(&database_url, &ConnectSettings::default())
+    // The connection is kept here too, to be closed (and SQLite's WAL
+    // checkpointed) once the last turn has written its approval.
+    let approval_db = connect(&database_url, &ConnectSettings::default())
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, "approval database unavailable; chat and MCP answer 'runtime uninitialized' until this is fixed");
@@ -256,13 +260,13 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             .filter(|v| !v.is_empty()),
         stream_idle_timeout: args.provider_timeout,
     };
-    let runtime = match approval_store
+    let runtime = match approval_db
         .as_ref()
         .map_err(Clone::clone)
         .and_then(|_| build_runtime(&agent, &provider_env))
     {
         Ok(runtime) => RuntimeSlot::Ready(runtime),
-        Err(why) if approval_store.is_err() => RuntimeSlot::Unavailable(why),
+        Err(why) if approval_db.is_err() => RuntimeSlot::Unavailable(why),
         Err(why) => {
             tracing::warn!(reason = %why, "agent runtime unavailable; chat answers 503 until this is fixed");
             RuntimeSlot::Unavailable(format!("Agent runtime unavailable: {why}"))
@@ -278,7 +282,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let store = Arc::new(InMemorySessionStore::new());
     let turn_timeout = (!args.turn_timeout.is_zero()).then_some(args.turn_timeout);
     let approval_events = Arc::new(ApprovalBroadcast::new());
-    let approvals = approval_store.ok().map(|store| {
+    let approvals = approval_db.as_ref().ok().map(|db| {
+        let store = SeaOrmApprovalStore::new(db.clone());
         let signer = approval_key.map(|key| Arc::new(key) as Arc<dyn ApprovalSigner>);
         Arc::new(ApprovalService::new(
             Arc::new(store),
@@ -386,6 +391,11 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     .await;
     shutdown.cancel();
     let _ = tokio::join!(sweeper, drain, pruner);
+    if let Ok(db) = approval_db
+        && let Err(error) = db.close().await
+    {
+        tracing::warn!(%error, "approval database did not close cleanly");
+    }
     tracing::info!("stopped");
     served.map_err(|e| format!("server failed: {e}"))
 }

@@ -350,3 +350,49 @@ async fn a_locked_approval_database_answers_503_within_a_second_and_recovers() {
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(body["data"]["state"], "consumed");
 }
+
+#[tokio::test]
+async fn a_pending_row_written_by_the_python_original_shows_in_approval_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = autopoiesis::adapters::persistence::sqlite_url(&dir.path().join("approvals.sqlite"));
+    let original = Database::connect(url.as_str()).await.unwrap();
+    let now = chrono::Utc::now().timestamp();
+    original
+        .execute_unprepared(&format!(
+            "CREATE TABLE approval_envelopes (
+                envelope_id TEXT PRIMARY KEY, nonce TEXT UNIQUE NOT NULL,
+                scope_json TEXT NOT NULL, tool_calls_json TEXT NOT NULL,
+                plan_hash TEXT NOT NULL, key_id TEXT NOT NULL,
+                signed_object_json TEXT, signature_hex TEXT, state TEXT NOT NULL,
+                issued_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, consumed_at INTEGER);
+             INSERT INTO approval_envelopes VALUES ('py-envelope', 'py-nonce', '{{}}',
+                '[{{\"tool_call_id\":\"c1\",\"tool_name\":\"execute\",\"args\":{{\"command\":\"uptime\"}}}}]',
+                'abcdef0123456789', 'key', NULL, NULL, 'pending', {now}, {}, NULL);",
+            now + 3600
+        ))
+        .await
+        .unwrap();
+    original.close().await.unwrap();
+
+    let app = spawn_with(Options {
+        database_url: Some(url),
+        ..Options::default()
+    })
+    .await;
+    let (code, list) = get(&app, "/api/approvals").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(list["data"]["count"], 1);
+    let item = &list["data"]["items"][0];
+    assert_eq!(item["id"], "py-envelope");
+    assert_eq!(item["nonce"], "py-nonce");
+    assert_eq!(item["plan_hash_prefix"], "abcdef01");
+    assert_eq!(item["requests"][0]["args"], json!({"command": "uptime"}));
+    let (code, decision) = post(
+        &app,
+        "/api/actions",
+        json!({"action": "reject", "approval_id": "py-nonce"}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(decision["data"]["id"], "py-envelope");
+}
