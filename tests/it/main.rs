@@ -8,6 +8,7 @@ mod cli;
 mod edges;
 mod fake_openai;
 mod helpers;
+mod mcp;
 mod openai_chat;
 mod openai_runtime;
 mod rest;
