@@ -114,6 +114,11 @@ struct ServeArgs {
     /// and /mcp (comma-separated, e.g. https://app.example.com; * for any).
     #[arg(long, env = "AUTOPOIESIS_ALLOWED_ORIGINS", value_delimiter = ',')]
     allowed_origins: Vec<String>,
+    /// Host names /mcp accepts in the Host header besides the bind address
+    /// and loopback (DNS-rebinding protection; comma-separated, `host` or
+    /// `host:port`; * for any), e.g. the name a reverse proxy forwards.
+    #[arg(long, env = "AUTOPOIESIS_MCP_ALLOWED_HOSTS", value_delimiter = ',')]
+    mcp_allowed_hosts: Vec<String>,
     /// Frames queued per client before it counts as too slow (closed, 1013).
     #[arg(long, env = "AUTOPOIESIS_CLIENT_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     client_queue: u32,
@@ -316,6 +321,12 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         control,
         approval_events,
     };
+    // Ends MCP sessions and their streams at shutdown, after running turns.
+    let close_streams = CancellationToken::new();
+    let defaults = HttpSettings::default();
+    let mut mcp_allowed_hosts = defaults.mcp_allowed_hosts.clone();
+    mcp_allowed_hosts.push(args.host.to_string());
+    mcp_allowed_hosts.extend(args.mcp_allowed_hosts.iter().cloned());
     let settings = HttpSettings {
         api_key,
         origins: OriginPolicy {
@@ -326,7 +337,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             max_message_bytes: args.max_ws_message_bytes,
             ..WsSettings::default()
         },
-        ..HttpSettings::default()
+        mcp_allowed_hosts,
+        close_streams: close_streams.clone(),
+        ..defaults
     };
 
     let address = SocketAddr::new(args.host, args.port);
@@ -362,6 +375,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         async move {
             shutdown.cancelled().await;
             chat.shutdown(grace).await;
+            close_streams.cancel();
             hub.close_all_and_wait(Duration::from_secs(5)).await;
         }
     });

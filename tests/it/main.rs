@@ -9,6 +9,7 @@ mod dashboard;
 mod edges;
 mod fake_openai;
 mod helpers;
+mod mcp;
 mod openai_chat;
 mod openai_runtime;
 mod rest;

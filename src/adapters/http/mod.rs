@@ -1,5 +1,6 @@
 //! The HTTP adapter: the REST API (poem-openapi), the WebSocket endpoint, the
-//! served spec and docs, and the middleware every route shares.
+//! MCP endpoint, the served spec and docs, and the middleware every route
+//! shares.
 
 pub mod allow;
 pub mod auth;
@@ -17,13 +18,14 @@ pub mod tickets;
 use std::sync::Arc;
 use std::time::Duration;
 
-use poem::endpoint::BoxEndpoint;
+use poem::endpoint::{BoxEndpoint, TowerCompatExt};
 use poem::http::StatusCode;
 use poem::listener::TcpAcceptor;
 use poem::web::Json;
-use poem::{EndpointExt, IntoResponse, Response, Route, Server, get};
+use poem::{EndpointExt, IntoResponse, Response, Route, Server, get, post};
 use poem_openapi::{OpenApiService, Tags};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use self::allow::AllowHeader;
 use self::auth::{ApiKey, Guard, OriginPolicy, TicketBook};
@@ -36,6 +38,7 @@ use self::request_log::RequestLog;
 use self::sessions::SessionsApi;
 use self::tickets::TicketApi;
 use crate::adapters::approval_broadcast::ApprovalBroadcast;
+use crate::adapters::mcp::{self, McpSettings};
 use crate::adapters::ws::SessionHub;
 use crate::adapters::ws::endpoint::{WsSettings, WsState, session_socket};
 use crate::domain::chat::ChatService;
@@ -82,6 +85,13 @@ pub struct HttpSettings {
     /// `/api/stream` sends a fresh snapshot at least this often.
     pub dashboard_refresh: Duration,
     pub ws: WsSettings,
+    /// `Host` values `/mcp` accepts (DNS-rebinding protection): hosts (any
+    /// port) or `host:port`; `*` accepts any.
+    pub mcp_allowed_hosts: Vec<String>,
+    /// Cancelled at shutdown once running turns are done: MCP sessions and
+    /// their streams end then, so graceful shutdown does not wait on idle
+    /// clients.
+    pub close_streams: CancellationToken,
 }
 
 impl Default for HttpSettings {
@@ -94,17 +104,30 @@ impl Default for HttpSettings {
             sse_keep_alive: Duration::from_secs(15),
             dashboard_refresh: Duration::from_secs(5),
             ws: WsSettings::default(),
+            mcp_allowed_hosts: ["localhost", "127.0.0.1", "::1"]
+                .map(str::to_owned)
+                .to_vec(),
+            close_streams: CancellationToken::new(),
         }
     }
 }
 
-/// The WebSocket route: the one route outside the OpenAPI service.
+/// The WebSocket route.
 pub const WEBSOCKET_PATH: &str = "/api/ws/:session_id";
+
+/// The MCP endpoint (Streamable HTTP): POST for messages, GET for the
+/// session's notification stream, DELETE to end a session.
+pub const MCP_PATH: &str = "/mcp";
 
 /// Routes served outside the OpenAPI service, as (method, path). Every route
 /// mounted in [`app`] is either in the spec or here: the auth test walks
 /// both, so a route added without auth fails it.
-pub const PLAIN_ROUTES: &[(&str, &str)] = &[("GET", WEBSOCKET_PATH)];
+pub const PLAIN_ROUTES: &[(&str, &str)] = &[
+    ("GET", WEBSOCKET_PATH),
+    ("POST", MCP_PATH),
+    ("GET", MCP_PATH),
+    ("DELETE", MCP_PATH),
+];
 
 type Apis = (
     HealthApi,
@@ -168,10 +191,26 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
         hub: Arc::clone(&services.hub),
         settings: settings.ws.clone(),
     });
+    let mcp = mcp::service(
+        Arc::clone(&services.control),
+        &services.approval_events,
+        &McpSettings {
+            allowed_hosts: settings.mcp_allowed_hosts.clone(),
+            sse_keep_alive: settings.sse_keep_alive,
+            max_body_bytes: settings.max_body_bytes,
+            close_streams: settings.close_streams.clone(),
+        },
+    );
     Route::new()
         .at("/openapi.json", api.spec_endpoint())
         .nest("/docs", api.swagger_ui())
         .at(WEBSOCKET_PATH, get(session_socket).data(ws_state))
+        .at(
+            MCP_PATH,
+            post(mcp.clone().compat())
+                .get(mcp.clone().compat())
+                .delete(mcp.compat()),
+        )
         .nest("/", api)
         .with(Guard {
             key: settings.api_key.clone(),

@@ -1,0 +1,77 @@
+//! The MCP adapter (SPEC A5, B7): the control plane's tools served over
+//! rmcp's Streamable HTTP transport, which the HTTP adapter mounts at
+//! `/mcp`, and the push of `notifications/tools/list_changed` to connected
+//! clients whenever approvals change. rmcp types stop here.
+
+mod clients;
+mod handler;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
+use tokio_util::sync::CancellationToken;
+
+pub use self::clients::McpClients;
+pub use self::handler::McpHandler;
+use crate::adapters::approval_broadcast::ApprovalBroadcast;
+use crate::domain::dashboard::ControlPlane;
+
+/// The MCP endpoint as a tower service.
+pub type McpService = StreamableHttpService<McpHandler, LocalSessionManager>;
+
+/// How the endpoint is served.
+#[derive(Debug, Clone)]
+pub struct McpSettings {
+    /// `Host` header values accepted (DNS-rebinding protection), each a host
+    /// (any port) or `host:port`; `*` accepts any host.
+    pub allowed_hosts: Vec<String>,
+    /// Interval of keep-alive pings on SSE streams.
+    pub sse_keep_alive: Duration,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Cancelled at shutdown: sessions and their streams end, so the server
+    /// does not wait on idle clients.
+    pub close_streams: CancellationToken,
+}
+
+/// The endpoint over `control`; `events` gets a listener that tells every
+/// connected client when approvals change.
+#[must_use]
+pub fn service(
+    control: Arc<ControlPlane>,
+    events: &ApprovalBroadcast,
+    settings: &McpSettings,
+) -> McpService {
+    let clients = Arc::new(McpClients::default());
+    // Weak: the broadcast outlives an app built and dropped (tests build
+    // many); a dropped endpoint has nobody to tell.
+    let registry = Arc::downgrade(&clients);
+    events.add_listener(Box::new(move || {
+        registry
+            .upgrade()
+            .is_some_and(|clients| clients.notify_tool_list_changed())
+    }));
+    let handler = McpHandler::new(control, clients);
+    let config = StreamableHttpServerConfig::default()
+        // Both protocol eras: `initialize` sessions (with a GET stream for
+        // notifications and DELETE to end them), and the session-less
+        // 2026-07-28 requests, which rmcp serves whatever this says.
+        .with_legacy_session_mode(true)
+        .with_sse_keep_alive(Some(settings.sse_keep_alive))
+        .with_max_request_body_bytes(settings.max_body_bytes)
+        .with_cancellation_token(settings.close_streams.child_token());
+    // Origin is checked by the HTTP guard for every route that needs it,
+    // against the same allow-list as WebSockets; rmcp's own check stays off.
+    let config = if settings.allowed_hosts.iter().any(|h| h == "*") {
+        config.disable_allowed_hosts()
+    } else {
+        config.with_allowed_hosts(settings.allowed_hosts.iter().cloned())
+    };
+    StreamableHttpService::new(
+        move || Ok(handler.clone()),
+        Arc::new(LocalSessionManager::default()),
+        config,
+    )
+}

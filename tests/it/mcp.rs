@@ -1,0 +1,531 @@
+//! MCP at `/mcp` (SPEC A5, B5, B7) spoken to by a real rmcp client over
+//! Streamable HTTP: the six tools and their envelopes, approvals decided end
+//! to end with `notifications/tools/list_changed` reaching other clients, both
+//! protocol eras, and the auth, Origin and Host checks.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use autopoiesis::adapters::http::HttpSettings;
+use autopoiesis::domain::chat::RuntimeSlot;
+use reqwest::StatusCode;
+use reqwest::header::{HeaderName, HeaderValue};
+use rmcp::model::{
+    CallToolRequestParams, ErrorCode, ProtocolVersion, ServerNotification, SubscriptionFilter,
+};
+use rmcp::service::{
+    ClientInitializeError, NotificationContext, RoleClient, RunningService, ServiceError,
+};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::{ClientHandler, ClientLifecycleMode, ClientServiceExt, ServiceExt};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::helpers::{Options, TestApp, spawn_with};
+
+const KEY: &str = "correct-horse";
+const TOOL_PROMPT: &str = r#"/tool execute {"command":"ls"}"#;
+
+/// A client that counts `notifications/tools/list_changed`.
+#[derive(Clone, Default)]
+struct Recorder {
+    tools_changed: Arc<watch::Sender<usize>>,
+}
+
+impl ClientHandler for Recorder {
+    async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        self.tools_changed.send_modify(|n| *n += 1);
+    }
+}
+
+impl Recorder {
+    /// Waits up to 5 s until `n` notifications in all have arrived.
+    async fn heard_tools_changed(&self, n: usize) -> bool {
+        let mut count = self.tools_changed.subscribe();
+        tokio::time::timeout(Duration::from_secs(5), count.wait_for(|c| *c >= n))
+            .await
+            .is_ok_and(|seen| seen.is_ok())
+    }
+}
+
+type Client = RunningService<RoleClient, Recorder>;
+
+fn transport(
+    app: &TestApp,
+    headers: &[(&str, &str)],
+) -> StreamableHttpClientTransport<reqwest::Client> {
+    let headers: HashMap<HeaderName, HeaderValue> = headers
+        .iter()
+        .map(|(name, value)| {
+            (
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            )
+        })
+        .collect();
+    StreamableHttpClientTransport::from_config(
+        StreamableHttpClientTransportConfig::with_uri(app.url("/mcp")).custom_headers(headers),
+    )
+}
+
+/// An MCP client of the `initialize` era, sending `headers` on every request.
+async fn try_connect(
+    app: &TestApp,
+    headers: &[(&str, &str)],
+) -> Result<Client, ClientInitializeError> {
+    Recorder::default().serve(transport(app, headers)).await
+}
+
+async fn connect(app: &TestApp) -> Client {
+    try_connect(app, &[]).await.unwrap()
+}
+
+/// An MCP client of the session-less 2026-07-28 era.
+async fn connect_2026(app: &TestApp) -> Client {
+    Recorder::default()
+        .serve_with_lifecycle(
+            transport(app, &[]),
+            ClientLifecycleMode::Discover {
+                preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+            },
+        )
+        .await
+        .unwrap()
+}
+
+/// Calls `name` and returns the envelope of its one text content.
+async fn call(client: &Client, name: &str, args: Value) -> Value {
+    let mut params = CallToolRequestParams::new(name.to_owned());
+    if let Value::Object(args) = args {
+        params = params.with_arguments(args);
+    }
+    let result = client.call_tool(params).await.unwrap();
+    assert_ne!(result.is_error, Some(true), "{name}: {result:?}");
+    assert_eq!(result.content.len(), 1, "{name}: {result:?}");
+    let text = &result.content[0].as_text().expect("a text content").text;
+    let envelope: Value = serde_json::from_str(text).unwrap();
+    assert_eq!(envelope["meta"]["tool"], name, "{envelope}");
+    chrono::DateTime::parse_from_rfc3339(envelope["meta"]["timestamp"].as_str().unwrap()).unwrap();
+    envelope
+}
+
+async fn unlocked_app() -> TestApp {
+    spawn_with(Options {
+        approval_key: true,
+        ..Options::default()
+    })
+    .await
+}
+
+/// Asks the echo agent for a tool call: one pending approval.
+async fn request_tool_call(client: &Client) -> Value {
+    let reply = call(client, "chat.send", json!({"content": TOOL_PROMPT})).await;
+    assert_eq!(reply["type"], "error.approval_unsupported", "{reply}");
+    let list = call(client, "approval.list", json!({})).await;
+    list["data"]["items"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test]
+async fn tools_list_has_the_six_tools_with_descriptions_and_schemas() {
+    let app = unlocked_app().await;
+    let client = connect(&app).await;
+    let info = client.peer_info().unwrap();
+    assert_eq!(info.server_info.as_ref().unwrap().name, "autopoiesis");
+    let tools_caps = info.capabilities.tools.as_ref().unwrap();
+    assert_eq!(tools_caps.list_changed, Some(true));
+
+    let tools = client.list_all_tools().await.unwrap();
+    let names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
+    assert_eq!(
+        names,
+        [
+            "dashboard.status",
+            "approval.list",
+            "approval.decide",
+            "system.info",
+            "chat.send",
+            "session.list"
+        ]
+    );
+    for tool in &tools {
+        assert!(
+            tool.description.as_deref().is_some_and(|d| !d.is_empty()),
+            "{}",
+            tool.name
+        );
+        assert_eq!(tool.input_schema["type"], "object", "{}", tool.name);
+    }
+    let decide = tools.iter().find(|t| t.name == "approval.decide").unwrap();
+    let properties = decide.input_schema["properties"].as_object().unwrap();
+    for field in ["approval_id", "approved", "reason"] {
+        assert!(
+            properties[field]["description"]
+                .as_str()
+                .is_some_and(|d| !d.is_empty()),
+            "approval.decide's {field} has no description: {properties:?}"
+        );
+    }
+    let required: Vec<&str> = decide.input_schema["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(required, ["approval_id", "approved"]);
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn every_tool_answers_an_envelope_in_one_text_content() {
+    let app = unlocked_app().await;
+    let client = connect(&app).await;
+
+    let status = call(&client, "dashboard.status", json!({})).await;
+    assert_eq!(status["type"], "dashboard.status");
+    assert_eq!(
+        status["data"],
+        json!({"initialized": true, "agent_name": "default", "shell_tier": "review",
+               "approval_unlocked": true, "pending_approvals_count": 0})
+    );
+
+    let list = call(&client, "approval.list", json!({})).await;
+    assert_eq!(list["type"], "approval.list");
+    assert_eq!(list["data"], json!({"count": 0, "items": []}));
+
+    let health: Value = app
+        .client
+        .get(app.url("/api/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let info = call(&client, "system.info", json!({})).await;
+    assert_eq!(info["type"], "system.info");
+    assert_eq!(info["data"]["version"], health["version"]);
+    assert_eq!(info["data"]["agent_name"], "default");
+    assert!(info["data"]["uptime_seconds"].is_u64());
+    assert_eq!(
+        info["data"]["agent_configs"],
+        json!([{"name": "default", "model": "echo", "shell_tier": "review", "tools": ["execute"]}])
+    );
+
+    let reply = call(
+        &client,
+        "chat.send",
+        json!({"content": "hello over mcp", "session_id": "m"}),
+    )
+    .await;
+    assert_eq!(reply["type"], "chat.reply");
+    assert_eq!(
+        reply["data"],
+        json!({"session_id": "m", "content": "hello over mcp"})
+    );
+
+    let sessions = call(&client, "session.list", json!({})).await;
+    assert_eq!(sessions["type"], "session.list");
+    assert_eq!(sessions["data"]["count"], 1);
+    assert_eq!(sessions["data"]["items"][0]["id"], "m");
+    assert_eq!(sessions["data"]["items"][0]["message_count"], 2);
+
+    let deferred = call(
+        &client,
+        "chat.send",
+        json!({"content": TOOL_PROMPT, "session_id": "m"}),
+    )
+    .await;
+    assert_eq!(deferred["type"], "error.approval_unsupported");
+    assert_eq!(deferred["data"]["code"], "approval_unsupported");
+    assert_eq!(
+        deferred["data"]["message"],
+        "Deferred approvals are not supported in server mode yet."
+    );
+
+    let status = call(&client, "dashboard.status", json!({})).await;
+    assert_eq!(status["data"]["pending_approvals_count"], 1);
+
+    let invalid = call(&client, "approval.decide", json!({"approved": true})).await;
+    assert_eq!(invalid["type"], "error.invalid_arguments", "{invalid}");
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unknown_tool_is_a_protocol_error() {
+    let app = unlocked_app().await;
+    let client = connect(&app).await;
+    let error = client
+        .call_tool(CallToolRequestParams::new("format.disk"))
+        .await
+        .unwrap_err();
+    let ServiceError::McpError(error) = error else {
+        panic!("expected a JSON-RPC error, got {error:?}");
+    };
+    assert_eq!(error.code, ErrorCode::INVALID_PARAMS);
+    assert!(error.message.contains("format.disk"), "{error:?}");
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_approval_decided_over_mcp_is_consumed_once_and_other_clients_hear_of_it() {
+    let app = unlocked_app().await;
+    let decider = connect(&app).await;
+    let watcher = connect(&app).await;
+    // A round trip, so the watcher's session is surely registered.
+    watcher.list_all_tools().await.unwrap();
+
+    let res = app
+        .chat(json!({"content": TOOL_PROMPT, "session_id": "e2e"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::CONFLICT);
+    assert!(
+        watcher.service().heard_tools_changed(1).await,
+        "a new approval is a change too"
+    );
+
+    let list = call(&decider, "approval.list", json!({})).await;
+    assert_eq!(list["data"]["count"], 1, "{list}");
+    let item = &list["data"]["items"][0];
+    assert_eq!(item["tool_count"], 1);
+    assert_eq!(item["requests"][0]["tool_name"], "execute");
+    assert_eq!(item["requests"][0]["args"], json!({"command": "ls"}));
+    assert!(item["issued_at"].is_i64() && item["expires_at"].is_i64());
+    let id = item["id"].as_str().unwrap();
+
+    let decision = call(
+        &decider,
+        "approval.decide",
+        json!({"approval_id": id, "approved": true, "reason": "looks safe"}),
+    )
+    .await;
+    assert_eq!(decision["type"], "approval.decision", "{decision}");
+    assert_eq!(decision["data"]["id"], id);
+    assert_eq!(decision["data"]["nonce"], item["nonce"]);
+    assert_eq!(decision["data"]["state"], "consumed");
+    assert_eq!(decision["data"]["approved"], true);
+    assert_eq!(
+        decision["data"]["plan_hash_prefix"],
+        item["plan_hash_prefix"]
+    );
+    assert_eq!(decision["meta"]["notification_emitted"], true);
+    assert!(
+        watcher.service().heard_tools_changed(2).await,
+        "the second client was not told"
+    );
+
+    let again = call(
+        &decider,
+        "approval.decide",
+        json!({"approval_id": id, "approved": true}),
+    )
+    .await;
+    assert_eq!(again["type"], "error.approval_not_found");
+    assert_eq!(again["data"]["approval_id"], id);
+
+    let list = call(&decider, "approval.list", json!({})).await;
+    assert_eq!(list["data"]["count"], 0);
+    decider.cancel().await.unwrap();
+    watcher.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn rejecting_by_nonce_expires_the_approval() {
+    let app = unlocked_app().await;
+    let client = connect(&app).await;
+    let item = request_tool_call(&client).await;
+    let decision = call(
+        &client,
+        "approval.decide",
+        json!({"approval_id": item["nonce"], "approved": false, "reason": "no"}),
+    )
+    .await;
+    assert_eq!(decision["type"], "approval.decision", "{decision}");
+    assert_eq!(decision["data"]["id"], item["id"]);
+    assert_eq!(decision["data"]["state"], "expired");
+    assert_eq!(decision["data"]["approved"], false);
+    let status = call(&client, "dashboard.status", json!({})).await;
+    assert_eq!(status["data"]["pending_approvals_count"], 0);
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_runtime_is_an_error_envelope_not_a_protocol_error() {
+    let app = spawn_with(Options {
+        runtime: RuntimeSlot::Unavailable("no provider configured".into()),
+        approval_key: true,
+        ..Options::default()
+    })
+    .await;
+    let client = connect(&app).await;
+    for tool in ["dashboard.status", "approval.list"] {
+        let envelope = call(&client, tool, json!({})).await;
+        assert_eq!(
+            envelope["type"], "error.runtime_uninitialized",
+            "{envelope}"
+        );
+        assert_eq!(envelope["data"]["message"], "no provider configured");
+    }
+    let reply = call(&client, "chat.send", json!({"content": "hi"})).await;
+    assert_eq!(reply["type"], "error.runtime_uninitialized");
+    let info = call(&client, "system.info", json!({})).await;
+    assert_eq!(info["type"], "system.info", "system.info still answers");
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_2026_era_client_calls_tools_without_a_session_and_hears_changes_on_its_listen_stream() {
+    let app = unlocked_app().await;
+    let client = connect_2026(&app).await;
+    let tools = client.list_all_tools().await.unwrap();
+    assert_eq!(tools.len(), 6);
+
+    // Nobody listens yet: the decision says nobody was told.
+    let item = request_tool_call(&client).await;
+    let decision = call(
+        &client,
+        "approval.decide",
+        json!({"approval_id": item["id"], "approved": true}),
+    )
+    .await;
+    assert_eq!(decision["data"]["state"], "consumed");
+    assert_eq!(decision["meta"]["notification_emitted"], false);
+
+    let mut subscription = client
+        .listen(SubscriptionFilter::builder().tools_list_changed().build())
+        .await
+        .unwrap();
+    assert_eq!(subscription.acknowledged().tools_list_changed, Some(true));
+    let item = request_tool_call(&client).await;
+    let next = tokio::time::timeout(Duration::from_secs(5), subscription.next())
+        .await
+        .expect("no notification within 5 s")
+        .unwrap();
+    assert!(
+        matches!(
+            next,
+            Some(ServerNotification::ToolListChangedNotification(_))
+        ),
+        "{next:?}"
+    );
+    let decision = call(
+        &client,
+        "approval.decide",
+        json!({"approval_id": item["id"], "approved": false}),
+    )
+    .await;
+    assert_eq!(decision["meta"]["notification_emitted"], true);
+    client.cancel().await.unwrap();
+}
+
+/// A raw `initialize` POST, for the status codes of refusals.
+async fn raw_initialize(app: &TestApp, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut request = app
+        .client
+        .post(app.url("/mcp"))
+        .header("accept", "application/json, text/event-stream")
+        .json(&json!({
+            "jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                       "clientInfo": {"name": "raw", "version": "0"}}
+        }));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn mcp_needs_the_key_and_takes_it_as_x_api_key_or_bearer() {
+    let app = spawn_with(Options {
+        api_key: Some(KEY),
+        ..Options::default()
+    })
+    .await;
+    let res = raw_initialize(&app, &[]).await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body, json!({"detail": "Invalid or missing API key"}));
+    let refused = try_connect(&app, &[("x-api-key", "nope")]).await;
+    assert!(refused.is_err(), "a wrong key connected");
+
+    let client = try_connect(&app, &[("x-api-key", KEY)]).await.unwrap();
+    let status = call(&client, "dashboard.status", json!({})).await;
+    assert_eq!(status["type"], "dashboard.status");
+    client.cancel().await.unwrap();
+
+    let bearer = Recorder::default()
+        .serve(StreamableHttpClientTransport::from_config(
+            StreamableHttpClientTransportConfig::with_uri(app.url("/mcp")).auth_header(KEY),
+        ))
+        .await
+        .unwrap();
+    let info = call(&bearer, "system.info", json!({})).await;
+    assert_eq!(info["type"], "system.info");
+    bearer.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn mcp_refuses_a_foreign_origin_and_admits_its_own() {
+    let app = unlocked_app().await;
+    let res = raw_initialize(&app, &[("origin", "https://evil.example")]).await;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert!(
+        try_connect(&app, &[("origin", "https://evil.example")])
+            .await
+            .is_err()
+    );
+    let own = format!("http://{}", app.address);
+    let client = try_connect(&app, &[("origin", &own)]).await.unwrap();
+    call(&client, "session.list", json!({})).await;
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn mcp_refuses_hosts_it_was_not_told_of() {
+    let app = spawn_with(Options {
+        http: HttpSettings {
+            mcp_allowed_hosts: ["127.0.0.1", "::1", "mcp.example"]
+                .map(str::to_owned)
+                .to_vec(),
+            ..HttpSettings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let port = app.address.port();
+    for host in ["evil.example", &format!("localhost:{port}")] {
+        let res = raw_initialize(&app, &[("host", host)]).await;
+        assert_eq!(res.status(), StatusCode::FORBIDDEN, "Host {host}");
+    }
+    assert!(
+        try_connect(&app, &[("host", "evil.example")])
+            .await
+            .is_err()
+    );
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+        "mcp.example".to_owned(),
+    ] {
+        let res = raw_initialize(&app, &[("host", &host)]).await;
+        assert_eq!(res.status(), StatusCode::OK, "Host {host}");
+    }
+    let client = try_connect(&app, &[("host", "mcp.example")]).await.unwrap();
+    call(&client, "session.list", json!({})).await;
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn other_methods_on_mcp_are_405_with_allow() {
+    let app = unlocked_app().await;
+    let res = app.client.put(app.url("/mcp")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(res.headers()["allow"], "POST, GET, DELETE");
+}
