@@ -167,9 +167,11 @@ fn fail(message: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// `RUST_LOG` when set; otherwise `info`, with rmcp's per-session chatter
+/// ("serve finished" for every MCP request) kept to warnings.
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rmcp=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
