@@ -24,6 +24,9 @@ use crate::domain::chat::{CancelError, ChatError, ChatService, check_prompt};
 use crate::domain::session::SessionId;
 use crate::domain::sessions::SessionService;
 
+/// Bytes read from a socket at a time.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+
 /// WebSocket limits.
 #[derive(Debug, Clone)]
 pub struct WsSettings {
@@ -92,7 +95,11 @@ pub async fn session_socket(
     ws.config(
         WebSocketConfig::default()
             .max_message_size(Some(max))
-            .max_frame_size(Some(max)),
+            .max_frame_size(Some(max))
+            // tungstenite reserves this much per connection up front (128 KiB
+            // by default); chat frames are small and the buffer still grows
+            // for a big one.
+            .read_buffer_size(READ_BUFFER_BYTES),
     )
     .on_upgrade(move |socket| async move {
         let span = tracing::info_span!("ws", session.id = %session_id);
@@ -122,7 +129,8 @@ impl Connection {
     async fn run(self, socket: WebSocketStream, mut subscription: Subscription) {
         let (mut sink, mut stream) = socket.split();
         let (direct_tx, mut direct_rx) = mpsc::channel::<String>(32);
-        let turns = self.spawn_worker(direct_tx.clone());
+        // The worker starts with the first message: most clients only watch.
+        let mut turns: Option<mpsc::Sender<String>> = None;
         let kicked = subscription.kicked();
 
         let writer = async {
@@ -143,7 +151,7 @@ impl Connection {
         let reader = async {
             while let Some(message) = stream.next().await {
                 match message {
-                    Ok(Message::Text(text)) => self.handle(&text, &turns, &direct_tx).await,
+                    Ok(Message::Text(text)) => self.handle(&text, &mut turns, &direct_tx).await,
                     Ok(Message::Binary(_)) => {
                         let _ = direct_tx
                             .send(direct_error(
@@ -229,13 +237,16 @@ impl Connection {
     async fn handle(
         &self,
         text: &str,
-        turns: &mpsc::Sender<String>,
+        turns: &mut Option<mpsc::Sender<String>>,
         direct: &mpsc::Sender<String>,
     ) {
         let reply = match parse_incoming(text) {
             Ok(Incoming::Message { content }) => match check_prompt(&content) {
                 Err(e) => Some(e.to_string()),
-                Ok(()) => match turns.try_send(content) {
+                Ok(()) => match turns
+                    .get_or_insert_with(|| self.spawn_worker(direct.clone()))
+                    .try_send(content)
+                {
                     Ok(()) => None,
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         Some("Too many queued messages; wait for a turn to finish".to_owned())
