@@ -128,7 +128,10 @@ async fn sigterm_cancels_turns_past_the_grace_period_closes_sockets_1001_and_exi
     futures::SinkExt::send(&mut ws, Message::Text(frame.to_string().into()))
         .await
         .unwrap();
-    let (mut rest_watch, _) = tokio_tungstenite::connect_async(format!("ws://{address}/api/ws/rest")).await.unwrap();
+    let (mut rest_watch, _) =
+        tokio_tungstenite::connect_async(format!("ws://{address}/api/ws/rest"))
+            .await
+            .unwrap();
     let rest_turn = tokio::spawn({
         let url = format!("http://{address}/api/chat");
         async move {
@@ -142,7 +145,10 @@ async fn sigterm_cancels_turns_past_the_grace_period_closes_sockets_1001_and_exi
     });
     for socket in [&mut ws, &mut rest_watch] {
         let first = socket.next().await.unwrap().unwrap();
-        assert!(first.to_text().unwrap().contains("\"token\""), "both turns are running");
+        assert!(
+            first.to_text().unwrap().contains("\"token\""),
+            "both turns are running"
+        );
     }
 
     let killed = Command::new("kill")
