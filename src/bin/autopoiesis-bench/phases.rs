@@ -121,6 +121,8 @@ fn own_cpu_seconds() -> anyhow::Result<f64> {
 /// latencies, and the failures of all.
 struct Rounds {
     rate: f64,
+    /// Every round's rate, in order, to show the run-to-run noise.
+    rates: Vec<f64>,
     latency: Histogram<u64>,
     failed: u64,
     first_failure: Option<String>,
@@ -146,11 +148,12 @@ fn combine(runs: &[Tracked]) -> anyhow::Result<Rounds> {
     for run in runs {
         latency.add(&run.measured.latency)?;
     }
-    let mut rates: Vec<f64> = runs.iter().map(|r| r.measured.rate).collect();
+    let rates: Vec<f64> = runs.iter().map(|r| r.measured.rate).collect();
     let mut server: Vec<f64> = runs.iter().map(|r| r.server_cores).collect();
     let mut bench: Vec<f64> = runs.iter().map(|r| r.bench_cores).collect();
     Ok(Rounds {
-        rate: median(&mut rates),
+        rate: median(&mut rates.clone()),
+        rates,
         latency,
         failed: runs.iter().map(|r| r.measured.failed).sum(),
         first_failure: runs.iter().find_map(|r| r.measured.first_failure.clone()),
@@ -206,10 +209,15 @@ impl Target {
     }
 }
 
+/// How the cores were split, and every round's rate.
 fn cpu_note(what: &str, rounds: &Rounds) -> String {
+    let rates: Vec<String> = rounds.rates.iter().map(|r| per_second(*r)).collect();
     format!(
-        "{what}: the server used {:.2} cores and the load generator {:.2} (median round)",
-        rounds.server_cores, rounds.bench_cores
+        "{what}: the server used {:.2} cores and the load generator {:.2} (median round); \
+         rounds: {}/s",
+        rounds.server_cores,
+        rounds.bench_cores,
+        rates.join(", ")
     )
 }
 

@@ -213,13 +213,27 @@ impl Machine {
 }
 
 pub fn markdown(plan: &Plan, machine: &Machine, outcome: &Outcome, remarks: &[String]) -> String {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // The command as run, less the remarks (they are printed below it).
+    let mut args = Vec::new();
+    let mut raw = std::env::args().skip(1);
+    while let Some(arg) = raw.next() {
+        if arg == "--note" {
+            raw.next();
+        } else if !arg.starts_with("--note=") {
+            args.push(arg);
+        }
+    }
     let mut out = String::from("# Benchmarks\n\n");
     let _ = writeln!(
         out,
         "Measured by `autopoiesis-bench` (`src/bin/autopoiesis-bench/`) on {}, with \
-         `cargo run --release --bin autopoiesis-bench{}{}`{}.\n",
+         `cargo run{} --bin autopoiesis-bench{}{}`{}.\n",
         machine.date,
+        if cfg!(debug_assertions) {
+            ""
+        } else {
+            " --release"
+        },
         if args.is_empty() { "" } else { " -- " },
         args.join(" "),
         if plan.quick {
@@ -242,9 +256,9 @@ pub fn markdown(plan: &Plan, machine: &Machine, outcome: &Outcome, remarks: &[St
         "
 ## Method
 
-- **Processes.** The server (`autopoiesis serve --port 0`, echo agent, in-memory
-  sessions, `RUST_LOG={log}` with its log in a file, as in production) runs as a
-  fresh process for each phase; the bare endpoint (poem 3.1, `GET /` answering
+- **Processes.** The server (`autopoiesis serve` on a free port, echo agent,
+  in-memory sessions, `RUST_LOG={log}` with its log in a file, as in
+  production) runs as a fresh process for each phase; the bare endpoint (poem 3.1, `GET /` answering
   `Hello, world!`, no middleware, no logs) is the bench's own hidden
   `ceiling` subcommand. Both are separate from the load generator and both
   use tokio's default multi-threaded runtime.
@@ -276,18 +290,19 @@ pub fn markdown(plan: &Plan, machine: &Machine, outcome: &Outcome, remarks: &[St
   `notifications/initialized` session per connection, then `tools/call
   dashboard.status` in a closed loop like the REST runs; SSE or JSON answers.
 - **Startup.** From spawning the process to the first 200 of
-  `GET /api/health`, polled every millisecond (the port comes from the
-  log line), median of the runs.
+  `GET /api/health`, polled every millisecond on the port the bench chose
+  for it, median of the runs.
 
 ## Noise
 
 Server and load generator share the same {cores} cores, so every throughput
-figure is what the two together reach: the CPU notes above say how the
-cores were split. The machine may also carry other work (see the load
-averages). Figures move by several percent between runs; the ratios to the
-bare endpoint, measured back to back, move less than the raw rates. The
-bench prints and never judges: CI runs `--quick` only to prove the tool
-works.
+figure is what the two together reach: the notes under the table say how
+the cores were split, and give every round's rate, which shows how much
+the figures move from one round to the next. The machine may also carry
+other work (see the load averages and the busy share). The ratios compare
+runs made back to back, under the same background load, but they move too:
+read them to the first decimal. The bench prints and never judges: CI runs
+`--quick` only to prove the tool works.
 ",
         log = plan.server_log,
         conns = plan.connections,
