@@ -1,19 +1,19 @@
 //! In-memory [`SessionStore`]: sessions live as long as the process.
 
 use std::collections::HashMap;
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::domain::message::ModelMessage;
+use crate::domain::message::{History, ModelMessage};
 use crate::domain::session::{SessionId, SessionInfo};
 use crate::ports::{SessionStore, SessionStoreError};
 
 struct Entry {
     created_at: DateTime<Utc>,
     last_active: DateTime<Utc>,
-    messages: Vec<ModelMessage>,
+    messages: History,
 }
 
 impl Entry {
@@ -54,7 +54,7 @@ impl SessionStore for InMemorySessionStore {
         let entry = sessions.entry(id.clone()).or_insert_with(|| Entry {
             created_at: now,
             last_active: now,
-            messages: Vec::new(),
+            messages: History::default(),
         });
         entry.last_active = entry.last_active.max(now);
         Ok(entry.info(id))
@@ -71,11 +71,11 @@ impl SessionStore for InMemorySessionStore {
         Ok(infos)
     }
 
-    async fn history(&self, id: &SessionId) -> Result<Vec<ModelMessage>, SessionStoreError> {
+    async fn history(&self, id: &SessionId) -> Result<History, SessionStoreError> {
         let sessions = self.sessions.read().unwrap_or_else(PoisonError::into_inner);
         sessions
             .get(id)
-            .map(|e| e.messages.clone())
+            .map(|e| Arc::clone(&e.messages))
             .ok_or(SessionStoreError::NotFound)
     }
 
@@ -90,7 +90,7 @@ impl SessionStore for InMemorySessionStore {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         let entry = sessions.get_mut(id).ok_or(SessionStoreError::NotFound)?;
-        entry.messages.extend(messages);
+        Arc::make_mut(&mut entry.messages).extend(messages);
         entry.last_active = entry.last_active.max(now);
         Ok(())
     }

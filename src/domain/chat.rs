@@ -297,7 +297,7 @@ impl ChatService {
         };
         let started = std::time::Instant::now();
         metrics::counter!("turns_started_total").increment(1);
-        tracing::info!(session.id = %session_id, turn.id = %turn_id, "turn started");
+        tracing::debug!(session.id = %session_id, turn.id = %turn_id, "turn started");
 
         // A session deleted between creation and now simply starts empty.
         let history = self.sessions.history(session_id).await.unwrap_or_default();
@@ -660,7 +660,7 @@ mod tests {
     fn store(appended: Arc<Mutex<Vec<ModelMessage>>>) -> MockSessionStore {
         let mut store = MockSessionStore::new();
         store.expect_get_or_create().returning(|_, _| Ok(info()));
-        store.expect_history().returning(|_| Ok(vec![]));
+        store.expect_history().returning(|_| Ok(Arc::default()));
         store.expect_append().returning(move |_, messages, _| {
             appended.lock().unwrap().extend(messages);
             Ok(())
@@ -876,12 +876,12 @@ mod tests {
         store
             .expect_history()
             .with(eq(sid()))
-            .returning(move |_| Ok(history.clone()));
+            .returning(move |_| Ok(Arc::new(history.clone())));
         store.expect_append().returning(|_, _, _| Ok(()));
         let mut runtime = MockAgentRuntime::new();
         runtime
             .expect_run_turn()
-            .withf(move |input, _| input.history == earlier)
+            .withf(move |input, _| *input.history == earlier)
             .returning(|_, _| Ok(reply(vec![])));
         let mut events = MockSessionEvents::new();
         events.expect_publish().return_const(());

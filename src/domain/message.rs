@@ -8,6 +8,11 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// A session's history, oldest first. Shared, not copied: a turn reads it
+/// while the store keeps it, and the store copies it on write only if a turn
+/// still holds the old one.
+pub type History = std::sync::Arc<Vec<ModelMessage>>;
+
 /// One message of a session's history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]

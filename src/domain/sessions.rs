@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::Utc;
 
 use super::chat::ChatService;
-use super::message::ModelMessage;
+use super::message::History;
 use super::session::{SessionId, SessionInfo};
 use crate::ports::{SessionEvents, SessionStore, SessionStoreError};
 
@@ -72,7 +72,7 @@ impl SessionService {
     ///
     /// # Errors
     /// [`SessionStoreError::NotFound`] for an unknown id.
-    pub async fn history(&self, id: &SessionId) -> Result<Vec<ModelMessage>, SessionStoreError> {
+    pub async fn history(&self, id: &SessionId) -> Result<History, SessionStoreError> {
         self.store.history(id).await
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::domain::agent::{AgentError, AgentEvent, AgentReply};
-use crate::domain::message::ModelMessage;
+use crate::domain::message::History;
 
 /// Receives a turn's events as the runtime produces them.
 ///
@@ -23,7 +23,7 @@ pub trait EventSink: Send + Sync {
 pub struct TurnInput {
     pub prompt: String,
     /// The session's history before this turn, oldest first.
-    pub history: Vec<ModelMessage>,
+    pub history: History,
 }
 
 /// Runs chat turns against a model.

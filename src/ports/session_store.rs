@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::domain::message::ModelMessage;
+use crate::domain::message::{History, ModelMessage};
 use crate::domain::session::{SessionId, SessionInfo};
 
 /// Why a session store operation failed.
@@ -44,7 +44,7 @@ pub trait SessionStore: Send + Sync {
     ///
     /// # Errors
     /// [`SessionStoreError::NotFound`] for an unknown id.
-    async fn history(&self, id: &SessionId) -> Result<Vec<ModelMessage>, SessionStoreError>;
+    async fn history(&self, id: &SessionId) -> Result<History, SessionStoreError>;
 
     /// Appends messages to the history and marks the session active at `now`.
     ///

@@ -46,7 +46,7 @@ fn runtime(settings: OpenAiSettings) -> OpenAiRuntime {
 fn prompt(text: &str) -> TurnInput {
     TurnInput {
         prompt: text.into(),
-        history: vec![],
+        history: vec![].into(),
     }
 }
 
@@ -125,7 +125,7 @@ async fn the_second_turn_sends_the_first_turns_history() {
         &runtime,
         TurnInput {
             prompt: "how are you?".into(),
-            history,
+            history: history.into(),
         },
     )
     .await;

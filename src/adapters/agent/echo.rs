@@ -154,7 +154,7 @@ mod tests {
     fn input(prompt: &str) -> TurnInput {
         TurnInput {
             prompt: prompt.into(),
-            history: vec![],
+            history: vec![].into(),
         }
     }
 

@@ -797,7 +797,7 @@ mod tests {
         };
         let input = TurnInput {
             prompt: "hi".into(),
-            history: vec![],
+            history: vec![].into(),
         };
         let with = OpenAiRuntime::new(settings(crate::domain::agent::tool_catalogue())).unwrap();
         let body = with.request_body(&input);

@@ -80,10 +80,11 @@ impl<E: Endpoint> Endpoint for AllowHeaderEndpoint<E> {
     type Output = Response;
 
     async fn call(&self, req: Request) -> Result<Self::Output> {
-        let path = req.uri().path().to_owned();
+        // A `Uri` clone shares its bytes: no copy on the hot path.
+        let uri = req.uri().clone();
         let mut response = self.inner.call(req).await?.into_response();
         if response.status() == StatusCode::METHOD_NOT_ALLOWED
-            && let Some(methods) = self.table.allowed(&path)
+            && let Some(methods) = self.table.allowed(uri.path())
             && let Ok(value) = HeaderValue::from_str(methods)
         {
             response.headers_mut().insert("allow", value);

@@ -10,6 +10,7 @@ pub mod dto;
 pub mod health;
 pub mod limits;
 pub mod metrics;
+pub mod nodelay;
 pub mod request_log;
 pub mod sessions;
 pub mod stream;
@@ -34,6 +35,7 @@ use self::dashboard::DashboardApi;
 use self::health::HealthApi;
 use self::limits::BodyLimit;
 use self::metrics::MetricsApi;
+use self::nodelay::NoDelayAcceptor;
 use self::request_log::RequestLog;
 use self::sessions::SessionsApi;
 use self::tickets::TicketApi;
@@ -258,7 +260,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) -> std::io::Result<()> {
-    Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?)
+    Server::new_with_acceptor(NoDelayAcceptor(TcpAcceptor::from_tokio(listener)?))
         .run_with_graceful_shutdown(app, shutdown, Some(grace))
         .await
 }
