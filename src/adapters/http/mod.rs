@@ -206,6 +206,7 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
     Route::new()
         .at("/openapi.json", api.spec_endpoint())
         .nest("/docs", api.swagger_ui())
+        .at("/api/health", get(health::fast_health))
         .at(WEBSOCKET_PATH, get(session_socket).data(ws_state))
         .at(
             MCP_PATH,
