@@ -146,12 +146,7 @@ async fn ticket(app: &TestApp) -> String {
 #[tokio::test]
 async fn a_ticket_opens_one_websocket_once() {
     let app = locked_app(HttpSettings::default()).await;
-    let res = app
-        .client
-        .post(app.url("/api/auth/ticket"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.post_empty("/api/auth/ticket").await;
     assert_eq!(
         res.status(),
         StatusCode::UNAUTHORIZED,
@@ -168,19 +163,11 @@ async fn a_ticket_opens_one_websocket_once() {
 async fn a_ticket_opens_sse_but_not_rest_routes() {
     let app = locked_app(HttpSettings::default()).await;
     let ticket = ticket(&app).await;
-    let res = app
-        .client
-        .get(app.url(&format!("/api/sessions?ticket={ticket}")))
-        .send()
-        .await
-        .unwrap();
+    let res = app.get(&format!("/api/sessions?ticket={ticket}")).await;
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
     let res = app
-        .client
-        .get(app.url(&format!("/api/sessions/t/events?ticket={ticket}")))
-        .send()
-        .await
-        .unwrap();
+        .get(&format!("/api/sessions/t/events?ticket={ticket}"))
+        .await;
     assert_eq!(res.status(), StatusCode::OK);
 }
 

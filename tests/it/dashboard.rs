@@ -20,7 +20,7 @@ async fn unlocked() -> TestApp {
 }
 
 async fn get(app: &TestApp, path: &str) -> (StatusCode, Value) {
-    let res = app.client.get(app.url(path)).send().await.unwrap();
+    let res = app.get(path).await;
     (res.status(), res.json().await.unwrap())
 }
 
@@ -94,7 +94,7 @@ async fn without_a_key_a_deferred_turn_records_nothing() {
 #[tokio::test]
 async fn a_deferred_turn_is_listed_streamed_and_decided_exactly_once() {
     let app = unlocked().await;
-    let res = app.client.get(app.url("/api/stream")).send().await.unwrap();
+    let res = app.get("/api/stream").await;
     assert_eq!(res.status(), StatusCode::OK);
     let mut stream = res.bytes_stream();
     let mut buffer = String::new();

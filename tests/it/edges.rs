@@ -125,12 +125,7 @@ async fn clients_past_the_limits_get_a_clear_429() {
     assert!(body.contains("too many live connections"), "{body}");
 
     let _c = app.ws("other").await;
-    let res = app
-        .client
-        .get(app.url("/api/sessions/third/events"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.get("/api/sessions/third/events").await;
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     drop(_a);
     app.wait_for_clients("full", 1).await;

@@ -178,6 +178,26 @@ impl TestApp {
         format!("ws://{}{path}", self.address)
     }
 
+    /// `GET path`.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    /// `GET path`, its body as JSON (whatever the status).
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.get(path).await.json().await.unwrap()
+    }
+
+    /// `POST path` without a body.
+    pub async fn post_empty(&self, path: &str) -> reqwest::Response {
+        self.client.post(self.url(path)).send().await.unwrap()
+    }
+
+    /// `DELETE path`.
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.client.delete(self.url(path)).send().await.unwrap()
+    }
+
     pub async fn chat(&self, body: Value) -> reqwest::Response {
         self.client
             .post(self.url("/api/chat"))

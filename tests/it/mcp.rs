@@ -199,15 +199,7 @@ async fn every_tool_answers_an_envelope_in_one_text_content() {
     assert_eq!(list["type"], "approval.list");
     assert_eq!(list["data"], json!({"count": 0, "items": []}));
 
-    let health: Value = app
-        .client
-        .get(app.url("/api/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = app.get_json("/api/health").await;
     let info = call(&client, "system.info", json!({})).await;
     assert_eq!(info["type"], "system.info");
     assert_eq!(info["data"]["version"], health["version"]);

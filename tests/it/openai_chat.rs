@@ -103,15 +103,7 @@ async fn a_tool_call_to_an_approval_gated_tool_answers_409() {
     );
     let offered = &fake.requests()[0]["tools"];
     assert_eq!(offered[0]["function"]["name"], "execute");
-    let history: Value = app
-        .client
-        .get(app.url("/api/sessions/t/history"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history: Value = app.get_json("/api/sessions/t/history").await;
     let call = &history["messages"][1]["parts"][0];
     assert_eq!(call["part_kind"], "tool-call");
     assert_eq!(call["args"], json!({"command": "rm -rf /tmp/x"}));

@@ -10,7 +10,7 @@ use crate::helpers::{Options, spawn_app, spawn_with};
 #[tokio::test]
 async fn health_answers_ok_with_the_crate_version() {
     let app = spawn_app().await;
-    let res = app.client.get(app.url("/api/health")).send().await.unwrap();
+    let res = app.get("/api/health").await;
     assert_eq!(res.status(), StatusCode::OK);
     let body: Value = res.json().await.unwrap();
     assert_eq!(
@@ -22,12 +22,7 @@ async fn health_answers_ok_with_the_crate_version() {
 #[tokio::test]
 async fn created_sessions_have_32_hex_ids_and_are_listed() {
     let app = spawn_app().await;
-    let res = app
-        .client
-        .post(app.url("/api/sessions"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.post_empty("/api/sessions").await;
     assert_eq!(res.status(), StatusCode::CREATED);
     let created: Value = res.json().await.unwrap();
     let id = created["id"].as_str().unwrap();
@@ -39,15 +34,7 @@ async fn created_sessions_have_32_hex_ids_and_are_listed() {
     assert_eq!(created["message_count"], 0);
     chrono::DateTime::parse_from_rfc3339(created["created_at"].as_str().unwrap()).unwrap();
 
-    let list: Value = app
-        .client
-        .get(app.url("/api/sessions"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get_json("/api/sessions").await;
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["id"], id);
 }
@@ -64,15 +51,7 @@ async fn chat_with_echo_answers_and_keeps_history_in_pydantic_ai_shape() {
         json!({"session_id": "s1", "content": "hello there"})
     );
 
-    let history: Value = app
-        .client
-        .get(app.url("/api/sessions/s1/history"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history: Value = app.get_json("/api/sessions/s1/history").await;
     assert_eq!(history["session_id"], "s1");
     let messages = history["messages"].as_array().unwrap();
     assert_eq!(messages.len(), 2);
@@ -86,15 +65,7 @@ async fn chat_with_echo_answers_and_keeps_history_in_pydantic_ai_shape() {
         json!({"part_kind": "text", "content": "hello there"})
     );
 
-    let list: Value = app
-        .client
-        .get(app.url("/api/sessions"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get_json("/api/sessions").await;
     assert_eq!(list[0]["message_count"], 2);
 }
 
@@ -109,12 +80,7 @@ async fn chat_without_session_id_creates_a_new_session() {
         .unwrap();
     let id = body["session_id"].as_str().unwrap();
     assert_eq!(id.len(), 32);
-    let res = app
-        .client
-        .get(app.url(&format!("/api/sessions/{id}/history")))
-        .send()
-        .await
-        .unwrap();
+    let res = app.get(&format!("/api/sessions/{id}/history")).await;
     assert_eq!(res.status(), StatusCode::OK);
 }
 
@@ -129,15 +95,7 @@ async fn chat_returns_409_when_the_turn_is_deferred_and_still_saves_history() {
         res.json::<Value>().await.unwrap(),
         json!({"detail": {"code": "approval_unsupported", "message": "Deferred approvals are not supported in server mode yet."}})
     );
-    let history: Value = app
-        .client
-        .get(app.url("/api/sessions/d/history"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history: Value = app.get_json("/api/sessions/d/history").await;
     let call = &history["messages"][1]["parts"][0];
     assert_eq!(call["part_kind"], "tool-call");
     assert_eq!(call["tool_name"], "execute");
@@ -158,14 +116,9 @@ async fn chat_returns_503_with_the_reason_when_the_runtime_is_missing() {
         "Agent runtime unavailable: no OPENAI_API_KEY"
     );
     // Refused before the turn: no session was made, and health stays 200.
-    let res = app
-        .client
-        .get(app.url("/api/sessions/x/history"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.get("/api/sessions/x/history").await;
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
-    let res = app.client.get(app.url("/api/health")).send().await.unwrap();
+    let res = app.get("/api/health").await;
     assert_eq!(res.status(), StatusCode::OK);
 }
 
@@ -221,38 +174,20 @@ async fn malformed_chat_bodies_get_a_json_detail() {
         let detail: Value = res.json().await.unwrap();
         assert!(detail["detail"].is_string(), "{body}: {detail}");
     }
-    let list: Value = app
-        .client
-        .get(app.url("/api/sessions"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get_json("/api/sessions").await;
     assert_eq!(list, json!([]), "refused bodies created no session");
 }
 
 #[tokio::test]
 async fn history_and_delete_answer_404_for_unknown_and_400_for_malformed_ids() {
     let app = spawn_app().await;
-    let res = app
-        .client
-        .get(app.url("/api/sessions/nope/history"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.get("/api/sessions/nope/history").await;
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
     assert_eq!(
         res.json::<Value>().await.unwrap(),
         json!({"detail": "Session not found"})
     );
-    let res = app
-        .client
-        .delete(app.url("/api/sessions/nope"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.delete("/api/sessions/nope").await;
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
     assert_eq!(
         res.json::<Value>().await.unwrap(),
@@ -260,12 +195,7 @@ async fn history_and_delete_answer_404_for_unknown_and_400_for_malformed_ids() {
     );
     let long = "a".repeat(129);
     for bad in ["a%20b", "%C3%A9", long.as_str()] {
-        let res = app
-            .client
-            .get(app.url(&format!("/api/sessions/{bad}/history")))
-            .send()
-            .await
-            .unwrap();
+        let res = app.get(&format!("/api/sessions/{bad}/history")).await;
         assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{bad}");
     }
 }
@@ -275,31 +205,16 @@ async fn deleting_a_session_removes_it() {
     let app = spawn_app().await;
     app.chat(json!({"content": "hi", "session_id": "gone"}))
         .await;
-    let res = app
-        .client
-        .delete(app.url("/api/sessions/gone"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.delete("/api/sessions/gone").await;
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
-    let res = app
-        .client
-        .get(app.url("/api/sessions/gone/history"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.get("/api/sessions/gone/history").await;
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_with_a_json_detail() {
     let app = spawn_app().await;
-    let res = app
-        .client
-        .get(app.url("/api/nothing-here"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.get("/api/nothing-here").await;
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
     assert_eq!(
         res.json::<Value>().await.unwrap(),
@@ -344,7 +259,7 @@ async fn with_an_api_key_every_route_but_health_needs_it_and_refusals_have_no_ef
         ..Options::default()
     })
     .await;
-    let res = app.client.get(app.url("/api/health")).send().await.unwrap();
+    let res = app.get("/api/health").await;
     assert_eq!(res.status(), StatusCode::OK);
 
     let res = app
@@ -390,17 +305,9 @@ async fn with_an_api_key_every_route_but_health_needs_it_and_refusals_have_no_ef
 #[tokio::test]
 async fn the_spec_and_docs_are_served() {
     let app = spawn_app().await;
-    let spec: Value = app
-        .client
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spec: Value = app.get_json("/openapi.json").await;
     assert_eq!(spec["info"]["version"], env!("CARGO_PKG_VERSION"));
-    let res = app.client.get(app.url("/docs")).send().await.unwrap();
+    let res = app.get("/docs").await;
     assert_eq!(res.status(), StatusCode::OK);
     assert!(res.text().await.unwrap().contains("swagger"));
 }
@@ -408,15 +315,7 @@ async fn the_spec_and_docs_are_served() {
 #[tokio::test]
 async fn checked_in_openapi_yaml_matches_the_served_spec() {
     let app = spawn_app().await;
-    let served: Value = app
-        .client
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let served: Value = app.get_json("/openapi.json").await;
     let spec = autopoiesis::adapters::http::spec_service(&app.services);
     let generated = spec.spec_yaml();
     let checked_in =
@@ -446,7 +345,7 @@ async fn metrics_count_requests_by_route_and_turns_by_outcome() {
         ..Options::default()
     })
     .await;
-    let res = app.client.get(app.url("/metrics")).send().await.unwrap();
+    let res = app.get("/metrics").await;
     assert_eq!(
         res.status(),
         StatusCode::UNAUTHORIZED,
@@ -484,7 +383,7 @@ async fn metrics_count_requests_by_route_and_turns_by_outcome() {
 #[tokio::test]
 async fn every_response_carries_a_request_id_kept_from_the_client_when_sane() {
     let app = spawn_app().await;
-    let res = app.client.get(app.url("/api/health")).send().await.unwrap();
+    let res = app.get("/api/health").await;
     let generated = res.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(generated.len(), 32);
     let res = app

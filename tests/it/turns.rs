@@ -139,12 +139,7 @@ async fn a_turn_cancelled_over_rest_stops_keeps_its_partial_text_and_the_next_tu
     };
     let first = next(&mut watcher).await;
     assert_eq!(first["op"], "token");
-    let res = app
-        .client
-        .post(app.url("/api/sessions/c/cancel"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.post_empty("/api/sessions/c/cancel").await;
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     let turn_id = res.json::<Value>().await.unwrap()["turn_id"].clone();
 
@@ -164,15 +159,7 @@ async fn a_turn_cancelled_over_rest_stops_keeps_its_partial_text_and_the_next_tu
         res.json::<Value>().await.unwrap()["detail"]["code"],
         "turn_cancelled"
     );
-    let history: Value = app
-        .client
-        .get(app.url("/api/sessions/c/history"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history: Value = app.get_json("/api/sessions/c/history").await;
     assert_eq!(
         history["messages"][1]["parts"][0]["content"],
         partial.as_str()
@@ -189,19 +176,9 @@ async fn cancel_answers_409_when_nothing_runs_and_404_for_unknown_sessions() {
     let app = spawn_with(Options::default()).await;
     app.chat(json!({"content": "hi", "session_id": "idle"}))
         .await;
-    let res = app
-        .client
-        .post(app.url("/api/sessions/idle/cancel"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.post_empty("/api/sessions/idle/cancel").await;
     assert_eq!(res.status(), StatusCode::CONFLICT);
-    let res = app
-        .client
-        .post(app.url("/api/sessions/ghost/cancel"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.post_empty("/api/sessions/ghost/cancel").await;
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
 }
 

@@ -47,12 +47,7 @@ async fn close_code(ws: &mut Ws) -> Option<CloseCode> {
 async fn connecting_creates_the_session() {
     let app = spawn_app().await;
     let _ws = app.ws("fresh").await;
-    let res = app
-        .client
-        .get(app.url("/api/sessions/fresh/history"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.get("/api/sessions/fresh/history").await;
     assert_eq!(res.status(), StatusCode::OK);
 }
 
@@ -202,15 +197,7 @@ async fn closing_the_socket_does_not_cancel_the_turn() {
     ws.close(None).await.unwrap();
     drop(ws);
     for _ in 0..200 {
-        let history: Value = app
-            .client
-            .get(app.url("/api/sessions/leave/history"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let history: Value = app.get_json("/api/sessions/leave/history").await;
         if history["messages"].as_array().unwrap().len() == 2 {
             assert_eq!(history["messages"][1]["parts"][0]["content"], "a b c d e");
             return;
@@ -394,12 +381,7 @@ async fn deleting_a_session_closes_its_sockets() {
     let app = spawn_app().await;
     let mut ws = app.ws("del").await;
     app.wait_for_clients("del", 1).await;
-    let res = app
-        .client
-        .delete(app.url("/api/sessions/del"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.delete("/api/sessions/del").await;
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
     assert_eq!(close_code(&mut ws).await, Some(CloseCode::Normal));
 }
