@@ -314,6 +314,20 @@ impl ControlPlane {
         }
     }
 
+    /// Refreshes the `approvals_pending` gauge (for a metrics scrape); the
+    /// count, or `None` when there is no approval store to ask.
+    pub async fn count_pending(&self) -> Option<usize> {
+        let count = self
+            .approvals
+            .as_ref()?
+            .list_pending(Utc::now())
+            .await
+            .ok()?
+            .len();
+        metrics::gauge!("approvals_pending").set(count as f64);
+        Some(count)
+    }
+
     /// `approval.list`: pending envelopes, oldest first.
     pub async fn approval_list(&self) -> Envelope {
         const TOOL: &str = "approval.list";

@@ -375,6 +375,7 @@ async fn metrics_count_requests_by_route_and_turns_by_outcome() {
         r#"turns_finished_total{outcome="done"}"#,
         "turn_duration_seconds_bucket",
         "turns_started_total",
+        "approvals_pending ",
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }

@@ -1,14 +1,20 @@
 //! `GET /metrics`: Prometheus text for operators (behind auth like every
 //! route but health).
 
+use std::sync::Arc;
+
 use metrics_exporter_prometheus::PrometheusHandle;
 use poem_openapi::payload::PlainText;
 use poem_openapi::{ApiResponse, OpenApi};
 
 use super::ApiTags;
+use crate::domain::dashboard::ControlPlane;
 
 pub struct MetricsApi {
     pub handle: PrometheusHandle,
+    /// Asked for the pending-approval count at each scrape, so the gauge is
+    /// current even when no dashboard is watching.
+    pub control: Arc<ControlPlane>,
 }
 
 #[derive(ApiResponse)]
@@ -23,7 +29,8 @@ impl MetricsApi {
     /// Metrics
     ///
     /// Requests by route and status with latency histograms, live stream
-    /// clients, turns by outcome with their duration, slow clients closed.
+    /// clients, turns by outcome with their duration, slow clients closed,
+    /// pending approvals.
     #[oai(
         path = "/metrics",
         method = "get",
@@ -31,6 +38,7 @@ impl MetricsApi {
         tag = "ApiTags::System"
     )]
     async fn metrics(&self) -> MetricsReply {
+        self.control.count_pending().await;
         self.handle.run_upkeep();
         MetricsReply::Ok(PlainText(self.handle.render()))
     }

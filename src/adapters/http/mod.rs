@@ -152,6 +152,7 @@ pub fn api_service(
             HealthApi,
             MetricsApi {
                 handle: crate::adapters::metrics::prometheus(),
+                control: Arc::clone(&services.control),
             },
             TicketApi {
                 tickets: Arc::clone(tickets),
