@@ -248,35 +248,18 @@ impl ControlPlane {
     /// `error.*` envelope.
     pub async fn call(&self, name: &str, args: Value) -> Result<Envelope, UnknownTool> {
         let args = if args.is_null() { json!({}) } else { args };
-        let parsed = |tool: &str| -> Result<(), Envelope> {
-            serde_json::from_value::<NoArgs>(args.clone())
-                .map(drop)
-                .map_err(|e| invalid(tool, &e))
-        };
         Ok(match name {
-            "dashboard.status" => match parsed(name) {
-                Ok(()) => self.status().await,
-                Err(envelope) => envelope,
-            },
-            "approval.list" => match parsed(name) {
-                Ok(()) => self.approval_list().await,
-                Err(envelope) => envelope,
-            },
-            "system.info" => match parsed(name) {
-                Ok(()) => self.system_info(),
-                Err(envelope) => envelope,
-            },
-            "session.list" => match parsed(name) {
-                Ok(()) => self.session_list().await,
-                Err(envelope) => envelope,
-            },
-            "approval.decide" => match serde_json::from_value::<DecideArgs>(args) {
+            "dashboard.status" => no_args(name, args, self.status()).await,
+            "approval.list" => no_args(name, args, self.approval_list()).await,
+            "system.info" => no_args(name, args, async { self.system_info() }).await,
+            "session.list" => no_args(name, args, self.session_list()).await,
+            "approval.decide" => match parse::<DecideArgs>(name, args) {
                 Ok(a) => self.decide(&a.approval_id, a.approved, a.reason).await,
-                Err(e) => invalid(name, &e),
+                Err(envelope) => envelope,
             },
-            "chat.send" => match serde_json::from_value::<ChatSendArgs>(args) {
+            "chat.send" => match parse::<ChatSendArgs>(name, args) {
                 Ok(a) => self.send_message(name, a.content, a.session_id).await,
-                Err(e) => invalid(name, &e),
+                Err(envelope) => envelope,
             },
             other => return Err(UnknownTool(other.to_owned())),
         })
@@ -291,58 +274,76 @@ impl ControlPlane {
         }
     }
 
-    /// `dashboard.status`.
-    pub async fn status(&self) -> Envelope {
-        const TOOL: &str = "dashboard.status";
-        let approvals = match self.runtime(TOOL) {
-            Ok(approvals) => approvals,
-            Err(envelope) => return envelope,
-        };
-        match approvals.list_pending(Utc::now()).await {
-            Ok(pending) => Envelope::new(
-                TOOL,
-                TOOL,
-                json!({
-                    "initialized": true,
-                    "agent_name": self.agent.name,
-                    "shell_tier": self.agent.shell_tier.as_str(),
-                    "approval_unlocked": approvals.is_unlocked(),
-                    "pending_approvals_count": pending.len(),
-                }),
-            ),
-            Err(e) => storage(TOOL, &e.to_string()),
-        }
-    }
-
-    /// Refreshes the `approvals_pending` gauge (for a metrics scrape); the
-    /// count, or `None` when there is no approval store to ask.
-    pub async fn count_pending(&self) -> Option<usize> {
-        let count = self
-            .approvals
-            .as_ref()?
+    /// The pending approvals (refreshing the `approvals_pending` gauge), or
+    /// the envelope `tool` answers when they cannot be read.
+    async fn pending(
+        &self,
+        tool: &str,
+    ) -> Result<(&ApprovalService, Vec<ApprovalEnvelope>), Envelope> {
+        let approvals = self.runtime(tool)?;
+        let pending = approvals
             .list_pending(Utc::now())
             .await
-            .ok()?
-            .len();
-        metrics::gauge!("approvals_pending").set(count as f64);
-        Some(count)
+            .map_err(|e| storage(tool, &e.to_string()))?;
+        metrics::gauge!("approvals_pending").set(pending.len() as f64);
+        Ok((approvals, pending))
+    }
+
+    fn status_envelope(
+        &self,
+        approvals: &ApprovalService,
+        pending: &[ApprovalEnvelope],
+    ) -> Envelope {
+        const TOOL: &str = "dashboard.status";
+        Envelope::new(
+            TOOL,
+            TOOL,
+            json!({
+                "initialized": true,
+                "agent_name": self.agent.name,
+                "shell_tier": self.agent.shell_tier.as_str(),
+                "approval_unlocked": approvals.is_unlocked(),
+                "pending_approvals_count": pending.len(),
+            }),
+        )
+    }
+
+    /// `dashboard.status`.
+    pub async fn status(&self) -> Envelope {
+        match self.pending("dashboard.status").await {
+            Ok((approvals, pending)) => self.status_envelope(approvals, &pending),
+            Err(envelope) => envelope,
+        }
     }
 
     /// `approval.list`: pending envelopes, oldest first.
     pub async fn approval_list(&self) -> Envelope {
-        const TOOL: &str = "approval.list";
-        let approvals = match self.runtime(TOOL) {
-            Ok(approvals) => approvals,
-            Err(envelope) => return envelope,
-        };
-        match approvals.list_pending(Utc::now()).await {
-            Ok(pending) => {
-                metrics::gauge!("approvals_pending").set(pending.len() as f64);
-                let items: Vec<Value> = pending.iter().map(approval_item).collect();
-                Envelope::new(TOOL, TOOL, json!({"count": items.len(), "items": items}))
-            }
-            Err(e) => storage(TOOL, &e.to_string()),
+        match self.pending("approval.list").await {
+            Ok((_, pending)) => list_envelope(&pending),
+            Err(envelope) => envelope,
         }
+    }
+
+    /// `dashboard.status` and `approval.list` from one read of the store,
+    /// for dashboards that show both.
+    pub async fn snapshot(&self) -> (Envelope, Envelope) {
+        match self.pending("dashboard.status").await {
+            Ok((approvals, pending)) => (
+                self.status_envelope(approvals, &pending),
+                list_envelope(&pending),
+            ),
+            // One failure, told once per view; the store is not asked again.
+            Err(envelope) => (envelope.clone(), envelope),
+        }
+    }
+
+    /// Refreshes the `approvals_pending` gauge (for a metrics scrape); the
+    /// count, or `None` when it cannot be read.
+    pub async fn count_pending(&self) -> Option<usize> {
+        self.pending("metrics")
+            .await
+            .ok()
+            .map(|(_, pending)| pending.len())
     }
 
     /// `approval.decide`.
@@ -518,6 +519,24 @@ impl ControlPlane {
             Err(e) => storage(TOOL, &e.to_string()),
         }
     }
+}
+
+fn list_envelope(pending: &[ApprovalEnvelope]) -> Envelope {
+    const TOOL: &str = "approval.list";
+    let items: Vec<Value> = pending.iter().map(approval_item).collect();
+    Envelope::new(TOOL, TOOL, json!({"count": items.len(), "items": items}))
+}
+
+/// Answers `answer` for a tool that takes no arguments, once `args` says so.
+async fn no_args(tool: &str, args: Value, answer: impl Future<Output = Envelope>) -> Envelope {
+    match parse::<NoArgs>(tool, args) {
+        Ok(NoArgs {}) => answer.await,
+        Err(envelope) => envelope,
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(tool: &str, args: Value) -> Result<T, Envelope> {
+    serde_json::from_value(args).map_err(|e| invalid(tool, &e))
 }
 
 fn approval_item(envelope: &ApprovalEnvelope) -> Value {

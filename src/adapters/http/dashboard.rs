@@ -393,8 +393,7 @@ impl StreamState {
                 self.changes.mark_unchanged();
             }
         }
-        let list = self.control.approval_list().await;
-        let status = self.control.status().await;
+        let (status, list) = self.control.snapshot().await;
         self.queue = vec![list];
         status
     }
