@@ -4,6 +4,7 @@ pub mod agent;
 pub mod approval_broadcast;
 pub mod ed25519;
 pub mod http;
+pub mod json;
 pub mod mcp;
 pub mod memory;
 pub mod metrics;

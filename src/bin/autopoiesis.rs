@@ -11,6 +11,7 @@ use autopoiesis::adapters::agent::{ProviderEnv, build_runtime, config::load_agen
 use autopoiesis::adapters::approval_broadcast::ApprovalBroadcast;
 use autopoiesis::adapters::ed25519::Ed25519ApprovalKey;
 use autopoiesis::adapters::http::auth::{ApiKey, OriginPolicy};
+use autopoiesis::adapters::http::server::ServerSettings;
 use autopoiesis::adapters::http::{self, HttpSettings, Services};
 use autopoiesis::adapters::memory::InMemorySessionStore;
 use autopoiesis::adapters::persistence::{
@@ -56,6 +57,16 @@ fn duration(raw: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(raw)
 }
 
+/// A duration that must not be zero (an interval or a timeout that would
+/// fire at once).
+fn positive_duration(raw: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(raw) {
+        Ok(d) if d.is_zero() => Err("must be greater than 0".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Settings of `serve`: a flag beats its environment variable, which beats
 /// the default. The API key is read from AUTOPOIESIS_API_KEY only (a flag
 /// would show in `ps`); when set, every route but GET /api/health needs it.
@@ -89,7 +100,7 @@ struct ServeArgs {
     #[arg(long, env = "AUTOPOIESIS_SESSION_TTL", default_value = "30m", value_parser = duration)]
     session_ttl: Duration,
     /// How often idle sessions are looked for.
-    #[arg(long, env = "AUTOPOIESIS_SWEEP_INTERVAL", default_value = "5m", value_parser = duration)]
+    #[arg(long, env = "AUTOPOIESIS_SWEEP_INTERVAL", default_value = "5m", value_parser = positive_duration)]
     sweep_interval: Duration,
     /// A turn running longer than this ends with an error; 0 means no limit.
     #[arg(long, env = "AUTOPOIESIS_TURN_TIMEOUT", default_value = "10m", value_parser = duration)]
@@ -114,11 +125,34 @@ struct ServeArgs {
     /// and /mcp (comma-separated, e.g. https://app.example.com; * for any).
     #[arg(long, env = "AUTOPOIESIS_ALLOWED_ORIGINS", value_delimiter = ',')]
     allowed_origins: Vec<String>,
-    /// Host names /mcp accepts in the Host header besides the bind address
-    /// and loopback (DNS-rebinding protection; comma-separated, `host` or
-    /// `host:port`; * for any), e.g. the name a reverse proxy forwards.
-    #[arg(long, env = "AUTOPOIESIS_MCP_ALLOWED_HOSTS", value_delimiter = ',')]
-    mcp_allowed_hosts: Vec<String>,
+    /// Host names every route accepts in the Host header besides loopback
+    /// names and IP literals (DNS-rebinding protection; comma-separated,
+    /// `host` or `host:port`; * for any), e.g. the name a reverse proxy
+    /// forwards.
+    #[arg(
+        long,
+        alias = "mcp-allowed-hosts",
+        env = "AUTOPOIESIS_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    allowed_hosts: Vec<String>,
+    /// Open TCP connections (WebSockets included) the server accepts at
+    /// once; past it a new connection gets 503 and is closed.
+    #[arg(long, env = "AUTOPOIESIS_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Time a client has to send a whole request head, from its first byte.
+    #[arg(long, env = "AUTOPOIESIS_HEADER_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    header_timeout: Duration,
+    /// Time a client has to send a whole request body, from its head.
+    #[arg(long, env = "AUTOPOIESIS_BODY_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
+    body_timeout: Duration,
+    /// A keep-alive connection with no request for this long is closed.
+    #[arg(long, env = "AUTOPOIESIS_IDLE_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
+    idle_timeout: Duration,
+    /// A response write blocked this long (the client stopped reading)
+    /// closes the connection.
+    #[arg(long, env = "AUTOPOIESIS_WRITE_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
+    write_timeout: Duration,
     /// Frames queued per client before it counts as too slow (closed, 1013).
     #[arg(long, env = "AUTOPOIESIS_CLIENT_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     client_queue: u32,
@@ -326,20 +360,20 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     // Ends MCP sessions and their streams at shutdown, after running turns.
     let close_streams = CancellationToken::new();
     let defaults = HttpSettings::default();
-    let mut mcp_allowed_hosts = defaults.mcp_allowed_hosts.clone();
-    mcp_allowed_hosts.push(args.host.to_string());
-    mcp_allowed_hosts.extend(args.mcp_allowed_hosts.iter().cloned());
+    let mut allowed_hosts = defaults.allowed_hosts.clone();
+    allowed_hosts.extend(args.allowed_hosts.iter().cloned());
     let settings = HttpSettings {
         api_key,
         origins: OriginPolicy {
             allowed: args.allowed_origins.clone(),
         },
         max_body_bytes: args.max_body_bytes,
+        body_timeout: args.body_timeout,
         ws: WsSettings {
             max_message_bytes: args.max_ws_message_bytes,
             ..WsSettings::default()
         },
-        mcp_allowed_hosts,
+        allowed_hosts,
         close_streams: close_streams.clone(),
         ..defaults
     };
@@ -401,8 +435,14 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let served = http::serve(
         listener,
         app,
+        ServerSettings {
+            max_connections: args.max_connections as usize,
+            header_timeout: args.header_timeout,
+            idle_timeout: args.idle_timeout,
+            write_timeout: args.write_timeout,
+            grace: args.shutdown_grace + Duration::from_secs(10),
+        },
         signal,
-        args.shutdown_grace + Duration::from_secs(10),
     )
     .await;
     shutdown.cancel();

@@ -232,3 +232,108 @@ async fn websockets_refuse_foreign_origins_unless_allowed() {
         101
     );
 }
+
+#[tokio::test]
+async fn a_rebound_host_name_is_refused_on_every_route() {
+    let app = spawn_with(Options::default()).await;
+    for (method, path) in all_routes(&app) {
+        let status = app
+            .client
+            .request(method.clone(), app.url(&path))
+            .header(
+                "host",
+                format!("rebind.attacker.example:{}", app.address.port()),
+            )
+            .header("content-type", "application/json")
+            .body("{}")
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}");
+    }
+    let res = app
+        .client
+        .get(app.url("/api/sessions"))
+        .header("host", format!("localhost:{}", app.address.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "loopback names pass");
+}
+
+#[tokio::test]
+async fn a_foreign_origin_cannot_change_state_even_with_auth_off() {
+    let app = spawn_with(Options::default()).await;
+    let own = format!("http://{}", app.address);
+    let post = |path: &'static str, origin: String, body: &'static str| {
+        app.client
+            .post(app.url(path))
+            .header("origin", origin)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    for (path, body) in [
+        ("/api/chat", r#"{"content":"hi","session_id":"csrf"}"#),
+        ("/api/actions", r#"{"action":"approve","approval_id":"x"}"#),
+        ("/api/sessions", ""),
+    ] {
+        let res = post(path, "https://evil.example".into(), body)
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN, "{path}");
+        // Same host, other scheme: another origin too.
+        let res = post(path, format!("https://{}", app.address), body)
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN, "{path} over https");
+    }
+    assert_eq!(app.get("/api/sessions/csrf/history").await.status(), 404);
+    let res = post("/api/chat", own, r#"{"content":"hi","session_id":"csrf"}"#)
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "the server's own page may");
+    assert_eq!(
+        ws_status_with_origin(&app, &format!("https://{}", app.address)).await,
+        403
+    );
+}
+
+#[tokio::test]
+async fn head_health_lowercase_bearer_and_duplicate_keys() {
+    let app = locked_app(HttpSettings::default()).await;
+    let res = app
+        .client
+        .head(app.url("/api/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "HEAD /api/health is public");
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let res = app
+            .client
+            .get(app.url("/api/sessions"))
+            .header("authorization", format!("{scheme} {KEY}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{scheme}");
+    }
+    let res = app
+        .client
+        .post(app.url("/api/chat"))
+        .header("x-api-key", KEY)
+        .header("content-type", "application/json")
+        .body(r#"{"content":"a","content":"b","session_id":"dup"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let body: Value = res.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("appears twice"),
+        "{body}"
+    );
+}

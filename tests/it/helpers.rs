@@ -8,6 +8,7 @@ use autopoiesis::adapters::agent::echo::EchoRuntime;
 use autopoiesis::adapters::approval_broadcast::ApprovalBroadcast;
 use autopoiesis::adapters::ed25519::Ed25519ApprovalKey;
 use autopoiesis::adapters::http::auth::ApiKey;
+use autopoiesis::adapters::http::server::ServerSettings;
 use autopoiesis::adapters::http::{self, HttpSettings, Services};
 use autopoiesis::adapters::memory::InMemorySessionStore;
 use autopoiesis::adapters::persistence::{ConnectSettings, SeaOrmApprovalStore, sqlite_url};
@@ -33,6 +34,7 @@ pub struct Options {
     pub sweep: Option<SweepPolicy>,
     pub turn_timeout: Option<Duration>,
     pub http: HttpSettings,
+    pub server: ServerSettings,
     /// Load a fresh approval key (approvals unlocked).
     pub approval_key: bool,
     /// The approval database; `None`: a SQLite file in the app's temp dir.
@@ -48,6 +50,10 @@ impl Default for Options {
             sweep: None,
             turn_timeout: None,
             http: HttpSettings::default(),
+            server: ServerSettings {
+                grace: Duration::from_secs(1),
+                ..ServerSettings::default()
+            },
             approval_key: false,
             database_url: None,
         }
@@ -151,7 +157,7 @@ pub async fn spawn_with(options: Options) -> TestApp {
             hub.close_all();
         }
     };
-    tokio::spawn(http::serve(listener, app, signal, Duration::from_secs(1)));
+    tokio::spawn(http::serve(listener, app, options.server, signal));
     TestApp {
         address,
         base: format!("http://{address}"),

@@ -5,6 +5,7 @@
 mod approval_store;
 mod auth;
 mod cli;
+mod connections;
 mod dashboard;
 mod edges;
 mod fake_openai;

@@ -483,7 +483,7 @@ async fn mcp_refuses_a_foreign_origin_and_admits_its_own() {
 async fn mcp_refuses_hosts_it_was_not_told_of() {
     let app = spawn_with(Options {
         http: HttpSettings {
-            mcp_allowed_hosts: ["127.0.0.1", "::1", "mcp.example"]
+            allowed_hosts: ["127.0.0.1", "::1", "mcp.example"]
                 .map(str::to_owned)
                 .to_vec(),
             ..HttpSettings::default()

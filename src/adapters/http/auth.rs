@@ -1,9 +1,12 @@
-//! One guard in front of every route: the API key (header, Bearer, or a
-//! single-use ticket where browsers cannot set headers), and the `Origin`
-//! check on the routes a browser page could open cross-site.
+//! One guard in front of every route, run before any byte of the body is
+//! read: the `Host` allow-list (DNS rebinding), the `Origin` check on the
+//! routes a page on another site could drive with a visitor's browser, and
+//! the API key (header, Bearer, or a single-use ticket where browsers cannot
+//! set headers).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -12,11 +15,14 @@ use poem::web::Json;
 use poem::{Endpoint, IntoResponse, Middleware, Request, Response, Result};
 use serde::Deserialize;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-/// The API key. Its `Debug` never shows it, so it cannot leak into a log.
+/// The API key, kept as its SHA-256 digest: comparing two digests of equal
+/// length in constant time tells nothing about the key's length, and the
+/// key itself is not kept in memory. Its `Debug` shows nothing either.
 #[derive(Clone)]
-pub struct ApiKey(Arc<str>);
+pub struct ApiKey([u8; 32]);
 
 impl ApiKey {
     /// # Errors
@@ -26,12 +32,13 @@ impl ApiKey {
         if key.is_empty() {
             Err("AUTOPOIESIS_API_KEY is set but empty; unset it to turn auth off")
         } else {
-            Ok(Self(key.into()))
+            Ok(Self(Sha256::digest(key.as_bytes()).into()))
         }
     }
 
     fn matches(&self, presented: &str) -> bool {
-        self.0.as_bytes().ct_eq(presented.as_bytes()).into()
+        let presented: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        self.0.ct_eq(&presented).into()
     }
 }
 
@@ -45,15 +52,41 @@ impl fmt::Debug for ApiKey {
 /// which browsers open without custom headers.
 pub struct TicketBook {
     ttl: Duration,
-    /// Ticket -> when it stops being valid.
-    issued: Mutex<HashMap<String, Instant>>,
+    /// Tickets issued and not yet expired, at most this many.
+    capacity: usize,
+    issued: Mutex<Issued>,
 }
 
+#[derive(Default)]
+struct Issued {
+    /// Ticket -> when it stops being valid.
+    valid: HashMap<String, Instant>,
+    /// Every ticket issued within the last `ttl`, oldest first: all tickets
+    /// live equally long, so this is also the order in which they expire,
+    /// and expiring them costs only the ones that expire.
+    by_expiry: VecDeque<(Instant, String)>,
+}
+
+/// Too many tickets are outstanding; the client should retry later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("Too many connection tickets are outstanding ({0}); try again shortly")]
+pub struct TicketsExhausted(pub usize);
+
 impl TicketBook {
+    /// Tickets outstanding at once by default: a browser needs one per
+    /// connection it opens, for 30 s.
+    pub const DEFAULT_CAPACITY: usize = 10_000;
+
     #[must_use]
     pub fn new(ttl: Duration) -> Arc<Self> {
+        Self::with_capacity(ttl, Self::DEFAULT_CAPACITY)
+    }
+
+    #[must_use]
+    pub fn with_capacity(ttl: Duration, capacity: usize) -> Arc<Self> {
         Arc::new(Self {
             ttl,
+            capacity,
             issued: Mutex::default(),
         })
     }
@@ -65,21 +98,82 @@ impl TicketBook {
     }
 
     /// A new ticket (122 random bits).
-    pub fn issue(&self) -> String {
-        let ticket = uuid::Uuid::new_v4().simple().to_string();
+    ///
+    /// # Errors
+    /// [`TicketsExhausted`] when as many tickets as the capacity were issued
+    /// within the last `ttl` (redeemed ones included).
+    pub fn issue(&self) -> Result<String, TicketsExhausted> {
         let now = Instant::now();
         let mut issued = self.issued.lock().unwrap_or_else(PoisonError::into_inner);
-        issued.retain(|_, expires| *expires > now);
-        issued.insert(ticket.clone(), now + self.ttl);
-        ticket
+        while let Some((expires, _)) = issued.by_expiry.front()
+            && *expires <= now
+        {
+            if let Some((_, ticket)) = issued.by_expiry.pop_front() {
+                issued.valid.remove(&ticket);
+            }
+        }
+        if issued.by_expiry.len() >= self.capacity {
+            return Err(TicketsExhausted(self.capacity));
+        }
+        let ticket = uuid::Uuid::new_v4().simple().to_string();
+        issued.valid.insert(ticket.clone(), now + self.ttl);
+        issued.by_expiry.push_back((now + self.ttl, ticket.clone()));
+        Ok(ticket)
     }
 
     /// Takes the ticket: true once, if it was issued and has not expired.
     pub fn redeem(&self, ticket: &str) -> bool {
         let mut issued = self.issued.lock().unwrap_or_else(PoisonError::into_inner);
         issued
+            .valid
             .remove(ticket)
             .is_some_and(|expires| expires > Instant::now())
+    }
+}
+
+/// Which `Host` names the server answers to (DNS-rebinding protection: a
+/// page on a name the attacker rebinds to 127.0.0.1 sends that name).
+#[derive(Debug, Clone, Default)]
+pub struct HostPolicy {
+    /// Names (any port) or `name:port`; `*` accepts any. An IP literal is
+    /// always accepted: a browser sends one only to a page loaded from
+    /// that very address, which is no rebinding.
+    pub allowed: Vec<String>,
+}
+
+/// Splits `name[:port]`, `[v6]:port` or a bare IPv6 address.
+fn split_host(host: &str) -> (&str, Option<&str>) {
+    if host.parse::<IpAddr>().is_ok() {
+        return (host, None);
+    }
+    if let Some(rest) = host.strip_prefix('[')
+        && let Some((name, after)) = rest.split_once(']')
+    {
+        return (name, after.strip_prefix(':'));
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (host, None),
+    }
+}
+
+impl HostPolicy {
+    /// A request without `Host` (HTTP/1.0) is not a browser's and passes.
+    fn admits(&self, headers: &HeaderMap) -> bool {
+        let Some(host) = headers.get("host").and_then(|h| h.to_str().ok()) else {
+            return true;
+        };
+        let (name, port) = split_host(host);
+        if name.parse::<IpAddr>().is_ok() {
+            return true;
+        }
+        self.allowed.iter().any(|allowed| {
+            if allowed == "*" {
+                return true;
+            }
+            let (allowed_name, allowed_port) = split_host(allowed);
+            allowed_name.eq_ignore_ascii_case(name) && allowed_port.is_none_or(|p| Some(p) == port)
+        })
     }
 }
 
@@ -93,16 +187,26 @@ pub struct OriginPolicy {
 
 impl OriginPolicy {
     /// A request without `Origin` is not from a browser page and passes;
-    /// one whose origin is the server itself (its `Host`) passes too.
+    /// one whose origin is the server itself (same scheme, same `Host`)
+    /// passes too. The scheme is `http`, or what a TLS-terminating proxy
+    /// says in `X-Forwarded-Proto` (a page cannot set that header on a
+    /// WebSocket, and a cross-site request that sets it must pass a CORS
+    /// preflight this server never grants).
     fn admits(&self, headers: &HeaderMap) -> bool {
         let Some(origin) = headers.get("origin").and_then(|o| o.to_str().ok()) else {
             return true;
         };
+        let scheme = headers
+            .get("x-forwarded-proto")
+            .and_then(|p| p.to_str().ok())
+            .unwrap_or("http");
         let same_origin = headers
             .get("host")
             .and_then(|h| h.to_str().ok())
-            .zip(origin.split_once("://").map(|(_, authority)| authority))
-            .is_some_and(|(host, authority)| host.eq_ignore_ascii_case(authority));
+            .zip(origin.split_once("://"))
+            .is_some_and(|(host, (origin_scheme, authority))| {
+                origin_scheme.eq_ignore_ascii_case(scheme) && host.eq_ignore_ascii_case(authority)
+            });
         same_origin
             || self
                 .allowed
@@ -116,7 +220,8 @@ impl OriginPolicy {
 /// and test tools fetch it before they have a key).
 fn is_public(req: &Request) -> bool {
     let path = req.uri().path();
-    (req.method() == Method::GET && (path == "/api/health" || path == "/openapi.json"))
+    let reads = req.method() == Method::GET || req.method() == Method::HEAD;
+    (reads && (path == "/api/health" || path == "/openapi.json"))
         || path == "/docs"
         || path.starts_with("/docs/")
 }
@@ -128,22 +233,29 @@ fn takes_ticket(path: &str) -> bool {
         || (path.starts_with("/api/sessions/") && path.ends_with("/events"))
 }
 
-/// The routes a page on another site could drive with the visitor's
-/// browser: they check `Origin`.
-fn checks_origin(path: &str) -> bool {
-    path.starts_with("/api/ws/") || path == "/mcp" || path.starts_with("/mcp/")
+/// The requests a page on another site could make with the visitor's
+/// browser and act on: every one that changes state (a browser sends
+/// simple cross-site POSTs without asking), the WebSocket (no CORS
+/// applies to it) and `/mcp`. They check `Origin`.
+fn checks_origin(req: &Request) -> bool {
+    let path = req.uri().path();
+    !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        || path.starts_with("/api/ws/")
+        || path == "/mcp"
+        || path.starts_with("/mcp/")
 }
 
-/// The key a request presents: `X-API-Key`, or `Authorization: Bearer`.
+/// The key a request presents: `X-API-Key`, or `Authorization: Bearer`
+/// (the scheme name is case-insensitive, RFC 9110).
 fn presented_key(req: &Request) -> Option<&str> {
     if let Some(key) = req.headers().get("x-api-key") {
         return key.to_str().ok();
     }
-    req.headers()
-        .get("authorization")?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
+    let value = req.headers().get("authorization")?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
 }
 
 #[derive(Deserialize)]
@@ -167,6 +279,7 @@ pub struct Guard {
     pub key: Option<ApiKey>,
     pub tickets: Arc<TicketBook>,
     pub origins: OriginPolicy,
+    pub hosts: HostPolicy,
 }
 
 impl<E: Endpoint> Middleware<E> for Guard {
@@ -190,7 +303,10 @@ impl Guard {
     /// refused request has no side effect.
     fn check(&self, req: &Request) -> Option<Response> {
         let path = req.uri().path();
-        if checks_origin(path) && !self.origins.admits(req.headers()) {
+        if !self.hosts.admits(req.headers()) {
+            return Some(refuse(StatusCode::FORBIDDEN, "Host not allowed"));
+        }
+        if checks_origin(req) && !self.origins.admits(req.headers()) {
             return Some(refuse(StatusCode::FORBIDDEN, "Origin not allowed"));
         }
         let key = self.key.as_ref()?;
@@ -225,16 +341,56 @@ mod tests {
     #[test]
     fn a_ticket_is_good_once() {
         let book = TicketBook::new(Duration::from_secs(30));
-        let ticket = book.issue();
+        let ticket = book.issue().unwrap();
         assert!(book.redeem(&ticket));
         assert!(!book.redeem(&ticket));
         assert!(!book.redeem("made-up"));
     }
 
     #[test]
+    fn tickets_beyond_the_capacity_are_refused_until_old_ones_expire() {
+        let book = TicketBook::with_capacity(Duration::from_millis(50), 3);
+        for _ in 0..3 {
+            book.issue().unwrap();
+        }
+        assert_eq!(book.issue(), Err(TicketsExhausted(3)));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(book.issue().is_ok());
+        let issued = book.issued.lock().unwrap();
+        assert_eq!((issued.valid.len(), issued.by_expiry.len()), (1, 1));
+    }
+
+    #[test]
+    fn the_host_allow_list_takes_names_ports_and_any_ip_literal() {
+        let policy = HostPolicy {
+            allowed: vec!["localhost".into(), "proxy.example:443".into()],
+        };
+        let admits = |host: &str| policy.admits(&headers(None, host));
+        assert!(admits("localhost:8420"));
+        assert!(admits("LOCALHOST"));
+        assert!(admits("proxy.example:443"));
+        assert!(admits("127.0.0.1:8420"));
+        assert!(admits("[::1]:8420"));
+        assert!(admits("10.0.0.7"));
+        assert!(!admits("proxy.example:8443"));
+        assert!(!admits("rebind.attacker.example:8420"));
+        assert!(!admits("localhost.attacker.example"));
+        assert!(HostPolicy::default().admits(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn the_key_matches_only_itself_whatever_the_length() {
+        let key = ApiKey::new("s3cret").unwrap();
+        assert!(key.matches("s3cret"));
+        assert!(!key.matches("s3cre"));
+        assert!(!key.matches("s3cret "));
+        assert!(!key.matches(""));
+    }
+
+    #[test]
     fn an_expired_ticket_is_refused() {
         let book = TicketBook::new(Duration::ZERO);
-        let ticket = book.issue();
+        let ticket = book.issue().unwrap();
         assert!(!book.redeem(&ticket));
     }
 
@@ -257,5 +413,14 @@ mod tests {
         assert!(policy.admits(&headers(Some("https://app.example"), "127.0.0.1:8420")));
         assert!(!policy.admits(&headers(Some("https://evil.example"), "127.0.0.1:8420")));
         assert!(!policy.admits(&headers(Some("null"), "127.0.0.1:8420")));
+    }
+
+    #[test]
+    fn the_same_origin_test_compares_the_scheme_too() {
+        let policy = OriginPolicy::default();
+        assert!(!policy.admits(&headers(Some("https://127.0.0.1:8420"), "127.0.0.1:8420")));
+        let mut behind_tls = headers(Some("https://app.example"), "app.example");
+        behind_tls.insert("x-forwarded-proto", "https".parse().unwrap());
+        assert!(policy.admits(&behind_tls));
     }
 }

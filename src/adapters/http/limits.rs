@@ -1,21 +1,31 @@
-//! The request body limit, answered with the API's JSON error shape.
+//! The request body: read only after the guard let the request through,
+//! limited in size while it streams (413) and in time (408), and refused
+//! (400) when it is JSON with a key given twice.
 //!
 //! poem's own `SizeLimit` refuses every request without `Content-Length`
-//! (411), GETs included; this one checks the header when there is one and
-//! reads a chunked body up to the limit when there is not.
+//! (411), GETs included; this one reads what the client sends, with or
+//! without `Content-Length`, up to the limit, so a handler never waits on a
+//! client that stops sending.
 
-use poem::http::{Method, StatusCode};
+use std::time::Duration;
+
+use poem::http::{Method, StatusCode, header};
+use poem::web::Json;
 use poem::web::headers::{ContentLength, HeaderMapExt};
-use poem::{Body, Endpoint, Middleware, Request, Result};
+use poem::{Body, Endpoint, IntoResponse, Middleware, Request, Response, Result};
+use serde_json::json;
+
+use crate::adapters::json::{JsonCheck, check_unique_keys};
 
 pub struct BodyLimit {
     max_bytes: usize,
+    timeout: Duration,
 }
 
 impl BodyLimit {
     #[must_use]
-    pub fn new(max_bytes: usize) -> Self {
-        Self { max_bytes }
+    pub fn new(max_bytes: usize, timeout: Duration) -> Self {
+        Self { max_bytes, timeout }
     }
 }
 
@@ -26,6 +36,7 @@ impl<E: Endpoint> Middleware<E> for BodyLimit {
         BodyLimitEndpoint {
             inner,
             max_bytes: self.max_bytes,
+            timeout: self.timeout,
         }
     }
 }
@@ -33,33 +44,49 @@ impl<E: Endpoint> Middleware<E> for BodyLimit {
 pub struct BodyLimitEndpoint<E> {
     inner: E,
     max_bytes: usize,
+    timeout: Duration,
 }
 
-fn too_large() -> poem::Error {
-    poem::Error::from_status(StatusCode::PAYLOAD_TOO_LARGE)
+fn is_json(req: &Request) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| {
+            let media = media.trim();
+            media.eq_ignore_ascii_case("application/json")
+                || (media.len() > 5 && media[media.len() - 5..].eq_ignore_ascii_case("+json"))
+        })
 }
 
 impl<E: Endpoint> Endpoint for BodyLimitEndpoint<E> {
-    type Output = E::Output;
+    type Output = Response;
 
     async fn call(&self, mut req: Request) -> Result<Self::Output> {
-        match req.headers().typed_get::<ContentLength>() {
-            Some(ContentLength(length))
-                if usize::try_from(length).map_or(true, |length| length > self.max_bytes) =>
+        // A GET's or HEAD's body means nothing here and is never read.
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            if let Some(ContentLength(length)) = req.headers().typed_get::<ContentLength>()
+                && usize::try_from(length).map_or(true, |length| length > self.max_bytes)
             {
-                return Err(too_large());
+                return Err(poem::Error::from_status(StatusCode::PAYLOAD_TOO_LARGE));
             }
-            Some(_) => {}
-            None if req.method() != Method::GET && req.method() != Method::HEAD => {
-                let body = req
-                    .take_body()
-                    .into_bytes_limit(self.max_bytes)
-                    .await
-                    .map_err(|_| too_large())?;
-                req.set_body(Body::from_bytes(body));
+            let body = req.take_body().into_bytes_limit(self.max_bytes);
+            let body = match tokio::time::timeout(self.timeout, body).await {
+                Err(_) => return Err(poem::Error::from_status(StatusCode::REQUEST_TIMEOUT)),
+                Ok(Err(_)) => return Err(poem::Error::from_status(StatusCode::PAYLOAD_TOO_LARGE)),
+                Ok(Ok(body)) => body,
+            };
+            if is_json(&req)
+                && let JsonCheck::DuplicateKey(key) = check_unique_keys(&body)
+            {
+                return Ok(Json(json!({
+                    "detail": format!("Invalid JSON body: the key {key:?} appears twice in one object")
+                }))
+                .with_status(StatusCode::BAD_REQUEST)
+                .into_response());
             }
-            None => {}
+            req.set_body(Body::from_bytes(body));
         }
-        self.inner.call(req).await
+        self.inner.call(req).await.map(IntoResponse::into_response)
     }
 }

@@ -10,8 +10,8 @@ pub mod dto;
 pub mod health;
 pub mod limits;
 pub mod metrics;
-pub mod nodelay;
 pub mod request_log;
+pub mod server;
 pub mod sessions;
 pub mod stream;
 pub mod tickets;
@@ -21,21 +21,19 @@ use std::time::Duration;
 
 use poem::endpoint::{BoxEndpoint, TowerCompatExt};
 use poem::http::StatusCode;
-use poem::listener::TcpAcceptor;
 use poem::web::Json;
-use poem::{EndpointExt, IntoResponse, Response, Route, Server, get, post};
+use poem::{EndpointExt, IntoResponse, Response, Route, get, post};
 use poem_openapi::{OpenApiService, Tags};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use self::allow::AllowHeader;
-use self::auth::{ApiKey, Guard, OriginPolicy, TicketBook};
+use self::auth::{ApiKey, Guard, HostPolicy, OriginPolicy, TicketBook};
 use self::chat::ChatApi;
 use self::dashboard::DashboardApi;
 use self::health::HealthApi;
 use self::limits::BodyLimit;
 use self::metrics::MetricsApi;
-use self::nodelay::NoDelayAcceptor;
 use self::request_log::RequestLog;
 use self::sessions::SessionsApi;
 use self::tickets::TicketApi;
@@ -82,14 +80,16 @@ pub struct HttpSettings {
     pub ticket_ttl: Duration,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// A request body must arrive whole within this time of its head.
+    pub body_timeout: Duration,
     /// Interval of SSE keep-alive comments.
     pub sse_keep_alive: Duration,
     /// `/api/stream` sends a fresh snapshot at least this often.
     pub dashboard_refresh: Duration,
     pub ws: WsSettings,
-    /// `Host` values `/mcp` accepts (DNS-rebinding protection): hosts (any
-    /// port) or `host:port`; `*` accepts any.
-    pub mcp_allowed_hosts: Vec<String>,
+    /// `Host` values every route accepts (DNS-rebinding protection): names
+    /// (any port) or `name:port`; `*` accepts any; IP literals always pass.
+    pub allowed_hosts: Vec<String>,
     /// Cancelled at shutdown once running turns are done: MCP sessions and
     /// their streams end then, so graceful shutdown does not wait on idle
     /// clients.
@@ -103,10 +103,11 @@ impl Default for HttpSettings {
             origins: OriginPolicy::default(),
             ticket_ttl: Duration::from_secs(30),
             max_body_bytes: 2 * 1024 * 1024,
+            body_timeout: Duration::from_secs(30),
             sse_keep_alive: Duration::from_secs(15),
             dashboard_refresh: Duration::from_secs(5),
             ws: WsSettings::default(),
-            mcp_allowed_hosts: ["localhost", "127.0.0.1", "::1"]
+            allowed_hosts: ["localhost", "127.0.0.1", "::1"]
                 .map(str::to_owned)
                 .to_vec(),
             close_streams: CancellationToken::new(),
@@ -198,7 +199,8 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
         Arc::clone(&services.control),
         &services.approval_events,
         &McpSettings {
-            allowed_hosts: settings.mcp_allowed_hosts.clone(),
+            // The guard checks `Host` on every route before rmcp sees one.
+            allowed_hosts: vec!["*".to_owned()],
             sse_keep_alive: settings.sse_keep_alive,
             max_body_bytes: settings.max_body_bytes,
             close_streams: settings.close_streams.clone(),
@@ -216,12 +218,20 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
                 .delete(mcp.compat()),
         )
         .nest("/", api)
+        // The body is read only once the request passed the guard: a client
+        // without the key makes the server hold nothing.
+        .with(BodyLimit::new(
+            settings.max_body_bytes,
+            settings.body_timeout,
+        ))
         .with(Guard {
             key: settings.api_key.clone(),
             tickets,
             origins: settings.origins.clone(),
+            hosts: HostPolicy {
+                allowed: settings.allowed_hosts.clone(),
+            },
         })
-        .with(BodyLimit::new(settings.max_body_bytes))
         .catch_all_error(error_response)
         .with(AllowHeader::new(&spec, PLAIN_ROUTES))
         .with(RequestLog)
@@ -236,6 +246,7 @@ async fn error_response(error: poem::Error) -> Response {
         StatusCode::NOT_FOUND => "Not Found".to_owned(),
         StatusCode::METHOD_NOT_ALLOWED => "Method Not Allowed".to_owned(),
         StatusCode::PAYLOAD_TOO_LARGE => "Request body is too large".to_owned(),
+        StatusCode::REQUEST_TIMEOUT => "Request body took too long to arrive".to_owned(),
         _ => error.to_string(),
     };
     Json(json!({ "detail": detail }))
@@ -252,17 +263,15 @@ pub fn spec_service(services: &Services) -> OpenApiService<Apis, ()> {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets requests
-/// in flight finish for up to `grace`.
+/// in flight finish for up to `settings.grace` (see [`server`]).
 ///
 /// # Errors
 /// The listener failed.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: BoxEndpoint<'static>,
+    settings: server::ServerSettings,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
 ) -> std::io::Result<()> {
-    Server::new_with_acceptor(NoDelayAcceptor(TcpAcceptor::from_tokio(listener)?))
-        .run_with_graceful_shutdown(app, shutdown, Some(grace))
-        .await
+    server::serve(listener, app, settings, shutdown).await
 }

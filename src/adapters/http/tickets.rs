@@ -8,6 +8,7 @@ use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use super::ApiTags;
 use super::auth::TicketBook;
+use super::dto::ErrorBody;
 
 pub struct TicketApi {
     pub tickets: Arc<TicketBook>,
@@ -27,6 +28,9 @@ enum TicketReply {
     /// A fresh ticket.
     #[oai(status = 200)]
     Ok(Json<Ticket>),
+    /// Too many tickets are outstanding; retry shortly.
+    #[oai(status = 429)]
+    TooMany(Json<ErrorBody>),
 }
 
 #[OpenApi]
@@ -44,9 +48,12 @@ impl TicketApi {
         tag = "ApiTags::System"
     )]
     async fn issue(&self) -> TicketReply {
-        TicketReply::Ok(Json(Ticket {
-            ticket: self.tickets.issue(),
-            expires_in: self.tickets.ttl().as_secs(),
-        }))
+        match self.tickets.issue() {
+            Ok(ticket) => TicketReply::Ok(Json(Ticket {
+                ticket,
+                expires_in: self.tickets.ttl().as_secs(),
+            })),
+            Err(exhausted) => TicketReply::TooMany(Json(ErrorBody::new(exhausted.to_string()))),
+        }
     }
 }

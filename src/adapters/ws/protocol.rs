@@ -7,6 +7,7 @@
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use crate::adapters::json::{JsonCheck, check_unique_keys};
 use crate::domain::events::SessionEvent;
 use crate::domain::session::TurnId;
 
@@ -97,8 +98,12 @@ struct RawIncoming {
 ///
 /// # Errors
 /// [`IncomingError`] when the frame is not `{"op": string, "data": object?}`
-/// or a `message`'s `content` is not a string.
+/// (a key given twice in one object included) or a `message`'s `content`
+/// is not a string.
 pub fn parse_incoming(text: &str) -> Result<Incoming, IncomingError> {
+    if let JsonCheck::DuplicateKey(_) = check_unique_keys(text.as_bytes()) {
+        return Err(IncomingError::InvalidFormat);
+    }
     let raw: RawIncoming = serde_json::from_str(text).map_err(|_| IncomingError::InvalidFormat)?;
     let data = match raw.data {
         None | Some(Value::Null) => Map::new(),
@@ -153,6 +158,8 @@ mod tests {
             r#"{"data":{}}"#,
             r#"{"op":1}"#,
             r#"{"op":"message","data":[1]}"#,
+            r#"{"op":"message","op":"cancel","data":{}}"#,
+            r#"{"op":"message","data":{"content":"a","content":"b"}}"#,
         ] {
             assert_eq!(
                 parse_incoming(bad),
