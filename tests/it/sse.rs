@@ -94,3 +94,63 @@ async fn sse_refuses_a_malformed_last_event_id() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn a_kicked_sse_client_that_stopped_reading_is_disconnected_and_uncounted() {
+    use autopoiesis::adapters::http::HttpSettings;
+    use autopoiesis::adapters::http::server::ServerSettings;
+    use autopoiesis::adapters::ws::StreamSettings;
+    use autopoiesis::domain::chat::RuntimeSlot;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = crate::helpers::spawn_with(crate::helpers::Options {
+        runtime: RuntimeSlot::Ready(crate::helpers::echo(1)),
+        stream: StreamSettings {
+            client_queue: 8,
+            ..StreamSettings::default()
+        },
+        http: HttpSettings {
+            max_body_bytes: 16 * 1024 * 1024,
+            ..HttpSettings::default()
+        },
+        server: ServerSettings {
+            write_timeout: Duration::from_millis(300),
+            grace: Duration::from_secs(1),
+            ..ServerSettings::default()
+        },
+        ..crate::helpers::Options::default()
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(app.address).await.unwrap();
+    stalled
+        .write_all(b"GET /api/sessions/stall/events HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    app.wait_for_clients("stall", 1).await;
+    // Tokens of 1.5 KB, 1 ms apart: paced so the client is kicked for not
+    // reading (its socket full), not for a burst; 6 MB in all, more than
+    // the socket buffers hold.
+    let word = format!("{} ", "w".repeat(1500));
+    let res = app
+        .chat(json!({"content": word.repeat(4000), "session_id": "stall"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    app.wait_for_clients("stall", 0).await;
+    // Kicked as too slow, it must also let go of its connection: the
+    // server closes it rather than wait for the client to read again.
+    for _ in 0..300 {
+        if app.services.hub.clients_total() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(app.services.hub.clients_total(), 0, "still counted");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), stalled.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the kicked client's connection is still open"
+    );
+}

@@ -426,3 +426,60 @@ async fn the_sweeper_removes_idle_sessions_and_spares_those_with_a_live_client()
     }
     panic!("the idle session was never swept");
 }
+
+/// Opens a WebSocket over raw TCP, sends one raw (masked) frame and
+/// returns the close code the server answers with, if any.
+async fn close_code_after_raw_frame(app: &crate::helpers::TestApp, frame: &[u8]) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    stream
+        .write_all(
+            b"GET /api/ws/raw HTTP/1.1\r\nhost: 127.0.0.1\r\nupgrade: websocket\r\n\
+              connection: Upgrade\r\nsec-websocket-version: 13\r\n\
+              sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !received.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed during the handshake");
+        received.extend_from_slice(&buf[..n]);
+    }
+    assert!(received.starts_with(b"HTTP/1.1 101"));
+    let head_end = received.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let mut frames = received.split_off(head_end);
+    stream.write_all(frame).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        // Unmasked server frames: opcode 8 is close, its payload starts
+        // with the code.
+        if let Some(at) = frames.iter().position(|b| *b == 0x88)
+            && frames.len() >= at + 4
+        {
+            return Some(u16::from_be_bytes([frames[at + 2], frames[at + 3]]));
+        }
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => frames.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn protocol_errors_get_a_close_frame_with_their_code() {
+    let app = spawn_app().await;
+    // A text frame whose payload is not UTF-8: 1007.
+    let not_utf8 = [0x81, 0x82, 0, 0, 0, 0, 0xff, 0xfe];
+    assert_eq!(
+        close_code_after_raw_frame(&app, &not_utf8).await,
+        Some(1007)
+    );
+    // A reserved bit set with no extension agreed: 1002.
+    let reserved_bit = [0xC1, 0x82, 0, 0, 0, 0, b'h', b'i'];
+    assert_eq!(
+        close_code_after_raw_frame(&app, &reserved_bit).await,
+        Some(1002)
+    );
+}

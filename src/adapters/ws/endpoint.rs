@@ -122,7 +122,29 @@ struct Connection {
 enum Ending {
     ClientLeft,
     TooBig,
+    /// The client broke the WebSocket protocol (1002).
+    ProtocolError,
+    /// A text frame that is not UTF-8 (1007).
+    NotUtf8,
     Kicked(CloseReason),
+}
+
+impl Ending {
+    /// poem hands read errors over as `io::Error`s holding tungstenite's
+    /// message (its error type is not exposed), so the kind of failure is
+    /// read from that message.
+    fn of_read_error(error: &std::io::Error) -> Self {
+        let message = error.to_string();
+        if message.contains("too long") || message.contains("too big") {
+            Self::TooBig
+        } else if message.starts_with("UTF-8") {
+            Self::NotUtf8
+        } else if message.starts_with("WebSocket protocol error") {
+            Self::ProtocolError
+        } else {
+            Self::ClientLeft
+        }
+    }
 }
 
 impl Connection {
@@ -162,14 +184,8 @@ impl Connection {
                     Ok(Message::Close(_)) => return Ending::ClientLeft,
                     Ok(Message::Ping(_) | Message::Pong(_)) => {}
                     Err(error) => {
-                        let too_big = error.to_string().contains("too long")
-                            || error.to_string().contains("too big");
                         tracing::debug!(%error, "WebSocket read failed");
-                        return if too_big {
-                            Ending::TooBig
-                        } else {
-                            Ending::ClientLeft
-                        };
+                        return Ending::of_read_error(&error);
                     }
                 }
             }
@@ -182,6 +198,8 @@ impl Connection {
         let close = match ending {
             Ending::ClientLeft => None,
             Ending::TooBig => Some((CloseCode::Size, "message too big")),
+            Ending::ProtocolError => Some((CloseCode::Protocol, "WebSocket protocol error")),
+            Ending::NotUtf8 => Some((CloseCode::Invalid, "text frame is not UTF-8")),
             Ending::Kicked(CloseReason::Lagged) => Some((
                 CloseCode::Again,
                 "client too slow; reconnect with after_seq to resume",

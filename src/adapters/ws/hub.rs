@@ -272,6 +272,13 @@ impl SessionHub {
         log.map_or(0, |log| lock(&log).clients.len())
     }
 
+    /// Number of clients subscribed now, across sessions (a kicked client
+    /// counts until its transport lets go of it).
+    #[must_use]
+    pub fn clients_total(&self) -> usize {
+        self.clients.load(Ordering::SeqCst)
+    }
+
     /// Closes every client (server shutdown) and waits, up to `limit`, for
     /// their transports to let go, so close frames go out before the process
     /// ends.
