@@ -14,6 +14,8 @@ struct Entry {
     created_at: DateTime<Utc>,
     last_active: DateTime<Utc>,
     messages: History,
+    /// Sum of the messages' sizes.
+    bytes: usize,
 }
 
 impl Entry {
@@ -22,21 +24,38 @@ impl Entry {
             id: id.clone(),
             created_at: self.created_at,
             message_count: self.messages.len(),
+            history_bytes: self.bytes,
         }
     }
 }
 
 /// Sessions in a map behind a read-write lock. No operation awaits while
 /// holding the lock, so a plain `std` lock is the right tool.
-#[derive(Default)]
 pub struct InMemorySessionStore {
     sessions: RwLock<HashMap<SessionId, Entry>>,
+    /// Sessions it holds at most.
+    max_sessions: usize,
+}
+
+impl Default for InMemorySessionStore {
+    fn default() -> Self {
+        Self::with_limit(usize::MAX)
+    }
 }
 
 impl InMemorySessionStore {
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A store that refuses to create more than `max_sessions` sessions.
+    #[must_use]
+    pub fn with_limit(max_sessions: usize) -> Self {
+        Self {
+            sessions: RwLock::default(),
+            max_sessions,
+        }
     }
 }
 
@@ -51,10 +70,14 @@ impl SessionStore for InMemorySessionStore {
             .sessions
             .write()
             .unwrap_or_else(PoisonError::into_inner);
+        if !sessions.contains_key(id) && sessions.len() >= self.max_sessions {
+            return Err(SessionStoreError::TooManySessions(self.max_sessions));
+        }
         let entry = sessions.entry(id.clone()).or_insert_with(|| Entry {
             created_at: now,
             last_active: now,
             messages: History::default(),
+            bytes: 0,
         });
         entry.last_active = entry.last_active.max(now);
         Ok(entry.info(id))
@@ -90,6 +113,7 @@ impl SessionStore for InMemorySessionStore {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         let entry = sessions.get_mut(id).ok_or(SessionStoreError::NotFound)?;
+        entry.bytes += messages.iter().map(ModelMessage::size).sum::<usize>();
         Arc::make_mut(&mut entry.messages).extend(messages);
         entry.last_active = entry.last_active.max(now);
         Ok(())
@@ -144,6 +168,33 @@ mod tests {
             .unwrap();
         assert_eq!(again.created_at, first.created_at);
         assert_eq!(again.message_count, 1);
+    }
+
+    #[tokio::test]
+    async fn sessions_past_the_limit_are_refused_but_existing_ones_still_open() {
+        let store = InMemorySessionStore::with_limit(2);
+        store.get_or_create(&id("a"), Utc::now()).await.unwrap();
+        store.get_or_create(&id("b"), Utc::now()).await.unwrap();
+        assert_eq!(
+            store.get_or_create(&id("c"), Utc::now()).await,
+            Err(SessionStoreError::TooManySessions(2))
+        );
+        assert!(store.get_or_create(&id("a"), Utc::now()).await.is_ok());
+        store.delete(&id("b")).await.unwrap();
+        assert!(store.get_or_create(&id("c"), Utc::now()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_history_size_counts_the_text_appended() {
+        let store = InMemorySessionStore::new();
+        store.get_or_create(&id("a"), Utc::now()).await.unwrap();
+        let prompt = ModelMessage::user_prompt("x".repeat(1000), Utc::now());
+        store
+            .append(&id("a"), vec![prompt.clone(), prompt], Utc::now())
+            .await
+            .unwrap();
+        let info = store.get_or_create(&id("a"), Utc::now()).await.unwrap();
+        assert_eq!((info.message_count, info.history_bytes), (2, 2000));
     }
 
     #[tokio::test]

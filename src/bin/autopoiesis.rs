@@ -111,6 +111,16 @@ struct ServeArgs {
     /// Events kept per session for clients that resume with after_seq.
     #[arg(long, env = "AUTOPOIESIS_EVENT_BUFFER", default_value_t = 1024)]
     event_buffer: usize,
+    /// Bytes of events kept per session at most (the oldest go first).
+    #[arg(long, env = "AUTOPOIESIS_EVENT_BUFFER_BYTES", default_value_t = 4 * 1024 * 1024)]
+    event_buffer_bytes: usize,
+    /// Sessions the server holds at most; creating one more answers 429.
+    #[arg(long, env = "AUTOPOIESIS_MAX_SESSIONS", default_value_t = 10_000)]
+    max_sessions: usize,
+    /// A session whose history holds this many bytes of text takes no new
+    /// turn (413: start a new session).
+    #[arg(long, env = "AUTOPOIESIS_MAX_HISTORY_BYTES", default_value_t = 8 * 1024 * 1024)]
+    max_history_bytes: usize,
     /// Live WebSocket/SSE clients one session may have.
     #[arg(
         long,
@@ -316,11 +326,12 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
 
     let hub = SessionHub::new(StreamSettings {
         ring_capacity: args.event_buffer,
+        ring_bytes: args.event_buffer_bytes,
         client_queue: args.client_queue as usize,
         max_clients_per_session: args.max_clients_per_session,
         max_clients: args.max_clients,
     });
-    let store = Arc::new(InMemorySessionStore::new());
+    let store = Arc::new(InMemorySessionStore::with_limit(args.max_sessions));
     let turn_timeout = (!args.turn_timeout.is_zero()).then_some(args.turn_timeout);
     let approval_events = Arc::new(ApprovalBroadcast::new());
     let approvals = approval_db.as_ref().ok().map(|db| {
@@ -332,7 +343,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             ApprovalPolicy::default(),
         ))
     });
-    let mut chat = ChatService::new(runtime, store.clone(), hub.clone(), turn_timeout);
+    let mut chat = ChatService::new(runtime, store.clone(), hub.clone(), turn_timeout)
+        .with_history_limit(args.max_history_bytes);
     if let Some(service) = &approvals {
         chat = chat.with_approvals(ApprovalRecording {
             service: service.clone(),

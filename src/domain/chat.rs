@@ -78,6 +78,9 @@ pub enum ChatError {
     /// The server is shutting down and starts no new turn.
     #[error("The server is shutting down")]
     ShuttingDown,
+    /// The session's history has reached the cap: no turn runs on it.
+    #[error("This session's history is full ({limit} bytes); start a new session")]
+    HistoryFull { limit: usize },
     /// The turn ended deferred but its approval request could not be
     /// recorded: the approval store is unavailable. The history was saved.
     #[error("Approval storage is unavailable; the approval request was not recorded")]
@@ -123,6 +126,8 @@ pub struct ChatService {
     closing: std::sync::atomic::AtomicBool,
     /// `None` when the server keeps no approval store.
     approvals: Option<ApprovalRecording>,
+    /// A session whose history holds this many bytes takes no new turn.
+    max_history_bytes: usize,
 }
 
 enum Outcome {
@@ -148,7 +153,17 @@ impl ChatService {
             turn_timeout,
             closing: std::sync::atomic::AtomicBool::new(false),
             approvals: None,
+            max_history_bytes: usize::MAX,
         }
+    }
+
+    /// Caps a session's history: once it holds `bytes`, its next turn is
+    /// refused with [`ChatError::HistoryFull`]. The turn that crosses the
+    /// cap is kept whole: a cap never cuts an answer.
+    #[must_use]
+    pub fn with_history_limit(mut self, bytes: usize) -> Self {
+        self.max_history_bytes = bytes;
+        self
     }
 
     /// Records deferred turns as pending approval envelopes.
@@ -190,7 +205,12 @@ impl ChatService {
             }
         };
         let session_id = session_id.unwrap_or_else(SessionId::generate);
-        self.sessions.get_or_create(&session_id, Utc::now()).await?;
+        let info = self.sessions.get_or_create(&session_id, Utc::now()).await?;
+        if info.history_bytes >= self.max_history_bytes {
+            return Err(ChatError::HistoryFull {
+                limit: self.max_history_bytes,
+            });
+        }
 
         let gate = self.gate(&session_id);
         let result = {
@@ -523,6 +543,7 @@ fn error_kind(error: &ChatError) -> &'static str {
         ChatError::TimedOut { .. } => "timed_out",
         ChatError::Storage(_) => "storage_error",
         ChatError::ShuttingDown => "shutting_down",
+        ChatError::HistoryFull { .. } => "history_full",
         ChatError::ApprovalStorage { .. } => "approval_storage_error",
     }
 }
@@ -652,6 +673,7 @@ mod tests {
             id: sid(),
             created_at: Utc::now(),
             message_count: 0,
+            history_bytes: 0,
         }
     }
 

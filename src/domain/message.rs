@@ -61,6 +61,40 @@ pub enum ResponsePart {
 }
 
 impl ModelMessage {
+    /// The bytes of text the message holds (prompts, answers, thinking,
+    /// tool names, arguments and returns): what the history cap counts.
+    #[must_use]
+    pub fn size(&self) -> usize {
+        let value_size = |value: &Value| serde_json::to_vec(value).map_or(0, |v| v.len());
+        match self {
+            Self::Request { parts } => parts
+                .iter()
+                .map(|part| match part {
+                    RequestPart::UserPrompt { content, .. } => content.len(),
+                    RequestPart::ToolReturn {
+                        tool_name,
+                        content,
+                        tool_call_id,
+                        ..
+                    } => tool_name.len() + value_size(content) + tool_call_id.len(),
+                })
+                .sum(),
+            Self::Response { parts, .. } => parts
+                .iter()
+                .map(|part| match part {
+                    ResponsePart::Text { content } | ResponsePart::Thinking { content } => {
+                        content.len()
+                    }
+                    ResponsePart::ToolCall {
+                        tool_name,
+                        args,
+                        tool_call_id,
+                    } => tool_name.len() + value_size(args) + tool_call_id.len(),
+                })
+                .sum(),
+        }
+    }
+
     /// A request holding just the user's prompt.
     #[must_use]
     pub fn user_prompt(content: impl Into<String>, timestamp: DateTime<Utc>) -> Self {

@@ -88,6 +88,9 @@ pub struct SessionInfo {
     pub created_at: DateTime<Utc>,
     /// Number of messages in the history (requests plus responses).
     pub message_count: usize,
+    /// Size of the history's text ([`crate::domain::message::ModelMessage::size`]),
+    /// checked against the history cap before a turn starts.
+    pub history_bytes: usize,
 }
 
 #[cfg(test)]

@@ -14,6 +14,9 @@ pub enum SessionStoreError {
     /// The backing storage failed; the message is for logs, not clients.
     #[error("session storage unavailable: {0}")]
     Unavailable(String),
+    /// Creating the session would pass the store's cap on sessions.
+    #[error("The server holds as many sessions as it may ({0}); delete some or try later")]
+    TooManySessions(usize),
 }
 
 /// Keeps sessions: who exists, when they were last used, what was said.
@@ -27,7 +30,9 @@ pub trait SessionStore: Send + Sync {
     /// Marks it active at `now`.
     ///
     /// # Errors
-    /// [`SessionStoreError::Unavailable`] when storage fails.
+    /// [`SessionStoreError::Unavailable`] when storage fails;
+    /// [`SessionStoreError::TooManySessions`] when the session is missing and
+    /// the store holds as many as it may.
     async fn get_or_create(
         &self,
         id: &SessionId,

@@ -131,3 +131,95 @@ async fn clients_past_the_limits_get_a_clear_429() {
     app.wait_for_clients("full", 1).await;
     let _again = app.ws("full").await;
 }
+
+#[tokio::test]
+async fn sessions_past_the_cap_are_refused_with_429_on_every_door() {
+    let app = spawn_with(Options {
+        max_sessions: 2,
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(app.post_empty("/api/sessions").await.status(), 201);
+    let res = app
+        .chat(json!({"content": "hi", "session_id": "second"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let res = app.post_empty("/api/sessions").await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let res = app
+        .chat(json!({"content": "hi", "session_id": "third"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("sessions"),
+        "{body}"
+    );
+    assert_eq!(app.get("/api/sessions/third/events").await.status(), 429);
+    let err = tokio_tungstenite::connect_async(app.ws_url("/api/ws/third"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, tokio_tungstenite::tungstenite::Error::Http(res) if res.status() == 429),
+        "{err}"
+    );
+    // An existing session still takes turns; a deleted one frees a place.
+    let res = app
+        .chat(json!({"content": "again", "session_id": "second"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(app.delete("/api/sessions/second").await.status(), 204);
+    let res = app
+        .chat(json!({"content": "hi", "session_id": "third"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        app.get_json("/api/sessions")
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_full_history_refuses_the_next_turn_with_413_and_keeps_what_it_has() {
+    let app = spawn_with(Options {
+        max_history_bytes: 10_000,
+        ..Options::default()
+    })
+    .await;
+    let big = "word ".repeat(1500);
+    let res = app
+        .chat(json!({"content": big, "session_id": "full"}))
+        .await;
+    assert_eq!(
+        res.status(),
+        StatusCode::OK,
+        "the turn that crosses the cap is kept"
+    );
+    let res = app
+        .chat(json!({"content": "one more", "session_id": "full"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("new session"),
+        "{body}"
+    );
+    let history = app.get_json("/api/sessions/full/history").await;
+    assert_eq!(history["messages"].as_array().unwrap().len(), 2);
+    let mut ws = app.ws("full").await;
+    send(
+        &mut ws,
+        json!({"op": "message", "data": {"content": "over ws"}}),
+    )
+    .await;
+    let frame = next(&mut ws).await;
+    assert_eq!(frame["op"], "error");
+    assert!(
+        frame.get("seq").is_none(),
+        "told to the sender only: {frame}"
+    );
+}

@@ -35,6 +35,10 @@ pub struct Options {
     pub turn_timeout: Option<Duration>,
     pub http: HttpSettings,
     pub server: ServerSettings,
+    /// Sessions the store holds at most.
+    pub max_sessions: usize,
+    /// History bytes after which a session takes no new turn.
+    pub max_history_bytes: usize,
     /// Load a fresh approval key (approvals unlocked).
     pub approval_key: bool,
     /// The approval database; `None`: a SQLite file in the app's temp dir.
@@ -54,6 +58,8 @@ impl Default for Options {
                 grace: Duration::from_secs(1),
                 ..ServerSettings::default()
             },
+            max_sessions: usize::MAX,
+            max_history_bytes: usize::MAX,
             approval_key: false,
             database_url: None,
         }
@@ -91,7 +97,7 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_with(options: Options) -> TestApp {
     let data = tempfile::tempdir().unwrap();
     let hub = SessionHub::new(options.stream);
-    let store = Arc::new(InMemorySessionStore::new());
+    let store = Arc::new(InMemorySessionStore::with_limit(options.max_sessions));
     let url = options
         .database_url
         .unwrap_or_else(|| sqlite_url(&data.path().join("approvals.sqlite")));
@@ -115,6 +121,7 @@ pub async fn spawn_with(options: Options) -> TestApp {
             hub.clone(),
             options.turn_timeout,
         )
+        .with_history_limit(options.max_history_bytes)
         .with_approvals(ApprovalRecording {
             service: approvals.clone(),
             events: approval_events.clone(),

@@ -11,6 +11,7 @@ use super::dto::{ChatBody, ChatReplyBody, CodedErrorBody, ErrorBody};
 use crate::domain::chat::{ChatError, ChatService};
 use crate::domain::events::{APPROVAL_UNSUPPORTED_CODE, APPROVAL_UNSUPPORTED_MESSAGE};
 use crate::domain::session::SessionId;
+use crate::ports::SessionStoreError;
 
 pub struct ChatApi {
     pub chat: Arc<ChatService>,
@@ -31,9 +32,15 @@ enum ChatReply {
     /// cancelled (partial text saved).
     #[oai(status = 409)]
     Conflict(Json<CodedErrorBody>),
+    /// The session's history is full: start a new session.
+    #[oai(status = 413)]
+    HistoryFull(Json<ErrorBody>),
     /// `content` is empty.
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
+    /// Creating the session would pass the server's cap on sessions.
+    #[oai(status = 429)]
+    TooMany(Json<ErrorBody>),
     /// The model provider failed; the session stays usable.
     #[oai(status = 502)]
     BadGateway(Json<ErrorBody>),
@@ -68,6 +75,10 @@ impl From<ChatError> for ChatReply {
             ChatError::TimedOut { .. } => Self::TimedOut(detail()),
             ChatError::ShuttingDown | ChatError::ApprovalStorage { .. } => {
                 Self::Unavailable(detail())
+            }
+            ChatError::HistoryFull { .. } => Self::HistoryFull(detail()),
+            ChatError::Storage(e @ SessionStoreError::TooManySessions(_)) => {
+                Self::TooMany(Json(ErrorBody::new(e.to_string())))
             }
             ChatError::Storage(e) => {
                 tracing::error!(error = %e, "session store failed during chat");

@@ -49,6 +49,9 @@ enum CreateReply {
     /// The new session.
     #[oai(status = 201)]
     Created(Json<SessionInfoBody>),
+    /// The server holds as many sessions as it may.
+    #[oai(status = 429)]
+    TooMany(Json<ErrorBody>),
     /// The session store is unavailable.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>),
@@ -111,7 +114,8 @@ enum EventsReply {
     /// The session id or `after_seq`/`Last-Event-ID` is malformed.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
-    /// The session or the server has as many live clients as allowed.
+    /// The session or the server has as many live clients as allowed, or
+    /// (for a new session) the server as many sessions.
     #[oai(status = 429)]
     TooManyClients(Json<ErrorBody>),
     /// The session store is unavailable.
@@ -149,6 +153,9 @@ impl SessionsApi {
     async fn create(&self) -> CreateReply {
         match self.sessions.create().await {
             Ok(info) => CreateReply::Created(Json(info.into())),
+            Err(e @ SessionStoreError::TooManySessions(_)) => {
+                CreateReply::TooMany(Json(ErrorBody::new(e.to_string())))
+            }
             Err(e) => CreateReply::Unavailable(unavailable(&e)),
         }
     }
@@ -278,8 +285,12 @@ impl SessionsApi {
             },
             (None, after) => after,
         };
-        if let Err(e) = self.sessions.open(&id).await {
-            return EventsReply::Unavailable(unavailable(&e));
+        match self.sessions.open(&id).await {
+            Ok(_) => {}
+            Err(e @ SessionStoreError::TooManySessions(_)) => {
+                return EventsReply::TooManyClients(Json(ErrorBody::new(e.to_string())));
+            }
+            Err(e) => return EventsReply::Unavailable(unavailable(&e)),
         }
         let subscription = match self.hub.subscribe(&id, after) {
             Ok(subscription) => subscription,

@@ -23,6 +23,7 @@ use super::protocol::{Incoming, IncomingError, direct_error, parse_incoming};
 use crate::domain::chat::{CancelError, ChatError, ChatService, check_prompt};
 use crate::domain::session::SessionId;
 use crate::domain::sessions::SessionService;
+use crate::ports::SessionStoreError;
 
 /// Bytes read from a socket at a time.
 const READ_BUFFER_BYTES: usize = 4 * 1024;
@@ -77,12 +78,18 @@ pub async fn session_socket(
         Ok(id) => id,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, &e.to_string()),
     };
-    if let Err(error) = state.sessions.open(&session_id).await {
-        tracing::error!(%error, "session store failed on WebSocket connect");
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Session storage is unavailable",
-        );
+    match state.sessions.open(&session_id).await {
+        Ok(_) => {}
+        Err(e @ SessionStoreError::TooManySessions(_)) => {
+            return refuse(StatusCode::TOO_MANY_REQUESTS, &e.to_string());
+        }
+        Err(error) => {
+            tracing::error!(%error, "session store failed on WebSocket connect");
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Session storage is unavailable",
+            );
+        }
     }
     // Subscribed before the upgrade so a refusal is a plain HTTP answer; a
     // failed upgrade drops the subscription with the closure.
@@ -237,7 +244,8 @@ impl Connection {
                     Err(
                         e @ (ChatError::EmptyMessage
                         | ChatError::RuntimeUnavailable(_)
-                        | ChatError::ShuttingDown),
+                        | ChatError::ShuttingDown
+                        | ChatError::HistoryFull { .. }),
                     ) => {
                         let _ = direct.try_send(direct_error(&e.to_string()));
                     }

@@ -24,6 +24,9 @@ use crate::ports::SessionEvents;
 pub struct StreamSettings {
     /// Events kept per session for clients that resume (`after_seq`).
     pub ring_capacity: usize,
+    /// Bytes of encoded frames kept per session at most: the oldest events
+    /// leave the window first when a burst of big ones would pass it.
+    pub ring_bytes: usize,
     /// Frames queued per client before it counts as too slow and is closed.
     pub client_queue: usize,
     /// Clients one session may have at once.
@@ -36,6 +39,7 @@ impl Default for StreamSettings {
     fn default() -> Self {
         Self {
             ring_capacity: 1024,
+            ring_bytes: 4 * 1024 * 1024,
             client_queue: 256,
             max_clients_per_session: 2048,
             max_clients: 20_000,
@@ -97,6 +101,8 @@ struct Client {
 struct SessionLog {
     next_seq: u64,
     ring: VecDeque<Arc<Frame>>,
+    /// Sum of the ring's frame sizes.
+    ring_bytes: usize,
     clients: Vec<Client>,
 }
 
@@ -105,6 +111,7 @@ impl SessionLog {
         Self {
             next_seq: 1,
             ring: VecDeque::new(),
+            ring_bytes: 0,
             clients: Vec::new(),
         }
     }
@@ -314,11 +321,18 @@ impl SessionEvents for SessionHub {
             op,
             json: broadcast_frame(op, data, seq, turn),
         });
-        if log.ring.len() == self.settings.ring_capacity {
-            log.ring.pop_front();
-        }
         if self.settings.ring_capacity > 0 {
+            log.ring_bytes += frame.json.len();
             log.ring.push_back(Arc::clone(&frame));
+        }
+        // The newest frame stays even when it alone is over the byte cap:
+        // a client resuming right after it must still get it.
+        while log.ring.len() > self.settings.ring_capacity
+            || (log.ring_bytes > self.settings.ring_bytes && log.ring.len() > 1)
+        {
+            if let Some(old) = log.ring.pop_front() {
+                log.ring_bytes -= old.json.len();
+            }
         }
         log.clients.retain(|client| match client.tx.try_send(Arc::clone(&frame)) {
             Ok(()) => true,
@@ -423,6 +437,33 @@ mod tests {
         assert_eq!(seqs(&sub.replay), vec![Some(4), Some(5)]);
         hub.publish(&sid(), None, token(5));
         assert_eq!(sub.live.try_recv().unwrap().seq, Some(6));
+    }
+
+    #[test]
+    fn the_window_drops_its_oldest_events_past_its_byte_cap() {
+        let hub = SessionHub::new(StreamSettings {
+            ring_capacity: 100,
+            ring_bytes: 1000,
+            ..StreamSettings::default()
+        });
+        let big = SessionEvent::Token {
+            content: "x".repeat(300),
+        };
+        for _ in 0..10 {
+            hub.publish(&sid(), None, big.clone());
+        }
+        let sub = hub.subscribe(&sid(), Some(0)).unwrap();
+        let seqs = seqs(&sub.replay);
+        // A gap notice, then the newest that fit in 1000 bytes (each frame
+        // is the 300 bytes of text plus its JSON).
+        assert_eq!(seqs, vec![None, Some(9), Some(10)]);
+        let log = hub.log(&sid());
+        let log = lock(&log);
+        assert!(log.ring_bytes <= 1000);
+        assert_eq!(
+            log.ring_bytes,
+            log.ring.iter().map(|f| f.json.len()).sum::<usize>()
+        );
     }
 
     #[test]
