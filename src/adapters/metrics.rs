@@ -33,3 +33,23 @@ pub fn prometheus() -> PrometheusHandle {
         })
         .clone()
 }
+
+/// A live connection counted in a gauge for as long as it is held.
+pub struct LiveConnection(metrics::Gauge);
+
+impl LiveConnection {
+    /// Counts one more in `gauge` (for example
+    /// `autopoiesis_websocket_connections`) until dropped.
+    #[must_use]
+    pub fn count(gauge: &'static str) -> Self {
+        let gauge = metrics::gauge!(gauge);
+        gauge.increment(1.0);
+        Self(gauge)
+    }
+}
+
+impl Drop for LiveConnection {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}

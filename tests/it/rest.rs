@@ -370,8 +370,8 @@ async fn metrics_count_requests_by_route_and_turns_by_outcome() {
     assert_eq!(res.status(), StatusCode::OK);
     let text = res.text().await.unwrap();
     for needle in [
-        r#"http_requests_total{method="POST",route="/api/chat",status="200"}"#,
-        "http_request_duration_seconds_bucket",
+        r#"autopoiesis_http_requests_total{method="POST",route="/api/chat",status="200"}"#,
+        "autopoiesis_http_request_duration_seconds_bucket",
         r#"turns_finished_total{outcome="done"}"#,
         "turn_duration_seconds_bucket",
         "turns_started_total",
@@ -403,4 +403,22 @@ async fn every_response_carries_a_request_id_kept_from_the_client_when_sane() {
         .await
         .unwrap();
     assert_ne!(res.headers()["x-request-id"], "bad id\twith junk");
+}
+
+#[tokio::test]
+async fn metrics_are_prefixed_and_count_live_sockets_by_transport() {
+    let app = spawn_app().await;
+    let _ws = app.ws("gauges").await;
+    let sse = app.get("/api/sessions/gauges/events").await;
+    assert_eq!(sse.status(), StatusCode::OK);
+    app.wait_for_clients("gauges", 2).await;
+    let text = app.get("/metrics").await.text().await.unwrap();
+    for needle in [
+        "autopoiesis_websocket_connections ",
+        "autopoiesis_sse_connections ",
+        "autopoiesis_http_connections ",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+    assert!(!text.contains("\nstream_clients"), "{text}");
 }

@@ -70,8 +70,8 @@ impl<E> RequestLogEndpoint<E> {
         let (method, route, status) = series.clone();
         let route = route.map_or_else(|| "unmatched".to_owned(), |r| r.to_string());
         let made = (
-            metrics::counter!("http_requests_total", "method" => method, "route" => route.clone(), "status" => status.to_string()),
-            metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route),
+            metrics::counter!("autopoiesis_http_requests_total", "method" => method, "route" => route.clone(), "status" => status.to_string()),
+            metrics::histogram!("autopoiesis_http_request_duration_seconds", "method" => method, "route" => route),
         );
         self.series
             .write()

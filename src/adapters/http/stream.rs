@@ -9,6 +9,7 @@ use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
 use poem_openapi::types::{ToJSON, Type};
 use serde_json::Value;
 
+use crate::adapters::metrics::LiveConnection;
 use crate::adapters::ws::Subscription;
 use crate::adapters::ws::hub::Frame;
 
@@ -54,9 +55,10 @@ impl ToJSON for SseFrame {
 /// The replayed frames, then live ones until the hub closes the client (a
 /// lagging `EventSource` reconnects by itself with `Last-Event-ID`).
 pub fn frames(subscription: Subscription) -> BoxStream<'static, SseFrame> {
-    futures::stream::unfold(subscription, |mut sub| async move {
+    let live = LiveConnection::count("autopoiesis_sse_connections");
+    futures::stream::unfold((subscription, live), |(mut sub, live)| async move {
         let frame = sub.next().await?;
-        Some((SseFrame(frame), sub))
+        Some((SseFrame(frame), (sub, live)))
     })
     .boxed()
 }

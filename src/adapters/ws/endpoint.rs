@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 use super::hub::{CloseReason, SessionHub, Subscription};
 use super::protocol::{Incoming, IncomingError, direct_error, parse_incoming};
+use crate::adapters::metrics::LiveConnection;
 use crate::domain::chat::{CancelError, ChatError, ChatService, check_prompt};
 use crate::domain::session::SessionId;
 use crate::domain::sessions::SessionService;
@@ -156,6 +157,7 @@ impl Ending {
 
 impl Connection {
     async fn run(self, socket: WebSocketStream, mut subscription: Subscription) {
+        let _live = LiveConnection::count("autopoiesis_websocket_connections");
         let (mut sink, mut stream) = socket.split();
         let (direct_tx, mut direct_rx) = mpsc::channel::<String>(32);
         // The worker starts with the first message: most clients only watch.

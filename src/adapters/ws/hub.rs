@@ -223,7 +223,6 @@ impl SessionHub {
                 (n < max).then_some(n + 1)
             })
             .map_err(|_| SubscribeError::ServerFull(max))?;
-        metrics::gauge!("stream_clients").increment(1.0);
         let (tx, live) = mpsc::channel(self.settings.client_queue);
         let state = Arc::new(ClientState::default());
         let id = self.next_client.fetch_add(1, Ordering::Relaxed);
@@ -265,7 +264,6 @@ impl SessionHub {
 
     fn unsubscribe(&self, session: &SessionId, id: u64) {
         self.clients.fetch_sub(1, Ordering::SeqCst);
-        metrics::gauge!("stream_clients").decrement(1.0);
         let log = lock(&self.sessions).get(session).cloned();
         if let Some(log) = log {
             lock(&log).clients.retain(|c| c.id != id);
@@ -338,7 +336,7 @@ impl SessionEvents for SessionHub {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::info!(session.id = %session, client.id = client.id, "slow client closed");
-                metrics::counter!("stream_slow_clients_closed_total").increment(1);
+                metrics::counter!("autopoiesis_stream_slow_clients_closed_total").increment(1);
                 client.state.kick(CloseReason::Lagged);
                 false
             }
