@@ -61,6 +61,68 @@ fn an_unknown_agent_or_unreadable_config_exits_with_one_clear_line() {
 }
 
 #[test]
+fn a_zero_sweep_interval_or_timeout_exits_with_one_line() {
+    for flag in ["--sweep-interval", "--header-timeout", "--idle-timeout"] {
+        let err = serve_fails(&[flag, "0s"], &[]);
+        assert!(err.contains(flag), "{err}");
+        assert!(err.contains("greater than 0"), "{err}");
+    }
+}
+
+/// CPU time (user + system, in clock ticks) the process has used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn out_of_file_descriptors_the_server_backs_off_instead_of_spinning_and_recovers() {
+    let data = tempfile::tempdir().unwrap();
+    let mut command = Command::new("sh");
+    command
+        .args(["-c", "ulimit -n 64 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_autopoiesis"))
+        .args(["serve", "--port", "0", "--data-dir"])
+        .arg(data.path())
+        .env_remove("AUTOPOIESIS_API_KEY");
+    let (mut child, address) = spawn_command(command);
+    // More connections than the process has descriptors left.
+    let held: Vec<_> = (0..100)
+        .filter_map(|_| std::net::TcpStream::connect(&address).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(child.id());
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_ticks(child.id()) - before;
+    drop(held);
+    // A spinning accept loop burns a whole core (about 200 ticks in 2 s);
+    // even one retrying every millisecond takes about 30. Backing off to a
+    // second, the server is idle.
+    assert!(
+        spent < 10,
+        "{spent} ticks of CPU in 2 s while out of descriptors"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let health = loop {
+        let answer = plain_http::get(&address, "/api/health");
+        if answer.contains("\"status\":\"ok\"") || Instant::now() > deadline {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+}
+
+#[test]
 fn an_empty_api_key_is_a_startup_error_not_auth_off() {
     let err = serve_fails(&["--port", "0"], &[("AUTOPOIESIS_API_KEY", "")]);
     assert!(err.contains("AUTOPOIESIS_API_KEY"), "{err}");
@@ -69,10 +131,18 @@ fn an_empty_api_key_is_a_startup_error_not_auth_off() {
 /// Starts `autopoiesis serve --port 0 ARGS` and reads the bound address from
 /// its log; the rest of the log is drained in the background.
 fn spawn_server(args: &[&str], data: &std::path::Path) -> (std::process::Child, String) {
-    let mut child = autopoiesis()
+    let mut command = autopoiesis();
+    command
         .args(["serve", "--port", "0", "--data-dir"])
         .arg(data)
-        .args(args)
+        .args(args);
+    spawn_command(command)
+}
+
+/// Starts `command` (a `serve` on port 0) and reads the bound address from
+/// its log.
+fn spawn_command(mut command: Command) -> (std::process::Child, String) {
+    let mut child = command
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
