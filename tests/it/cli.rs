@@ -260,3 +260,20 @@ fn an_unopenable_approval_database_still_starts_and_reports_why() {
         "{status}"
     );
 }
+
+#[test]
+fn keygen_creates_the_folder_it_writes_into() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("data").join("approval.key");
+    let output = autopoiesis()
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(key.is_file());
+}
