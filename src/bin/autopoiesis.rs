@@ -175,6 +175,9 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only where a person reads them: not in files,
+        // pipes or journald.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -351,11 +354,14 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let bound = listener
         .local_addr()
         .map_err(|e| format!("cannot read the bound address: {e}"))?;
+    let approval_key_id = approvals.as_ref().and_then(|a| a.key_id());
     tracing::info!(
         address = %bound,
         agent = %agent.name,
         model = %agent.model,
         auth = settings.api_key.is_some(),
+        approvals = %if approval_key_id.is_some() { "unlocked" } else { "locked" },
+        approval.key_id = %approval_key_id.as_deref().unwrap_or("none"),
         "autopoiesis listening on http://{bound}"
     );
 
