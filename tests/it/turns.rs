@@ -202,3 +202,41 @@ async fn a_turn_past_the_timeout_ends_with_an_error_and_the_session_stays_usable
         .await;
     assert_eq!(res.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_huge_echo_prompt_can_be_cancelled_and_ends_cancelled() {
+    let app = Arc::new(spawn_with(Options::default()).await);
+    let huge = "w ".repeat(400_000);
+    let chat = {
+        let app = app.clone();
+        tokio::spawn(async move { app.chat(json!({"content": huge, "session_id": "huge"})).await })
+    };
+    let mut cancelled = false;
+    while !chat.is_finished() {
+        if app.post_empty("/api/sessions/huge/cancel").await.status() == StatusCode::ACCEPTED {
+            cancelled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let res = chat.await.unwrap();
+    assert!(cancelled, "the turn never ran alongside a cancel request");
+    assert_eq!(res.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["detail"]["code"],
+        "turn_cancelled"
+    );
+}
+
+#[tokio::test]
+async fn a_huge_echo_prompt_past_the_turn_timeout_times_out() {
+    let app = spawn_with(Options {
+        turn_timeout: Some(Duration::from_millis(50)),
+        ..Options::default()
+    })
+    .await;
+    let res = app
+        .chat(json!({"content": "w ".repeat(400_000), "session_id": "slow"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+}

@@ -19,6 +19,12 @@ use crate::ports::{AgentRuntime, EventSink, TurnInput};
 /// The model name echo replies carry.
 pub const MODEL_NAME: &str = "echo";
 
+/// Tokens streamed between two yields to the scheduler. Without a pause an
+/// answer never gives its worker thread back: a huge prompt would stall the
+/// other tasks there, and a cancel or the turn timeout (which act when the
+/// turn's future is next polled) would wait for its end.
+const TOKENS_PER_YIELD: usize = 64;
+
 pub struct EchoRuntime {
     /// Pause between tokens, so streaming, ordering and cancellation can be
     /// watched (and tested) offline.
@@ -57,6 +63,8 @@ impl EchoRuntime {
         for (i, token) in text.split_inclusive(' ').enumerate() {
             if i > 0 && !self.token_delay.is_zero() {
                 tokio::time::sleep(self.token_delay).await;
+            } else if i > 0 && i % TOKENS_PER_YIELD == 0 {
+                tokio::task::yield_now().await;
             }
             sink.emit(as_event(token.to_owned()));
         }
@@ -236,6 +244,27 @@ mod tests {
         assert_eq!(events[0], AgentEvent::ThinkingStart);
         assert_eq!(events[3], AgentEvent::ThinkingDone);
         assert_eq!(events[4], AgentEvent::Token("a ".into()));
+    }
+
+    #[test]
+    fn echo_yields_to_the_scheduler_while_streaming_a_long_prompt() {
+        use futures::FutureExt;
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        let sink = recorder();
+        let echo = echo();
+        let prompt = "w ".repeat(10_000);
+        let first_poll = echo
+            .run_turn(input(&prompt), sink.clone())
+            .now_or_never();
+        assert!(
+            first_poll.is_none(),
+            "a 10,000-word answer must not be streamed in one poll"
+        );
+        assert!(sink.0.lock().unwrap().len() < 10_000);
     }
 
     #[test]
