@@ -20,7 +20,9 @@ use autopoiesis::adapters::ws::endpoint::WsSettings;
 use autopoiesis::adapters::ws::{SessionHub, StreamSettings};
 use autopoiesis::domain::agent::AgentConfig;
 use autopoiesis::domain::approvals::{ApprovalPolicy, ApprovalService};
-use autopoiesis::domain::chat::{ApprovalRecording, ChatService, RuntimeSlot};
+use autopoiesis::domain::chat::{
+    ApprovalRecording, ChatService, DEFAULT_MAX_QUEUED_TURNS, RuntimeSlot,
+};
 use autopoiesis::domain::dashboard::ControlPlane;
 use autopoiesis::domain::sessions::{SessionService, SweepPolicy};
 use autopoiesis::ports::ApprovalSigner;
@@ -132,6 +134,10 @@ struct ServeArgs {
     /// they are cancelled (their partial text is kept).
     #[arg(long, env = "AUTOPOIESIS_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     shutdown_grace: Duration,
+    /// Turns a session may have waiting behind its running one, from every
+    /// transport together; more are refused (REST 429) until one finishes.
+    #[arg(long, env = "AUTOPOIESIS_MAX_QUEUED_TURNS", default_value_t = DEFAULT_MAX_QUEUED_TURNS)]
+    max_queued_turns: usize,
 }
 
 fn main() -> ExitCode {
@@ -191,7 +197,7 @@ fn offline_services() -> Services {
         hub.clone(),
         None,
     ));
-    let sessions = Arc::new(SessionService::new(store, hub.clone()));
+    let sessions = Arc::new(SessionService::new(store, hub.clone(), chat.clone()));
     let approval_events = Arc::new(ApprovalBroadcast::new());
     let agent = AgentConfig::builtin();
     let control = Arc::new(ControlPlane::new(
@@ -301,7 +307,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             ApprovalPolicy::default(),
         ))
     });
-    let mut chat = ChatService::new(runtime, store.clone(), hub.clone(), turn_timeout);
+    let mut chat = ChatService::new(runtime, store.clone(), hub.clone(), turn_timeout)
+        .with_max_queued_turns(args.max_queued_turns);
     if let Some(service) = &approvals {
         chat = chat.with_approvals(ApprovalRecording {
             service: service.clone(),
@@ -310,7 +317,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         });
     }
     let chat = Arc::new(chat);
-    let sessions = Arc::new(SessionService::new(store, hub.clone()));
+    let sessions = Arc::new(SessionService::new(store, hub.clone(), chat.clone()));
     let control = Arc::new(ControlPlane::new(
         chat.clone(),
         sessions.clone(),
@@ -340,7 +347,6 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         max_body_bytes: args.max_body_bytes,
         ws: WsSettings {
             max_message_bytes: args.max_ws_message_bytes,
-            ..WsSettings::default()
         },
         mcp_allowed_hosts,
         close_streams: close_streams.clone(),
@@ -367,12 +373,12 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
 
     let shutdown = CancellationToken::new();
     let sweeper = tokio::spawn({
-        let (sessions, chat, shutdown) = (sessions.clone(), chat.clone(), shutdown.clone());
+        let (sessions, shutdown) = (sessions.clone(), shutdown.clone());
         let policy = SweepPolicy {
             idle_ttl: args.session_ttl,
             interval: args.sweep_interval,
         };
-        async move { sessions.run_sweeper(policy, &chat, shutdown).await }
+        async move { sessions.run_sweeper(policy, shutdown).await }
     });
     // Shutdown, in order: stop accepting (poem, when `signal` resolves);
     // let running turns finish for the grace period, then cancel them; close

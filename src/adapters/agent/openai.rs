@@ -313,6 +313,10 @@ impl AgentRuntime for OpenAiRuntime {
             .map_err(|m| self.provider_error(m))?;
         Ok(assembly.finish(&self.model, sink))
     }
+
+    fn model_name(&self) -> String {
+        self.model.clone()
+    }
 }
 
 /// Scheme, host and port of a URL: all of it that clients may see.
