@@ -563,9 +563,17 @@ impl Core {
             sink.clone(),
         );
         let outcome = tokio::select! {
-            result = with_timeout(self.turn_timeout, turn) => result,
-            () = cancel.cancelled() => Outcome::Cancelled,
+            // A stop asked for wins over an answer that is ready too.
+            biased;
             () = lane.ended.cancelled() => Outcome::Deleted,
+            () = cancel.cancelled() => Outcome::Cancelled,
+            result = with_timeout(self.turn_timeout, turn) => result,
+        };
+        // Deleted while the answer came in: it has nowhere to go either.
+        let outcome = if lane.is_alive() {
+            outcome
+        } else {
+            Outcome::Deleted
         };
         let partial = std::mem::take(&mut *lock(&sink.partial));
         let publish = |event| lane.publish(self.events.as_ref(), session_id, &turn_id, event);
