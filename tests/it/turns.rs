@@ -350,8 +350,15 @@ async fn a_session_refuses_turns_beyond_its_queue_cap_with_429_and_takes_them_ag
                 .status()
         }));
     }
-    // Admitted long before the first turn (nine 40 ms pauses) ends.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // All nine admitted (the first turn alone takes nine 40 ms pauses).
+    let id = autopoiesis::domain::session::SessionId::parse("capped").unwrap();
+    for _ in 0..400 {
+        if app.services.chat.queued_turns(&id) == 9 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(app.services.chat.queued_turns(&id), 9);
     let res = tokio::time::timeout(
         Duration::from_secs(2),
         app.chat(json!({"content": "one too many", "session_id": "capped"})),
