@@ -99,6 +99,18 @@ impl Ed25519ApprovalKey {
         let pem = keypair.to_pkcs8_pem(LineEnding::LF);
         keypair.secret_key.zeroize();
         let pem = pem.map_err(|e| io(std::io::Error::other(e.to_string())))?;
+        // A fresh checkout has no data folder yet: make it (and keep the
+        // key's folder private to its owner too).
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let mut folder = std::fs::DirBuilder::new();
+            folder.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut folder, 0o700);
+            folder.create(parent).map_err(|source| KeyFileError::Io {
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
         let mut options = OpenOptions::new();
         // create_new: an existing key is never replaced, even by a race.
         options.write(true).create_new(true);

@@ -21,7 +21,9 @@ use autopoiesis::adapters::ws::endpoint::WsSettings;
 use autopoiesis::adapters::ws::{SessionHub, StreamSettings};
 use autopoiesis::domain::agent::AgentConfig;
 use autopoiesis::domain::approvals::{ApprovalPolicy, ApprovalService};
-use autopoiesis::domain::chat::{ApprovalRecording, ChatService, RuntimeSlot};
+use autopoiesis::domain::chat::{
+    ApprovalRecording, ChatService, DEFAULT_MAX_QUEUED_TURNS, RuntimeSlot,
+};
 use autopoiesis::domain::dashboard::ControlPlane;
 use autopoiesis::domain::sessions::{SessionService, SweepPolicy};
 use autopoiesis::ports::ApprovalSigner;
@@ -176,6 +178,10 @@ struct ServeArgs {
     /// they are cancelled (their partial text is kept).
     #[arg(long, env = "AUTOPOIESIS_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     shutdown_grace: Duration,
+    /// Turns a session may have waiting behind its running one, from every
+    /// transport together; more are refused (REST 429) until one finishes.
+    #[arg(long, env = "AUTOPOIESIS_MAX_QUEUED_TURNS", default_value_t = DEFAULT_MAX_QUEUED_TURNS)]
+    max_queued_turns: usize,
 }
 
 fn main() -> ExitCode {
@@ -219,6 +225,9 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only where a person reads them: not in files,
+        // pipes or journald.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -232,7 +241,7 @@ fn offline_services() -> Services {
         hub.clone(),
         None,
     ));
-    let sessions = Arc::new(SessionService::new(store, hub.clone()));
+    let sessions = Arc::new(SessionService::new(store, hub.clone(), chat.clone()));
     let approval_events = Arc::new(ApprovalBroadcast::new());
     let agent = AgentConfig::builtin();
     let control = Arc::new(ControlPlane::new(
@@ -344,7 +353,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         ))
     });
     let mut chat = ChatService::new(runtime, store.clone(), hub.clone(), turn_timeout)
-        .with_history_limit(args.max_history_bytes);
+        .with_history_limit(args.max_history_bytes)
+        .with_max_queued_turns(args.max_queued_turns);
     if let Some(service) = &approvals {
         chat = chat.with_approvals(ApprovalRecording {
             service: service.clone(),
@@ -353,7 +363,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         });
     }
     let chat = Arc::new(chat);
-    let sessions = Arc::new(SessionService::new(store, hub.clone()));
+    let sessions = Arc::new(SessionService::new(store, hub.clone(), chat.clone()));
     let control = Arc::new(ControlPlane::new(
         chat.clone(),
         sessions.clone(),
@@ -383,7 +393,6 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         body_timeout: args.body_timeout,
         ws: WsSettings {
             max_message_bytes: args.max_ws_message_bytes,
-            ..WsSettings::default()
         },
         allowed_hosts,
         close_streams: close_streams.clone(),
@@ -397,22 +406,25 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let bound = listener
         .local_addr()
         .map_err(|e| format!("cannot read the bound address: {e}"))?;
+    let approval_key_id = approvals.as_ref().and_then(|a| a.key_id());
     tracing::info!(
         address = %bound,
         agent = %agent.name,
         model = %agent.model,
         auth = settings.api_key.is_some(),
+        approvals = %if approval_key_id.is_some() { "unlocked" } else { "locked" },
+        approval.key_id = %approval_key_id.as_deref().unwrap_or("none"),
         "autopoiesis listening on http://{bound}"
     );
 
     let shutdown = CancellationToken::new();
     let sweeper = tokio::spawn({
-        let (sessions, chat, shutdown) = (sessions.clone(), chat.clone(), shutdown.clone());
+        let (sessions, shutdown) = (sessions.clone(), shutdown.clone());
         let policy = SweepPolicy {
             idle_ttl: args.session_ttl,
             interval: args.sweep_interval,
         };
-        async move { sessions.run_sweeper(policy, &chat, shutdown).await }
+        async move { sessions.run_sweeper(policy, shutdown).await }
     });
     // Shutdown, in order: stop accepting (poem, when `signal` resolves);
     // let running turns finish for the grace period, then cancel them; close

@@ -156,4 +156,9 @@ pub enum AgentError {
     /// The model provider failed (unreachable, an error status, a broken stream).
     #[error("{0}")]
     Provider(String),
+    /// The prompt asks for something the agent cannot do as asked (an
+    /// unknown tool, arguments that are not JSON): the user's input is at
+    /// fault, not the provider, and sending it again will not help.
+    #[error("{0}")]
+    InvalidRequest(String),
 }

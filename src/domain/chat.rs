@@ -4,17 +4,30 @@
 //! Every turn publishes its events to the [`SessionEvents`] port and ends with
 //! exactly one terminal event (`done`, `error` or `cancelled`), whichever
 //! transport started it. Turns on one session run one at a time, in the order
-//! they arrived (a fair lock per session); different sessions run in parallel.
+//! they were submitted (each waits for the one before it); different sessions
+//! run in parallel.
+//!
+//! A turn runs in a task of its own, detached from whoever submitted it: a
+//! caller that goes away (a client disconnect, a reset HTTP/2 stream) stops
+//! waiting for the answer, never the turn (stopping is [`ChatService::cancel`]).
+//! What a turn holds on its session (its place in the queue, its cancel
+//! handle) is released by drop guards, however the task ends.
+//!
+//! A deleted session ([`ChatService::end_session`]) stops its running turn and
+//! drops its queued ones; nothing of those turns reaches the session's
+//! clients or history afterwards, so the session cannot come back from them.
 //!
 //! Turns are counted through the `metrics` facade, which like `tracing` names
 //! no technology: the binary decides where the figures go.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use chrono::Utc;
 use serde_json::json;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::agent::{AgentError, AgentEvent, AgentReply};
@@ -26,6 +39,9 @@ use crate::ports::{
     AgentRuntime, ApprovalEvents, EventSink, SessionEvents, SessionStore, SessionStoreError,
     TurnInput,
 };
+
+/// Queued turns a session takes by default, besides the running one.
+pub const DEFAULT_MAX_QUEUED_TURNS: usize = 8;
 
 /// The runtime the server drives, or why there is none.
 ///
@@ -52,12 +68,27 @@ pub enum ChatError {
     #[error("{0}")]
     RuntimeUnavailable(String),
     /// The turn ended with tool calls that need a human's approval (or the
-    /// approval key is locked). The history was saved.
-    #[error("{}", super::events::APPROVAL_UNSUPPORTED_MESSAGE)]
-    ApprovalUnsupported { session_id: SessionId },
+    /// approval key is locked). The history was saved. `approval_id` names
+    /// the pending approval the calls were recorded as, when they were.
+    #[error("{}", match approval_id {
+        Some(_) => super::events::APPROVAL_RECORDED_MESSAGE,
+        None => super::events::APPROVAL_UNSUPPORTED_MESSAGE,
+    })]
+    ApprovalUnsupported {
+        session_id: SessionId,
+        approval_id: Option<String>,
+    },
     /// The model provider failed; the session stays usable.
     #[error("{message}")]
     Provider {
+        session_id: SessionId,
+        message: String,
+    },
+    /// The prompt cannot be carried out as written (an unknown tool, tool
+    /// arguments that are not JSON): the user's input is at fault. Nothing
+    /// was saved; the session stays usable.
+    #[error("{message}")]
+    InvalidRequest {
         session_id: SessionId,
         message: String,
     },
@@ -85,6 +116,15 @@ pub enum ChatError {
     /// recorded: the approval store is unavailable. The history was saved.
     #[error("Approval storage is unavailable; the approval request was not recorded")]
     ApprovalStorage { session_id: SessionId },
+    /// The session already has as many turns waiting as it may queue.
+    #[error(
+        "This session already has {max} queued turns; wait for one to finish before sending more"
+    )]
+    TooManyQueued { max: usize },
+    /// The session was deleted before or while the turn ran: the turn ended
+    /// and nothing of it was kept or published.
+    #[error("The session was deleted; the turn was dropped")]
+    SessionDeleted { session_id: SessionId },
 }
 
 /// Where deferred turns are recorded when approvals are unlocked.
@@ -110,22 +150,81 @@ struct Running {
     cancel: CancellationToken,
 }
 
-/// Runs chat turns.
-pub struct ChatService {
+/// The turns of one session: who is queued, and whether the session still
+/// exists for them.
+struct Lane {
+    /// Changed only under the lanes map's lock.
+    queue: Mutex<Queue>,
+    /// False once the session is deleted. Events and history of the lane's
+    /// turns are written under this lock after checking it, so nothing of
+    /// theirs lands after [`ChatService::end_session`].
+    alive: Mutex<bool>,
+    /// Fires when the session is deleted: the running turn stops, queued
+    /// ones end without running.
+    ended: CancellationToken,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Turns admitted and not finished, the running one included.
+    turns: usize,
+    /// Fires when the last admitted turn has finished: the next one waits
+    /// for it.
+    tail: Option<oneshot::Receiver<()>>,
+}
+
+impl Lane {
+    fn new() -> Self {
+        Self {
+            queue: Mutex::default(),
+            alive: Mutex::new(true),
+            ended: CancellationToken::new(),
+        }
+    }
+
+    /// Publishes unless the session was deleted.
+    fn publish(
+        &self,
+        events: &dyn SessionEvents,
+        session_id: &SessionId,
+        turn_id: &TurnId,
+        event: SessionEvent,
+    ) {
+        let alive = lock(&self.alive);
+        if *alive {
+            events.publish(session_id, Some(turn_id.clone()), event);
+        }
+    }
+
+    fn is_alive(&self) -> bool {
+        *lock(&self.alive)
+    }
+}
+
+/// What every turn task shares with the service.
+struct Core {
     runtime: RuntimeSlot,
     sessions: Arc<dyn SessionStore>,
     events: Arc<dyn SessionEvents>,
-    /// One fair lock per session with a turn running or queued: it orders the
-    /// session's turns. Entries are removed when the last turn leaves.
-    gates: Mutex<HashMap<SessionId, Arc<tokio::sync::Mutex<()>>>>,
+    /// The sessions with a turn running or queued. Entries are removed when
+    /// their last turn leaves, or when the session is deleted.
+    lanes: Mutex<HashMap<SessionId, Arc<Lane>>>,
     /// The turn running on each session, for cancel requests.
     running: Mutex<HashMap<SessionId, Running>>,
     /// A turn running longer than this ends with an error (`None`: no limit).
     turn_timeout: Option<Duration>,
     /// Set at shutdown: no new turn starts, queued ones included.
-    closing: std::sync::atomic::AtomicBool,
-    /// `None` when the server keeps no approval store.
-    approvals: Option<ApprovalRecording>,
+    closing: AtomicBool,
+    /// Unset when the server keeps no approval store.
+    approvals: OnceLock<ApprovalRecording>,
+}
+
+/// Runs chat turns.
+pub struct ChatService {
+    core: Arc<Core>,
+    /// Turns a session may have waiting behind its running one, whatever
+    /// transport sent them.
+    max_queued_turns: usize,
     /// A session whose history holds this many bytes takes no new turn.
     max_history_bytes: usize,
 }
@@ -134,6 +233,28 @@ enum Outcome {
     Finished(Result<AgentReply, AgentError>),
     Cancelled,
     TimedOut(Duration),
+    Deleted,
+}
+
+/// A submitted turn. Awaiting [`TurnHandle::outcome`] waits for its end;
+/// dropping the handle leaves the turn running.
+pub struct TurnHandle(tokio::task::JoinHandle<Result<ChatReply, ChatError>>);
+
+impl TurnHandle {
+    /// How the turn ended.
+    ///
+    /// # Errors
+    /// See [`ChatError`].
+    pub async fn outcome(self) -> Result<ChatReply, ChatError> {
+        match self.0.await {
+            Ok(result) => result,
+            // A panicking turn is a bug: surface it where it would have been
+            // had the turn run in the caller's task.
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            // Only the async runtime going away aborts a turn task.
+            Err(_) => Err(ChatError::ShuttingDown),
+        }
+    }
 }
 
 impl ChatService {
@@ -145,14 +266,17 @@ impl ChatService {
         turn_timeout: Option<Duration>,
     ) -> Self {
         Self {
-            runtime,
-            sessions,
-            events,
-            gates: Mutex::default(),
-            running: Mutex::default(),
-            turn_timeout,
-            closing: std::sync::atomic::AtomicBool::new(false),
-            approvals: None,
+            core: Arc::new(Core {
+                runtime,
+                sessions,
+                events,
+                lanes: Mutex::default(),
+                running: Mutex::default(),
+                turn_timeout,
+                closing: AtomicBool::new(false),
+                approvals: OnceLock::new(),
+            }),
+            max_queued_turns: DEFAULT_MAX_QUEUED_TURNS,
             max_history_bytes: usize::MAX,
         }
     }
@@ -168,61 +292,157 @@ impl ChatService {
 
     /// Records deferred turns as pending approval envelopes.
     #[must_use]
-    pub fn with_approvals(mut self, approvals: ApprovalRecording) -> Self {
-        self.approvals = Some(approvals);
+    pub fn with_approvals(self, approvals: ApprovalRecording) -> Self {
+        // Built once at startup, before any turn: the cell is empty.
+        let _ = self.core.approvals.set(approvals);
+        self
+    }
+
+    /// Caps the turns a session may have waiting behind its running one.
+    #[must_use]
+    pub fn with_max_queued_turns(mut self, max: usize) -> Self {
+        self.max_queued_turns = max;
         self
     }
 
     /// Why the runtime is unavailable, if it is.
     #[must_use]
     pub fn unavailable_reason(&self) -> Option<&str> {
-        match &self.runtime {
+        match &self.core.runtime {
             RuntimeSlot::Ready(_) => None,
             RuntimeSlot::Unavailable(why) => Some(why),
         }
     }
 
     /// Runs one turn on `session_id` (a new session when `None`, created when
-    /// missing) and waits for its end.
+    /// missing) and waits for its end. Dropping the returned future stops
+    /// the wait, not the turn.
     ///
     /// # Errors
     /// See [`ChatError`]: the variant says how the turn ended. Errors raised
-    /// before the turn starts (empty message, no runtime, storage) publish
-    /// nothing; every other ending has been published to the session.
+    /// before the turn starts (empty message, no runtime, a full queue,
+    /// storage) publish nothing; every other ending has been published to
+    /// the session.
     pub async fn send(
         &self,
         session_id: Option<SessionId>,
         content: String,
     ) -> Result<ChatReply, ChatError> {
         check_prompt(&content)?;
-        if self.is_closing() {
+        if self.core.is_closing() {
             return Err(ChatError::ShuttingDown);
         }
-        let runtime = match &self.runtime {
+        let runtime = match &self.core.runtime {
             RuntimeSlot::Ready(runtime) => Arc::clone(runtime),
             RuntimeSlot::Unavailable(why) => {
                 return Err(ChatError::RuntimeUnavailable(why.clone()));
             }
         };
         let session_id = session_id.unwrap_or_else(SessionId::generate);
-        let info = self.sessions.get_or_create(&session_id, Utc::now()).await?;
-        if info.history_bytes >= self.max_history_bytes {
-            return Err(ChatError::HistoryFull {
-                limit: self.max_history_bytes,
-            });
-        }
+        self.core
+            .sessions
+            .get_or_create(&session_id, Utc::now())
+            .await?;
+        self.admit(runtime, session_id, content)?.outcome().await
+    }
 
-        let gate = self.gate(&session_id);
-        let result = {
-            let _turn = gate.lock().await;
-            if self.is_closing() {
-                Err(ChatError::ShuttingDown)
-            } else {
-                self.run_turn(runtime.as_ref(), &session_id, content).await
+    /// Queues a turn on an open session (a WebSocket's) and returns at once.
+    /// Turns submitted one after another run in that order.
+    ///
+    /// Without a runtime, the turn's `error` is published to every client of
+    /// the session (as any turn's ending would be) and returned.
+    ///
+    /// # Errors
+    /// [`ChatError::EmptyMessage`], [`ChatError::ShuttingDown`] and
+    /// [`ChatError::TooManyQueued`] (published to nobody: the sender alone
+    /// should hear), [`ChatError::RuntimeUnavailable`] (published).
+    pub fn submit(&self, session_id: &SessionId, content: String) -> Result<TurnHandle, ChatError> {
+        check_prompt(&content)?;
+        if self.core.is_closing() {
+            return Err(ChatError::ShuttingDown);
+        }
+        match &self.core.runtime {
+            RuntimeSlot::Ready(runtime) => {
+                self.admit(Arc::clone(runtime), session_id.clone(), content)
             }
+            RuntimeSlot::Unavailable(why) => {
+                self.core.events.publish(
+                    session_id,
+                    Some(TurnId::generate()),
+                    SessionEvent::Error {
+                        code: None,
+                        message: why.clone(),
+                    },
+                );
+                Err(ChatError::RuntimeUnavailable(why.clone()))
+            }
+        }
+    }
+
+    /// Takes the turn into the session's queue, or refuses it when the
+    /// queue is full, and starts its task.
+    fn admit(
+        &self,
+        runtime: Arc<dyn AgentRuntime>,
+        session_id: SessionId,
+        content: String,
+    ) -> Result<TurnHandle, ChatError> {
+        let (done, wait, lane) = {
+            let mut lanes = lock(&self.core.lanes);
+            let lane = Arc::clone(
+                lanes
+                    .entry(session_id.clone())
+                    .or_insert_with(|| Arc::new(Lane::new())),
+            );
+            let mut queue = lock(&lane.queue);
+            if queue.turns > self.max_queued_turns {
+                metrics::counter!("turns_refused_total", "reason" => "queue_full").increment(1);
+                return Err(ChatError::TooManyQueued {
+                    max: self.max_queued_turns,
+                });
+            }
+            queue.turns += 1;
+            let (done, finished) = oneshot::channel();
+            let wait = queue.tail.replace(finished);
+            drop(queue);
+            (done, wait, lane)
         };
-        self.release_gate(&session_id, gate);
-        result
+        let place = Place {
+            core: Arc::clone(&self.core),
+            session_id: session_id.clone(),
+            lane: Arc::clone(&lane),
+            _done: done,
+        };
+        let core = Arc::clone(&self.core);
+        let max_history_bytes = self.max_history_bytes;
+        Ok(TurnHandle(tokio::spawn(async move {
+            let place = place;
+            if let Some(before) = wait {
+                tokio::select! {
+                    _ = before => {}
+                    () = lane.ended.cancelled() => {}
+                }
+            }
+            if !lane.is_alive() {
+                return Err(ChatError::SessionDeleted { session_id });
+            }
+            if core.is_closing() {
+                return Err(ChatError::ShuttingDown);
+            }
+            // Checked when the turn's time comes, so turns queued before the
+            // history filled up are refused too.
+            let info = core.sessions.get_or_create(&session_id, Utc::now()).await?;
+            if info.history_bytes >= max_history_bytes {
+                return Err(ChatError::HistoryFull {
+                    limit: max_history_bytes,
+                });
+            }
+            let result = core
+                .run_turn(runtime.as_ref(), &place.lane, &session_id, content)
+                .await;
+            drop(place);
+            result
+        })))
     }
 
     /// Stops the turn running on `session_id`. Its clients get `cancelled`
@@ -232,23 +452,42 @@ impl ChatService {
     /// [`CancelError::NothingRunning`] when no turn runs on the session,
     /// [`CancelError::SessionNotFound`] when the session does not exist.
     pub async fn cancel(&self, session_id: &SessionId) -> Result<TurnId, CancelError> {
-        let cancelled = lock(&self.running).get(session_id).map(|running| {
+        let cancelled = lock(&self.core.running).get(session_id).map(|running| {
             running.cancel.cancel();
             running.turn_id.clone()
         });
         if let Some(turn_id) = cancelled {
             return Ok(turn_id);
         }
-        match self.sessions.history(session_id).await {
+        match self.core.sessions.history(session_id).await {
             Ok(_) => Err(CancelError::NothingRunning),
             Err(_) => Err(CancelError::SessionNotFound),
         }
     }
 
+    /// The session is being deleted: its running turn stops, its queued
+    /// turns end without running, and none of them publishes or saves
+    /// anything from now on. Turns submitted afterwards start a new queue.
+    pub fn end_session(&self, session_id: &SessionId) {
+        let lane = lock(&self.core.lanes).remove(session_id);
+        if let Some(lane) = lane {
+            *lock(&lane.alive) = false;
+            lane.ended.cancel();
+        }
+    }
+
+    /// Turns running or queued on `session_id`.
+    #[must_use]
+    pub fn queued_turns(&self, session_id: &SessionId) -> usize {
+        let lane = lock(&self.core.lanes).get(session_id).cloned();
+        lane.map_or(0, |lane| lock(&lane.queue).turns)
+    }
+
     /// An `approve` request on a session: the server cannot take approvals
     /// yet, so every client of the session is told so.
     pub fn approve_unsupported(&self, session_id: &SessionId) {
-        self.events
+        self.core
+            .events
             .publish(session_id, None, SessionEvent::approval_unsupported());
     }
 
@@ -256,11 +495,10 @@ impl ChatService {
     /// up to `grace`, then cancels the rest (their partial text is saved, as
     /// for any cancel) and waits for them to wind up.
     pub async fn shutdown(&self, grace: Duration) {
-        self.closing
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.core.closing.store(true, Ordering::SeqCst);
         if !self.wait_idle(grace).await {
             let cancelled = {
-                let running = lock(&self.running);
+                let running = lock(&self.core.running);
                 running.values().for_each(|r| r.cancel.cancel());
                 running.len()
             };
@@ -272,15 +510,11 @@ impl ChatService {
         }
     }
 
-    fn is_closing(&self) -> bool {
-        self.closing.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
     /// Waits up to `limit` for no turn to be running; true if none is.
     async fn wait_idle(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            if lock(&self.running).is_empty() {
+            if lock(&self.core.running).is_empty() {
                 return true;
             }
             if tokio::time::Instant::now() >= deadline {
@@ -293,15 +527,32 @@ impl ChatService {
     /// Sessions with a turn running or queued; the sweeper spares them.
     #[must_use]
     pub fn busy_sessions(&self) -> HashSet<SessionId> {
-        lock(&self.gates).keys().cloned().collect()
+        lock(&self.core.lanes).keys().cloned().collect()
+    }
+}
+
+impl Core {
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
     }
 
     async fn run_turn(
         &self,
         runtime: &dyn AgentRuntime,
+        lane: &Arc<Lane>,
         session_id: &SessionId,
         content: String,
     ) -> Result<ChatReply, ChatError> {
+        // A session deleted while the turn waited has nothing to run on.
+        let history = match self.sessions.history(session_id).await {
+            Ok(history) => history,
+            Err(SessionStoreError::NotFound) => {
+                return Err(ChatError::SessionDeleted {
+                    session_id: session_id.clone(),
+                });
+            }
+            Err(error) => return Err(error.into()),
+        };
         let turn_id = TurnId::generate();
         let cancel = CancellationToken::new();
         lock(&self.running).insert(
@@ -314,18 +565,18 @@ impl ChatService {
         let _running = RunningGuard {
             running: &self.running,
             session_id,
+            turn_id: &turn_id,
         };
         let started = std::time::Instant::now();
         metrics::counter!("turns_started_total").increment(1);
         tracing::debug!(session.id = %session_id, turn.id = %turn_id, "turn started");
 
-        // A session deleted between creation and now simply starts empty.
-        let history = self.sessions.history(session_id).await.unwrap_or_default();
         let request = ModelMessage::user_prompt(content.clone(), Utc::now());
         let sink = Arc::new(TurnSink {
             session_id: session_id.clone(),
             turn_id: turn_id.clone(),
             events: Arc::clone(&self.events),
+            lane: Arc::clone(lane),
             partial: Mutex::default(),
         });
         let turn = runtime.run_turn(
@@ -336,107 +587,159 @@ impl ChatService {
             sink.clone(),
         );
         let outcome = tokio::select! {
-            result = with_timeout(self.turn_timeout, turn) => result,
+            // A stop asked for wins over an answer that is ready too.
+            biased;
+            () = lane.ended.cancelled() => Outcome::Deleted,
             () = cancel.cancelled() => Outcome::Cancelled,
+            result = with_timeout(self.turn_timeout, turn) => result,
+        };
+        // Deleted while the answer came in: it has nowhere to go either.
+        let outcome = if lane.is_alive() {
+            outcome
+        } else {
+            Outcome::Deleted
         };
         let partial = std::mem::take(&mut *lock(&sink.partial));
-        let publish = |event| {
-            self.events
-                .publish(session_id, Some(turn_id.clone()), event)
-        };
+        let publish = |event| lane.publish(self.events.as_ref(), session_id, &turn_id, event);
         let session = session_id.clone();
+        // Partial answers carry the name full ones would have.
+        let model_name = || Some(runtime.model_name());
 
-        let result = match outcome {
-            Outcome::Finished(Ok(reply)) => {
-                // The server executes no tool itself, so every call is
-                // deferred to a human: that is the deferred-approval policy.
-                let requests = tool_requests(&reply);
-                let text = reply_text(&reply);
-                self.save(
-                    session_id,
-                    request,
-                    Some(reply.parts),
-                    Some(reply.model_name),
-                )
-                .await;
-                if requests.is_empty() {
-                    publish(SessionEvent::Done {
-                        content: text.clone(),
-                    });
-                    Ok(ChatReply {
-                        session_id: session,
-                        content: text,
-                    })
-                } else {
-                    for request in &requests {
-                        publish(SessionEvent::ToolResult {
-                            tool_call_id: request.tool_call_id.clone(),
-                            status: "deferred".into(),
-                            details: json!({"reason": "needs a human's approval"}),
+        let result =
+            match outcome {
+                Outcome::Finished(Ok(reply)) => {
+                    // The server executes no tool itself, so every call is
+                    // deferred to a human: that is the deferred-approval policy.
+                    let requests = tool_requests(&reply);
+                    let text = reply_text(&reply);
+                    self.save(
+                        lane,
+                        session_id,
+                        request,
+                        Some(reply.parts),
+                        Some(reply.model_name),
+                    )
+                    .await;
+                    if requests.is_empty() {
+                        publish(SessionEvent::Done {
+                            content: text.clone(),
                         });
-                    }
-                    if self.record(session_id, &turn_id, requests).await {
-                        publish(SessionEvent::approval_unsupported());
-                        Err(ChatError::ApprovalUnsupported {
+                        Ok(ChatReply {
                             session_id: session,
+                            content: text,
                         })
                     } else {
-                        let error = ChatError::ApprovalStorage {
-                            session_id: session,
-                        };
-                        publish(SessionEvent::Error {
-                            code: Some("approval_storage_unavailable"),
-                            message: error.to_string(),
-                        });
-                        Err(error)
+                        for request in &requests {
+                            publish(SessionEvent::ToolResult {
+                                tool_call_id: request.tool_call_id.clone(),
+                                status: "deferred".into(),
+                                details: json!({"reason": "needs a human's approval"}),
+                            });
+                        }
+                        match self.record(session_id, &turn_id, requests).await {
+                            Ok(approval_id) => {
+                                publish(approval_id.clone().map_or_else(
+                                    SessionEvent::approval_unsupported,
+                                    |approval_id| SessionEvent::ApprovalRecorded { approval_id },
+                                ));
+                                Err(ChatError::ApprovalUnsupported {
+                                    session_id: session,
+                                    approval_id,
+                                })
+                            }
+                            Err(()) => {
+                                let error = ChatError::ApprovalStorage {
+                                    session_id: session,
+                                };
+                                publish(SessionEvent::Error {
+                                    code: Some("approval_storage_unavailable"),
+                                    message: error.to_string(),
+                                });
+                                Err(error)
+                            }
+                        }
                     }
                 }
-            }
-            Outcome::Finished(Err(AgentError::DeferredApprovalLocked)) => {
-                self.save(session_id, request, text_parts(&partial), None)
+                Outcome::Finished(Err(AgentError::DeferredApprovalLocked)) => {
+                    self.save(
+                        lane,
+                        session_id,
+                        request,
+                        text_parts(&partial),
+                        model_name(),
+                    )
                     .await;
-                publish(SessionEvent::approval_unsupported());
-                Err(ChatError::ApprovalUnsupported {
-                    session_id: session,
-                })
-            }
-            Outcome::Finished(Err(AgentError::Provider(message))) => {
-                // The failed exchange is not kept: the next turn starts from
-                // the last good state, as if this one had not been sent.
-                publish(SessionEvent::Error {
-                    code: None,
-                    message: message.clone(),
-                });
-                Err(ChatError::Provider {
-                    session_id: session,
-                    message,
-                })
-            }
-            Outcome::Cancelled => {
-                self.save(session_id, request, text_parts(&partial), None)
+                    publish(SessionEvent::approval_unsupported());
+                    Err(ChatError::ApprovalUnsupported {
+                        session_id: session,
+                        approval_id: None,
+                    })
+                }
+                Outcome::Finished(Err(AgentError::Provider(message))) => {
+                    // The failed exchange is not kept: the next turn starts from
+                    // the last good state, as if this one had not been sent.
+                    publish(SessionEvent::Error {
+                        code: None,
+                        message: message.clone(),
+                    });
+                    Err(ChatError::Provider {
+                        session_id: session,
+                        message,
+                    })
+                }
+                Outcome::Finished(Err(AgentError::InvalidRequest(message))) => {
+                    // Not kept either: the prompt could not be carried out.
+                    publish(SessionEvent::Error {
+                        code: Some("invalid_request"),
+                        message: message.clone(),
+                    });
+                    Err(ChatError::InvalidRequest {
+                        session_id: session,
+                        message,
+                    })
+                }
+                Outcome::Cancelled => {
+                    self.save(
+                        lane,
+                        session_id,
+                        request,
+                        text_parts(&partial),
+                        model_name(),
+                    )
                     .await;
-                publish(SessionEvent::Cancelled {
-                    partial: partial.clone(),
-                });
-                Err(ChatError::Cancelled {
-                    session_id: session,
-                    partial,
-                })
-            }
-            Outcome::TimedOut(after) => {
-                self.save(session_id, request, text_parts(&partial), None)
+                    publish(SessionEvent::Cancelled {
+                        partial: partial.clone(),
+                    });
+                    Err(ChatError::Cancelled {
+                        session_id: session,
+                        partial,
+                    })
+                }
+                Outcome::TimedOut(after) => {
+                    self.save(
+                        lane,
+                        session_id,
+                        request,
+                        text_parts(&partial),
+                        model_name(),
+                    )
                     .await;
-                let error = ChatError::TimedOut {
+                    let error = ChatError::TimedOut {
+                        session_id: session,
+                        after,
+                    };
+                    publish(SessionEvent::Error {
+                        code: Some("turn_timeout"),
+                        message: error.to_string(),
+                    });
+                    Err(error)
+                }
+                // The session is gone with its clients and history: there is no
+                // one to tell and nowhere to save.
+                Outcome::Deleted => Err(ChatError::SessionDeleted {
                     session_id: session,
-                    after,
-                };
-                publish(SessionEvent::Error {
-                    code: Some("turn_timeout"),
-                    message: error.to_string(),
-                });
-                Err(error)
-            }
-        };
+                }),
+            };
         let outcome = result.as_ref().map_or_else(error_kind, |_| "done");
         metrics::counter!("turns_finished_total", "outcome" => outcome).increment(1);
         metrics::histogram!("turn_duration_seconds", "outcome" => outcome)
@@ -452,15 +755,17 @@ impl ChatService {
     }
 
     /// Records a deferred turn's tool calls for approval when approvals are
-    /// unlocked. False only when recording was due and failed.
+    /// unlocked: the pending approval's id, `None` when nothing was due
+    /// (no approval store, or locked), `Err` when recording was due and
+    /// failed.
     async fn record(
         &self,
         session_id: &SessionId,
         turn_id: &TurnId,
         requests: Vec<ToolCallRequest>,
-    ) -> bool {
-        let Some(approvals) = &self.approvals else {
-            return true;
+    ) -> Result<Option<String>, ()> {
+        let Some(approvals) = self.approvals.get() else {
+            return Ok(None);
         };
         let scope = ApprovalScope {
             session_id: session_id.clone(),
@@ -472,27 +777,34 @@ impl ChatService {
             .record_deferred(&scope, requests, Utc::now())
             .await
         {
-            Ok(_) => {
+            Ok(envelope) => {
                 approvals.events.approvals_changed();
-                true
+                Ok(Some(envelope.envelope_id))
             }
             // Locked: nothing is recorded, as with DeferredApprovalLocked.
-            Err(RecordError::Locked) => true,
+            Err(RecordError::Locked) => Ok(None),
             Err(RecordError::Unavailable(why)) => {
                 tracing::error!(session.id = %session_id, error = %why, "approval request not recorded");
-                false
+                Err(())
             }
         }
     }
 
-    /// Appends the turn's request and, when there is one, its response.
+    /// Appends the turn's request and, when there is one, its response,
+    /// unless the session was deleted meanwhile. (A delete racing past the
+    /// check finds the store's session gone: appending to a missing session
+    /// fails, it never creates one.)
     async fn save(
         &self,
+        lane: &Lane,
         session_id: &SessionId,
         request: ModelMessage,
         response: Option<Vec<ResponsePart>>,
         model_name: Option<String>,
     ) {
+        if !lane.is_alive() {
+            return;
+        }
         let mut messages = vec![request];
         if let Some(parts) = response {
             messages.push(ModelMessage::Response {
@@ -505,23 +817,36 @@ impl ChatService {
             tracing::warn!(session.id = %session_id, %error, "turn history not saved");
         }
     }
+}
 
-    fn gate(&self, session_id: &SessionId) -> Arc<tokio::sync::Mutex<()>> {
-        Arc::clone(lock(&self.gates).entry(session_id.clone()).or_default())
-    }
+/// A turn's place in its session's queue, held by its task: dropping it
+/// (however the task ends) lets the next turn run and, for the last turn,
+/// removes the session's queue.
+struct Place {
+    core: Arc<Core>,
+    session_id: SessionId,
+    lane: Arc<Lane>,
+    /// Dropped with the place: wakes the turn queued behind this one.
+    _done: oneshot::Sender<()>,
+}
 
-    fn release_gate(&self, session_id: &SessionId, gate: Arc<tokio::sync::Mutex<()>>) {
-        let mut gates = lock(&self.gates);
-        // Clones are only made under this lock, so the count cannot grow
-        // here: two means the map's and ours, no other turn waits.
-        if Arc::strong_count(&gate) == 2 {
-            gates.remove(session_id);
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut lanes = lock(&self.core.lanes);
+        let mut queue = lock(&self.lane.queue);
+        queue.turns -= 1;
+        if queue.turns == 0
+            && lanes
+                .get(&self.session_id)
+                .is_some_and(|lane| Arc::ptr_eq(lane, &self.lane))
+        {
+            lanes.remove(&self.session_id);
         }
     }
 }
 
-/// Refuses a prompt no turn should run for. Transports that queue prompts
-/// call it first, so the sender hears at once.
+/// Refuses a prompt no turn should run for, before anything else happens,
+/// so the sender hears at once.
 ///
 /// # Errors
 /// [`ChatError::EmptyMessage`] for an empty or blank prompt.
@@ -539,12 +864,15 @@ fn error_kind(error: &ChatError) -> &'static str {
         ChatError::RuntimeUnavailable(_) => "unavailable",
         ChatError::ApprovalUnsupported { .. } => "deferred",
         ChatError::Provider { .. } => "provider_error",
+        ChatError::InvalidRequest { .. } => "invalid_request",
         ChatError::Cancelled { .. } => "cancelled",
         ChatError::TimedOut { .. } => "timed_out",
         ChatError::Storage(_) => "storage_error",
         ChatError::ShuttingDown => "shutting_down",
         ChatError::HistoryFull { .. } => "history_full",
         ChatError::ApprovalStorage { .. } => "approval_storage_error",
+        ChatError::TooManyQueued { .. } => "queue_full",
+        ChatError::SessionDeleted { .. } => "session_deleted",
     }
 }
 
@@ -604,24 +932,34 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Removes the running-turn entry however the turn ends (even if dropped).
+/// Removes the running-turn entry however the turn ends (even if dropped),
+/// unless a newer turn of a re-created session took its place.
 struct RunningGuard<'a> {
     running: &'a Mutex<HashMap<SessionId, Running>>,
     session_id: &'a SessionId,
+    turn_id: &'a TurnId,
 }
 
 impl Drop for RunningGuard<'_> {
     fn drop(&mut self) {
-        lock(self.running).remove(self.session_id);
+        let mut running = lock(self.running);
+        if running
+            .get(self.session_id)
+            .is_some_and(|r| r.turn_id == *self.turn_id)
+        {
+            running.remove(self.session_id);
+        }
     }
 }
 
-/// Forwards the runtime's events to the session's clients and keeps the
-/// streamed text, so a cancelled turn can save what was said.
+/// Forwards the runtime's events to the session's clients (while the
+/// session exists) and keeps the streamed text, so a cancelled turn can
+/// save what was said.
 struct TurnSink {
     session_id: SessionId,
     turn_id: TurnId,
     events: Arc<dyn SessionEvents>,
+    lane: Arc<Lane>,
     partial: Mutex<String>,
 }
 
@@ -645,8 +983,8 @@ impl EventSink for TurnSink {
                 details: args,
             },
         };
-        self.events
-            .publish(&self.session_id, Some(self.turn_id.clone()), event);
+        self.lane
+            .publish(self.events.as_ref(), &self.session_id, &self.turn_id, event);
     }
 }
 
@@ -797,7 +1135,13 @@ mod tests {
             .send(Some(sid()), "do it".into())
             .await
             .unwrap_err();
-        assert_eq!(err, ChatError::ApprovalUnsupported { session_id: sid() });
+        assert_eq!(
+            err,
+            ChatError::ApprovalUnsupported {
+                session_id: sid(),
+                approval_id: None
+            }
+        );
         let published = fx.published();
         assert!(
             matches!(&published[0], SessionEvent::ToolResult { tool_call_id, status, .. } if tool_call_id == "c1" && status == "deferred")
@@ -818,12 +1162,19 @@ mod tests {
         runtime
             .expect_run_turn()
             .returning(|_, _| Err(AgentError::DeferredApprovalLocked));
+        runtime.expect_model_name().return_const("mock".to_owned());
         let err = fx
             .service(runtime)
             .send(Some(sid()), "do it".into())
             .await
             .unwrap_err();
-        assert_eq!(err, ChatError::ApprovalUnsupported { session_id: sid() });
+        assert_eq!(
+            err,
+            ChatError::ApprovalUnsupported {
+                session_id: sid(),
+                approval_id: None
+            }
+        );
         assert_eq!(fx.published(), vec![SessionEvent::approval_unsupported()]);
         assert_eq!(fx.appended().len(), 1, "the prompt is kept");
     }
@@ -937,6 +1288,10 @@ mod tests {
             self.running.fetch_sub(1, Ordering::SeqCst);
             Ok(reply(vec![]))
         }
+
+        fn model_name(&self) -> String {
+            "overlap".into()
+        }
     }
 
     #[tokio::test]
@@ -975,5 +1330,142 @@ mod tests {
             chat.busy_sessions().is_empty(),
             "the session's gate is released"
         );
+    }
+
+    /// A runtime that streams `hello` then waits until released.
+    struct Stalled {
+        release: tokio::sync::Notify,
+    }
+
+    #[async_trait::async_trait]
+    impl AgentRuntime for Stalled {
+        async fn run_turn(
+            &self,
+            input: TurnInput,
+            sink: Arc<dyn EventSink>,
+        ) -> Result<AgentReply, AgentError> {
+            sink.emit(AgentEvent::Token("hello".into()));
+            self.release.notified().await;
+            sink.emit(AgentEvent::Token(" again".into()));
+            Ok(reply(vec![ResponsePart::Text {
+                content: format!("hello again ({})", input.prompt),
+            }]))
+        }
+
+        fn model_name(&self) -> String {
+            "stalled".into()
+        }
+    }
+
+    fn stalled_service(fx: &Fixture) -> (Arc<ChatService>, Arc<Stalled>) {
+        let runtime = Arc::new(Stalled {
+            release: tokio::sync::Notify::new(),
+        });
+        let chat = Arc::new(ChatService::new(
+            RuntimeSlot::Ready(runtime.clone()),
+            Arc::new(store(fx.appended.clone())),
+            Arc::new(recorder(fx.published.clone())),
+            None,
+        ));
+        (chat, runtime)
+    }
+
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("never: {what}");
+    }
+
+    #[tokio::test]
+    async fn a_turn_whose_caller_goes_away_still_ends_saves_and_frees_its_session() {
+        let fx = Fixture::new();
+        let (chat, runtime) = stalled_service(&fx);
+        let send = chat.send(Some(sid()), "hi".into());
+        // The caller waits a moment, then drops its future (a disconnect).
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), send)
+                .await
+                .is_err()
+        );
+        runtime.release.notify_one();
+        until("the turn ends", || chat.busy_sessions().is_empty()).await;
+        assert!(matches!(
+            fx.published().last(),
+            Some(SessionEvent::Done { content }) if content == "hello again (hi)"
+        ));
+        assert_eq!(fx.appended().len(), 2, "prompt and answer are saved");
+    }
+
+    #[tokio::test]
+    async fn ending_a_session_stops_its_turns_and_nothing_of_them_is_published_or_saved() {
+        let fx = Fixture::new();
+        let (chat, runtime) = stalled_service(&fx);
+        let running = chat.submit(&sid(), "first".into()).unwrap();
+        let queued = chat.submit(&sid(), "second".into()).unwrap();
+        until("the first token", || !fx.published().is_empty()).await;
+        chat.end_session(&sid());
+        runtime.release.notify_waiters();
+        assert_eq!(
+            running.outcome().await,
+            Err(ChatError::SessionDeleted { session_id: sid() })
+        );
+        assert_eq!(
+            queued.outcome().await,
+            Err(ChatError::SessionDeleted { session_id: sid() })
+        );
+        assert_eq!(
+            fx.published(),
+            vec![SessionEvent::Token {
+                content: "hello".into()
+            }],
+            "nothing after the delete"
+        );
+        assert!(fx.appended().is_empty());
+        assert!(chat.busy_sessions().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_session_queues_at_most_the_cap_behind_its_running_turn() {
+        let fx = Fixture::new();
+        let runtime = Arc::new(Stalled {
+            release: tokio::sync::Notify::new(),
+        });
+        let chat = ChatService::new(
+            RuntimeSlot::Ready(runtime.clone()),
+            Arc::new(store(fx.appended.clone())),
+            Arc::new(recorder(fx.published.clone())),
+            None,
+        )
+        .with_max_queued_turns(2);
+        let turns: Vec<_> = (0..3)
+            .map(|n| chat.submit(&sid(), format!("t{n}")).unwrap())
+            .collect();
+        assert_eq!(chat.queued_turns(&sid()), 3);
+        assert_eq!(
+            chat.submit(&sid(), "one too many".into()).err(),
+            Some(ChatError::TooManyQueued { max: 2 })
+        );
+        let other = SessionId::parse("s2").unwrap();
+        assert!(
+            chat.submit(&other, "elsewhere".into()).is_ok(),
+            "the cap is per session"
+        );
+        for turn in turns {
+            let mut outcome = std::pin::pin!(turn.outcome());
+            loop {
+                runtime.release.notify_waiters();
+                if let Ok(result) =
+                    tokio::time::timeout(Duration::from_millis(5), &mut outcome).await
+                {
+                    result.unwrap();
+                    break;
+                }
+            }
+        }
+        assert_eq!(chat.queued_turns(&sid()), 0);
     }
 }

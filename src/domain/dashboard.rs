@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 use super::agent::AgentConfig;
 use super::approvals::{ApprovalEnvelope, ApprovalService, DecideError};
 use super::chat::{ChatError, ChatService};
-use super::events::{APPROVAL_UNSUPPORTED_CODE, APPROVAL_UNSUPPORTED_MESSAGE};
+use super::events::APPROVAL_UNSUPPORTED_CODE;
 use super::session::SessionId;
 use super::sessions::SessionService;
 use crate::ports::ApprovalEvents;
@@ -447,14 +447,21 @@ impl ControlPlane {
                 kind,
                 json!({"session_id": reply.session_id.as_str(), "content": reply.content}),
             ),
-            Err(ChatError::ApprovalUnsupported { session_id }) => Envelope::error(
-                tool,
-                ErrorKind::ApprovalUnsupported,
-                APPROVAL_UNSUPPORTED_MESSAGE,
-                json!({"code": APPROVAL_UNSUPPORTED_CODE, "session_id": session_id.as_str()}),
-            ),
+            Err(
+                ref e @ ChatError::ApprovalUnsupported {
+                    ref session_id,
+                    ref approval_id,
+                },
+            ) => {
+                let mut data =
+                    json!({"code": APPROVAL_UNSUPPORTED_CODE, "session_id": session_id.as_str()});
+                if let Some(id) = approval_id {
+                    data["approval_id"] = json!(id);
+                }
+                Envelope::error(tool, ErrorKind::ApprovalUnsupported, &e.to_string(), data)
+            }
             Err(ChatError::RuntimeUnavailable(why)) => uninitialized(tool, &why),
-            Err(e @ ChatError::EmptyMessage) => {
+            Err(e @ (ChatError::EmptyMessage | ChatError::InvalidRequest { .. })) => {
                 Envelope::error(tool, ErrorKind::InvalidArguments, &e.to_string(), json!({}))
             }
             Err(e @ (ChatError::Storage(_) | ChatError::ApprovalStorage { .. })) => {

@@ -8,6 +8,10 @@ pub const APPROVAL_UNSUPPORTED_CODE: &str = "approval_unsupported";
 /// The message that goes with [`APPROVAL_UNSUPPORTED_CODE`].
 pub const APPROVAL_UNSUPPORTED_MESSAGE: &str =
     "Deferred approvals are not supported in server mode yet.";
+/// The message that goes with [`APPROVAL_UNSUPPORTED_CODE`] when the turn's
+/// tool calls were recorded as a pending approval (approvals unlocked): a
+/// human can decide it, but the turn does not resume yet.
+pub const APPROVAL_RECORDED_MESSAGE: &str = "This turn's tool calls were recorded as a pending approval for a human to decide; the turn does not resume after the decision yet (server mode does not run tools).";
 
 /// One event of a session's stream. Transports give each a wire name
 /// (`token`, `done`, ...) and, for broadcast events, a sequence number.
@@ -45,6 +49,11 @@ pub enum SessionEvent {
     Cancelled {
         partial: String,
     },
+    /// The turn ended deferred and its tool calls wait as this pending
+    /// approval: an `approval_unsupported` error naming it.
+    ApprovalRecorded {
+        approval_id: String,
+    },
 }
 
 impl SessionEvent {
@@ -62,7 +71,10 @@ impl SessionEvent {
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
-            Self::Done { .. } | Self::Error { .. } | Self::Cancelled { .. }
+            Self::Done { .. }
+                | Self::Error { .. }
+                | Self::Cancelled { .. }
+                | Self::ApprovalRecorded { .. }
         )
     }
 }

@@ -33,12 +33,23 @@ impl Default for SweepPolicy {
 pub struct SessionService {
     store: Arc<dyn SessionStore>,
     events: Arc<dyn SessionEvents>,
+    /// The turns of each session: a delete ends them, the sweeper spares
+    /// sessions that have some.
+    chat: Arc<ChatService>,
 }
 
 impl SessionService {
     #[must_use]
-    pub fn new(store: Arc<dyn SessionStore>, events: Arc<dyn SessionEvents>) -> Self {
-        Self { store, events }
+    pub fn new(
+        store: Arc<dyn SessionStore>,
+        events: Arc<dyn SessionEvents>,
+        chat: Arc<ChatService>,
+    ) -> Self {
+        Self {
+            store,
+            events,
+            chat,
+        }
     }
 
     /// Every session, oldest first.
@@ -76,12 +87,16 @@ impl SessionService {
         self.store.history(id).await
     }
 
-    /// Deletes the session and closes its clients.
+    /// Deletes the session, ends its running and queued turns (nothing of
+    /// theirs is published or saved afterwards) and closes its clients.
     ///
     /// # Errors
     /// [`SessionStoreError::NotFound`] for an unknown id.
     pub async fn delete(&self, id: &SessionId) -> Result<(), SessionStoreError> {
         self.store.delete(id).await?;
+        // Before `forget`: a turn event published after it would open the
+        // session's log again.
+        self.chat.end_session(id);
         self.events.forget(id);
         Ok(())
     }
@@ -91,11 +106,7 @@ impl SessionService {
     ///
     /// # Errors
     /// [`SessionStoreError::Unavailable`] when storage fails.
-    pub async fn sweep(
-        &self,
-        idle_ttl: Duration,
-        chat: &ChatService,
-    ) -> Result<usize, SessionStoreError> {
+    pub async fn sweep(&self, idle_ttl: Duration) -> Result<usize, SessionStoreError> {
         let ttl = chrono::Duration::from_std(idle_ttl).unwrap_or(chrono::Duration::MAX);
         let cutoff = Utc::now()
             .checked_sub_signed(ttl)
@@ -105,7 +116,7 @@ impl SessionService {
             return Ok(0);
         }
         let live = self.events.live_sessions();
-        let busy = chat.busy_sessions();
+        let busy = self.chat.busy_sessions();
         let mut removed = 0;
         for id in idle
             .iter()
@@ -125,7 +136,6 @@ impl SessionService {
     pub async fn run_sweeper(
         &self,
         policy: SweepPolicy,
-        chat: &ChatService,
         shutdown: tokio_util::sync::CancellationToken,
     ) {
         let mut ticks = tokio::time::interval(policy.interval);
@@ -136,7 +146,7 @@ impl SessionService {
                 () = shutdown.cancelled() => return,
                 _ = ticks.tick() => {}
             }
-            match self.sweep(policy.idle_ttl, chat).await {
+            match self.sweep(policy.idle_ttl).await {
                 Ok(0) => {}
                 Ok(removed) => tracing::info!(sessions.removed = removed, "idle sessions swept"),
                 Err(error) => tracing::warn!(%error, "session sweep failed"),
@@ -180,13 +190,13 @@ mod tests {
             .return_const(());
         let store: Arc<dyn SessionStore> = Arc::new(store);
         let events: Arc<dyn SessionEvents> = Arc::new(events);
-        let chat = ChatService::new(
+        let chat = Arc::new(ChatService::new(
             RuntimeSlot::Unavailable("unused".into()),
             store.clone(),
             events.clone(),
             None,
-        );
-        let sessions = SessionService::new(store, events);
-        assert_eq!(sessions.sweep(Duration::from_secs(60), &chat).await, Ok(1));
+        ));
+        let sessions = SessionService::new(store, events, chat);
+        assert_eq!(sessions.sweep(Duration::from_secs(60)).await, Ok(1));
     }
 }

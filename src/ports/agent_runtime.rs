@@ -40,10 +40,16 @@ pub trait AgentRuntime: Send + Sync {
     ///   approval and the approval key is locked;
     /// - [`AgentError::Provider`] when the model provider fails: connection
     ///   refused, an error status, a malformed stream, a timeout. The message
-    ///   says what failed and never contains credentials.
+    ///   says what failed and never contains credentials;
+    /// - [`AgentError::InvalidRequest`] when the prompt itself cannot be
+    ///   carried out (the user's input, not the provider, is at fault).
     async fn run_turn(
         &self,
         input: TurnInput,
         sink: Arc<dyn EventSink>,
     ) -> Result<AgentReply, AgentError>;
+
+    /// The model name this runtime's replies carry, for answers that end
+    /// without a reply (a cancelled or timed-out turn's partial text).
+    fn model_name(&self) -> String;
 }

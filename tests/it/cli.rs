@@ -330,3 +330,82 @@ fn an_unopenable_approval_database_still_starts_and_reports_why() {
         "{status}"
     );
 }
+
+#[test]
+fn keygen_creates_the_folder_it_writes_into() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("data").join("approval.key");
+    let output = autopoiesis()
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(key.is_file());
+}
+
+/// The log lines of `serve --port 0 ARGS` up to its listening line, written
+/// to a pipe (not a terminal) and with colours not switched off by NO_COLOR.
+fn startup_log(args: &[&str], env: &[(&str, &str)]) -> String {
+    let data = tempfile::tempdir().unwrap();
+    let mut child = autopoiesis()
+        .args(["serve", "--port", "0", "--data-dir"])
+        .arg(data.path())
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut log = String::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("listening on") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    log
+}
+
+#[test]
+fn the_log_has_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let log = startup_log(&[], &[]);
+    assert!(log.contains("listening on"), "{log}");
+    assert!(!log.contains('\u{1b}'), "{log:?}");
+}
+
+#[test]
+fn the_startup_line_says_whether_approvals_are_locked_and_names_the_key() {
+    let log = startup_log(&[], &[]);
+    let line = log.lines().find(|l| l.contains("listening on")).unwrap();
+    assert!(line.contains("approvals=locked"), "{line}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("approval.key");
+    let output = autopoiesis()
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    // "wrote approval key ID to PATH"
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let key_id = stdout.split_whitespace().nth(3).unwrap().to_owned();
+    let log = startup_log(
+        &[],
+        &[("AUTOPOIESIS_APPROVAL_KEY_FILE", key.to_str().unwrap())],
+    );
+    let line = log.lines().find(|l| l.contains("listening on")).unwrap();
+    assert!(line.contains("approvals=unlocked"), "{line}");
+    assert!(line.contains(&key_id), "{line} lacks {key_id}");
+}

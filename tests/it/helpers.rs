@@ -128,7 +128,7 @@ pub async fn spawn_with(options: Options) -> TestApp {
             agent: agent.name.clone(),
         }),
     );
-    let sessions = Arc::new(SessionService::new(store, hub.clone()));
+    let sessions = Arc::new(SessionService::new(store, hub.clone(), chat.clone()));
     let control = Arc::new(ControlPlane::new(
         chat.clone(),
         sessions.clone(),
@@ -152,8 +152,8 @@ pub async fn spawn_with(options: Options) -> TestApp {
     let address = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     if let Some(policy) = options.sweep {
-        let (sessions, chat, shutdown) = (sessions.clone(), chat.clone(), shutdown.clone());
-        tokio::spawn(async move { sessions.run_sweeper(policy, &chat, shutdown).await });
+        let (sessions, shutdown) = (sessions.clone(), shutdown.clone());
+        tokio::spawn(async move { sessions.run_sweeper(policy, shutdown).await });
     }
     let app = http::app(&services, &settings);
     let signal = {

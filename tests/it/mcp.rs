@@ -236,13 +236,18 @@ async fn every_tool_answers_an_envelope_in_one_text_content() {
     .await;
     assert_eq!(deferred["type"], "error.approval_unsupported");
     assert_eq!(deferred["data"]["code"], "approval_unsupported");
+    // Approvals are unlocked here: the calls were recorded, and the
+    // envelope says so and names the approval.
     assert_eq!(
         deferred["data"]["message"],
-        "Deferred approvals are not supported in server mode yet."
+        autopoiesis::domain::events::APPROVAL_RECORDED_MESSAGE
     );
+    let approval_id = deferred["data"]["approval_id"].as_str().unwrap();
 
     let status = call(&client, "dashboard.status", json!({})).await;
     assert_eq!(status["data"]["pending_approvals_count"], 1);
+    let list = call(&client, "approval.list", json!({})).await;
+    assert_eq!(list["data"]["items"][0]["id"], approval_id, "{list}");
 
     let invalid = call(&client, "approval.decide", json!({"approved": true})).await;
     assert_eq!(invalid["type"], "error.invalid_arguments", "{invalid}");

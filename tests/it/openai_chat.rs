@@ -143,7 +143,9 @@ async fn an_unreachable_provider_gives_502_naming_it() {
         .as_str()
         .unwrap()
         .to_owned();
-    assert!(detail.contains(&base), "{detail}");
+    // Named by scheme, host and port only: a base URL may hold secrets.
+    assert!(detail.contains(base.trim_end_matches("/v1")), "{detail}");
+    assert!(!detail.contains("/v1"), "{detail}");
     assert!(
         !detail.contains("sk-test"),
         "the key never reaches a client"

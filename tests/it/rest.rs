@@ -123,23 +123,43 @@ async fn chat_returns_503_with_the_reason_when_the_runtime_is_missing() {
 }
 
 #[tokio::test]
-async fn chat_returns_502_when_the_model_fails_and_the_session_stays_usable() {
+async fn chat_returns_422_when_a_tool_command_is_invalid_and_the_session_stays_usable() {
     let app = spawn_app().await;
-    // The echo agent refuses tools it does not offer, like a provider error.
-    let res = app
-        .chat(json!({"content": "/tool format_disk {}", "session_id": "p"}))
-        .await;
-    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
-    assert!(
-        res.json::<Value>().await.unwrap()["detail"]
-            .as_str()
-            .unwrap()
-            .contains("format_disk")
-    );
+    for (prompt, named) in [
+        ("/tool format_disk {}", "format_disk"),
+        ("/tool execute {oops", "JSON"),
+    ] {
+        let res = app
+            .chat(json!({"content": prompt, "session_id": "p"}))
+            .await;
+        assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY, "{prompt}");
+        let detail = res.json::<Value>().await.unwrap()["detail"].clone();
+        assert!(detail.as_str().unwrap().contains(named), "{detail}");
+    }
     let res = app
         .chat(json!({"content": "still here", "session_id": "p"}))
         .await;
     assert_eq!(res.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn chat_409_names_the_recorded_approval_when_approvals_are_unlocked() {
+    let app = spawn_with(Options {
+        approval_key: true,
+        ..Options::default()
+    })
+    .await;
+    let res = app
+        .chat(json!({"content": r#"/tool execute {"command":"ls"}"#, "session_id": "rec"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::CONFLICT);
+    let detail = res.json::<Value>().await.unwrap()["detail"].clone();
+    assert_eq!(detail["code"], "approval_unsupported");
+    let id = detail["approval_id"].as_str().expect("an approval id");
+    let message = detail["message"].as_str().unwrap();
+    assert!(message.contains("recorded"), "{message}");
+    let pending = app.get_json("/api/approvals").await.to_string();
+    assert!(pending.contains(id), "{pending}");
 }
 
 #[tokio::test]

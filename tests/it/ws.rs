@@ -361,7 +361,6 @@ async fn messages_over_the_size_limit_close_the_socket_with_1009() {
         http: HttpSettings {
             ws: WsSettings {
                 max_message_bytes: 1024,
-                ..WsSettings::default()
             },
             ..HttpSettings::default()
         },
@@ -481,5 +480,72 @@ async fn protocol_errors_get_a_close_frame_with_their_code() {
     assert_eq!(
         close_code_after_raw_frame(&app, &reserved_bit).await,
         Some(1002)
+    );
+}
+
+#[tokio::test]
+async fn without_a_runtime_every_client_of_the_session_sees_the_turns_error() {
+    let app = spawn_with(Options {
+        runtime: RuntimeSlot::Unavailable("Agent runtime unavailable: no provider".into()),
+        ..Options::default()
+    })
+    .await;
+    let mut sender = app.ws("nort").await;
+    let mut watcher = app.ws("nort").await;
+    app.wait_for_clients("nort", 2).await;
+    message(&mut sender, "hello").await;
+    for ws in [&mut sender, &mut watcher] {
+        let frame = next(ws).await;
+        assert_eq!(frame["op"], "error", "{frame}");
+        assert!(
+            frame["data"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("no provider"),
+            "{frame}"
+        );
+        assert!(frame["seq"].is_u64(), "a broadcast event: {frame}");
+    }
+    assert_silent(&mut sender, Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn a_tool_command_naming_an_unknown_tool_is_the_users_error_for_every_client() {
+    let app = spawn_app().await;
+    let mut ws = app.ws("badtool").await;
+    message(&mut ws, "/tool format_disk {}").await;
+    let frames = until_terminal(&mut ws).await;
+    let error = frames.last().unwrap();
+    assert_eq!(error["op"], "error");
+    assert_eq!(error["data"]["code"], "invalid_request", "{error}");
+    assert!(
+        error["data"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("format_disk"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_recorded_deferred_turn_names_its_approval_in_the_error_frame() {
+    let app = spawn_with(Options {
+        approval_key: true,
+        ..Options::default()
+    })
+    .await;
+    let mut ws = app.ws("recorded").await;
+    message(&mut ws, r#"/tool execute {"command":"ls"}"#).await;
+    let frames = until_terminal(&mut ws).await;
+    let error = frames.last().unwrap();
+    assert_eq!(error["data"]["code"], "approval_unsupported");
+    let id = error["data"]["approval_id"]
+        .as_str()
+        .expect("an approval id");
+    let pending = app.get_json("/api/approvals").await.to_string();
+    assert!(pending.contains(id), "{pending}");
+    assert_ne!(
+        error["data"]["message"],
+        "Deferred approvals are not supported in server mode yet."
     );
 }

@@ -19,6 +19,12 @@ use crate::ports::{AgentRuntime, EventSink, TurnInput};
 /// The model name echo replies carry.
 pub const MODEL_NAME: &str = "echo";
 
+/// Tokens streamed between two yields to the scheduler. Without a pause an
+/// answer never gives its worker thread back: a huge prompt would stall the
+/// other tasks there, and a cancel or the turn timeout (which act when the
+/// turn's future is next polled) would wait for its end.
+const TOKENS_PER_YIELD: usize = 64;
+
 pub struct EchoRuntime {
     /// Pause between tokens, so streaming, ordering and cancellation can be
     /// watched (and tested) offline.
@@ -57,6 +63,8 @@ impl EchoRuntime {
         for (i, token) in text.split_inclusive(' ').enumerate() {
             if i > 0 && !self.token_delay.is_zero() {
                 tokio::time::sleep(self.token_delay).await;
+            } else if i > 0 && i % TOKENS_PER_YIELD == 0 {
+                tokio::task::yield_now().await;
             }
             sink.emit(as_event(token.to_owned()));
         }
@@ -65,15 +73,22 @@ impl EchoRuntime {
     fn tool_call(&self, command: &str, sink: &dyn EventSink) -> Result<AgentReply, AgentError> {
         let (name, args) = command.split_once(' ').unwrap_or((command, ""));
         if !self.tools.iter().any(|t| t.name == name) {
-            return Err(AgentError::Provider(format!(
-                "tool {name:?} is not offered to this agent"
+            let offered: Vec<_> = self.tools.iter().map(|t| t.name.as_str()).collect();
+            return Err(AgentError::InvalidRequest(format!(
+                "tool {name:?} is not offered to this agent (offered: {})",
+                if offered.is_empty() {
+                    "none".to_owned()
+                } else {
+                    offered.join(", ")
+                }
             )));
         }
         let args: Value = if args.trim().is_empty() {
             Value::Object(serde_json::Map::new())
         } else {
-            serde_json::from_str(args)
-                .map_err(|e| AgentError::Provider(format!("tool arguments are not JSON: {e}")))?
+            serde_json::from_str(args).map_err(|e| {
+                AgentError::InvalidRequest(format!("tool arguments are not JSON: {e}"))
+            })?
         };
         let tool_call_id = format!("call_{}", uuid::Uuid::new_v4().simple());
         sink.emit(AgentEvent::ToolCall {
@@ -126,6 +141,10 @@ impl AgentRuntime for EchoRuntime {
             content: text.to_owned(),
         });
         Ok(reply(parts))
+    }
+
+    fn model_name(&self) -> String {
+        MODEL_NAME.to_owned()
     }
 }
 
@@ -209,23 +228,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn echo_refuses_tools_the_agent_does_not_offer_and_bad_arguments() {
-        let sink = recorder();
-        assert!(
-            echo()
-                .run_turn(input("/tool format_disk {}"), sink.clone())
-                .await
-                .is_err()
-        );
-        assert!(
-            echo()
-                .run_turn(input("/tool execute {oops"), sink.clone())
-                .await
-                .is_err()
-        );
-    }
-
-    #[tokio::test]
     async fn echo_think_streams_thinking_before_the_answer() {
         let sink = recorder();
         echo()
@@ -236,6 +238,36 @@ mod tests {
         assert_eq!(events[0], AgentEvent::ThinkingStart);
         assert_eq!(events[3], AgentEvent::ThinkingDone);
         assert_eq!(events[4], AgentEvent::Token("a ".into()));
+    }
+
+    #[test]
+    fn echo_yields_to_the_scheduler_while_streaming_a_long_prompt() {
+        use futures::FutureExt;
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        let sink = recorder();
+        let echo = echo();
+        let prompt = "w ".repeat(10_000);
+        let first_poll = echo.run_turn(input(&prompt), sink.clone()).now_or_never();
+        assert!(
+            first_poll.is_none(),
+            "a 10,000-word answer must not be streamed in one poll"
+        );
+        assert!(sink.0.lock().unwrap().len() < 10_000);
+    }
+
+    #[tokio::test]
+    async fn echo_tool_errors_are_invalid_requests_not_provider_failures() {
+        for prompt in ["/tool format_disk {}", "/tool execute {oops"] {
+            let result = echo().run_turn(input(prompt), recorder()).await;
+            assert!(
+                matches!(result, Err(AgentError::InvalidRequest(_))),
+                "{prompt}: {result:?}"
+            );
+        }
     }
 
     #[test]

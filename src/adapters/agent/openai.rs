@@ -58,11 +58,12 @@ pub struct OpenAiSettings {
     pub idle_timeout: Duration,
 }
 
-/// Hand-written so the key never reaches a log line.
+/// Hand-written so the key (and whatever secret the base URL holds) never
+/// reaches a log line.
 impl fmt::Debug for OpenAiSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OpenAiSettings")
-            .field("base_url", &self.base_url)
+            .field("base_url", &provider_origin(&self.base_url))
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("model", &self.model)
             .field("tools", &self.tools)
@@ -74,11 +75,16 @@ impl fmt::Debug for OpenAiSettings {
 pub struct OpenAiRuntime {
     /// Built once so connections (and TLS sessions) are reused across turns.
     client: reqwest::Client,
-    /// The base URL as configured, to name the provider in error messages.
-    base_url: String,
-    /// `{base_url}/chat/completions`.
-    endpoint: String,
+    /// The provider as clients may see it: scheme, host and port only. A
+    /// base URL can carry credentials (`user:password@`, `?api-key=`), and
+    /// error messages reach every client of a session.
+    provider: String,
+    /// `{base_url}/chat/completions`, with the base URL's query kept.
+    endpoint: reqwest::Url,
     api_key: Option<String>,
+    /// Secrets of the base URL (its password, query values), cut
+    /// from any message that might quote them back.
+    url_secrets: Vec<String>,
     model: String,
     /// The `tools` array of every request, rendered once.
     tools: Vec<Value>,
@@ -92,11 +98,27 @@ impl OpenAiRuntime {
     /// A message when the base URL is not an http(s) URL or the HTTP client
     /// cannot be built.
     pub fn new(settings: OpenAiSettings) -> Result<Self, String> {
-        let base_url = settings.base_url.trim_end_matches('/').to_owned();
-        let parsed = reqwest::Url::parse(&base_url)
-            .map_err(|e| format!("the base URL {base_url:?} is not a URL: {e}"))?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(format!("the base URL {base_url:?} is not an http(s) URL"));
+        // These messages become the runtime's "unavailable" reason, which
+        // clients see: they never quote the URL, which may hold secrets.
+        let mut endpoint = reqwest::Url::parse(settings.base_url.trim())
+            .map_err(|e| format!("the base URL (OPENAI_BASE_URL) is not a URL: {e}"))?;
+        if !matches!(endpoint.scheme(), "http" | "https") {
+            return Err(format!(
+                "the base URL (OPENAI_BASE_URL) is not an http(s) URL (scheme {:?})",
+                endpoint.scheme()
+            ));
+        }
+        let path = format!("{}/chat/completions", endpoint.path().trim_end_matches('/'));
+        endpoint.set_path(&path);
+        let mut url_secrets: Vec<String> = endpoint
+            .query_pairs()
+            .map(|(_, value)| value.into_owned())
+            .chain(endpoint.password().map(str::to_owned))
+            // Shorter values (`?v=1`) are no secret and would mangle messages.
+            .filter(|secret| secret.len() >= 4)
+            .collect();
+        if let Some(query) = endpoint.query() {
+            url_secrets.push(query.to_owned());
         }
         let idle_timeout = if settings.idle_timeout.is_zero() {
             DEFAULT_IDLE_TIMEOUT
@@ -109,9 +131,10 @@ impl OpenAiRuntime {
             .map_err(|e| format!("cannot build the HTTP client: {}", root_cause(&e)))?;
         Ok(Self {
             client,
-            endpoint: format!("{base_url}/chat/completions"),
-            base_url,
+            provider: origin(&endpoint),
+            endpoint,
             api_key: settings.api_key.filter(|key| !key.is_empty()),
+            url_secrets,
             model: settings.model,
             tools: settings.tools.iter().map(tool_json).collect(),
             idle_timeout,
@@ -134,7 +157,7 @@ impl OpenAiRuntime {
     async fn send(&self, body: &Value) -> Result<reqwest::Response, String> {
         let mut request = self
             .client
-            .post(&self.endpoint)
+            .post(self.endpoint.clone())
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .json(body);
         if let Some(key) = &self.api_key {
@@ -143,17 +166,17 @@ impl OpenAiRuntime {
         match tokio::time::timeout(self.idle_timeout, request.send()).await {
             Err(_) => Err(format!(
                 "the model provider at {} did not answer within {}",
-                self.base_url,
+                self.provider,
                 seconds(self.idle_timeout)
             )),
             Ok(Err(e)) if e.is_connect() => Err(format!(
                 "cannot reach the model provider at {}: {}",
-                self.base_url,
+                self.provider,
                 root_cause(&e)
             )),
             Ok(Err(e)) => Err(format!(
                 "the request to the model provider at {} failed: {}",
-                self.base_url,
+                self.provider,
                 root_cause(&e)
             )),
             Ok(Ok(response)) => Ok(response),
@@ -166,11 +189,11 @@ impl OpenAiRuntime {
         let body = self.read_error_body(response).await;
         let snippet = error_snippet(&body);
         if snippet.is_empty() {
-            format!("the model provider at {} answered {status}", self.base_url)
+            format!("the model provider at {} answered {status}", self.provider)
         } else {
             format!(
                 "the model provider at {} answered {status}: {snippet}",
-                self.base_url
+                self.provider
             )
         }
     }
@@ -250,13 +273,22 @@ impl OpenAiRuntime {
         }
     }
 
-    /// Every message leaves through here, so the key can never be in one,
-    /// whatever a provider echoes back.
+    /// Every message leaves through here, so neither the key nor a secret
+    /// of the base URL can be in one, whatever a provider echoes back. The
+    /// log gets the endpoint's path too (still without secrets).
     fn provider_error(&self, message: String) -> AgentError {
-        let message = match &self.api_key {
-            Some(key) => message.replace(key.as_str(), "<redacted>"),
-            None => message,
-        };
+        let message = self
+            .api_key
+            .iter()
+            .chain(&self.url_secrets)
+            .fold(message, |message, secret| {
+                message.replace(secret.as_str(), "<redacted>")
+            });
+        tracing::warn!(
+            provider.url = %format_args!("{}{}", self.provider, self.endpoint.path()),
+            error = %message,
+            "model provider failed"
+        );
         AgentError::Provider(message)
     }
 }
@@ -281,6 +313,24 @@ impl AgentRuntime for OpenAiRuntime {
             .map_err(|m| self.provider_error(m))?;
         Ok(assembly.finish(&self.model, sink))
     }
+
+    fn model_name(&self) -> String {
+        self.model.clone()
+    }
+}
+
+/// Scheme, host and port of a URL: all of it that clients may see.
+fn origin(url: &reqwest::Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    match url.port() {
+        Some(port) => format!("{}://{host}:{port}", url.scheme()),
+        None => format!("{}://{host}", url.scheme()),
+    }
+}
+
+/// [`origin`] of a URL not parsed yet (for `Debug`).
+fn provider_origin(base_url: &str) -> String {
+    reqwest::Url::parse(base_url).map_or_else(|_| "<not a URL>".to_owned(), |url| origin(&url))
 }
 
 /// Why the byte stream under the SSE parser stopped.
@@ -801,7 +851,10 @@ mod tests {
         };
         let with = OpenAiRuntime::new(settings(crate::domain::agent::tool_catalogue())).unwrap();
         let body = with.request_body(&input);
-        assert_eq!(with.endpoint, "http://127.0.0.1:1/v1/chat/completions");
+        assert_eq!(
+            with.endpoint.as_str(),
+            "http://127.0.0.1:1/v1/chat/completions"
+        );
         assert_eq!(body["stream"], true);
         assert_eq!(body["tools"][0]["type"], "function");
         assert_eq!(body["tools"][0]["function"]["name"], "execute");
@@ -824,6 +877,42 @@ mod tests {
         let runtime = OpenAiRuntime::new(settings("https://example.com/v1")).unwrap();
         assert_eq!(runtime.idle_timeout, DEFAULT_IDLE_TIMEOUT);
         assert!(!format!("{:?}", settings("x")).contains("sk-secret"));
+    }
+
+    #[tokio::test]
+    async fn provider_errors_name_only_the_scheme_host_and_port_of_the_base_url() {
+        let runtime = OpenAiRuntime::new(OpenAiSettings {
+            base_url: "http://alice:hunter2@127.0.0.1:1/v1?api-key=zz-query-secret".into(),
+            api_key: None,
+            model: "m".into(),
+            tools: vec![],
+            idle_timeout: Duration::from_secs(2),
+        })
+        .unwrap();
+        let input = TurnInput {
+            prompt: "hi".into(),
+            history: vec![].into(),
+        };
+        let Err(AgentError::Provider(message)) =
+            runtime.run_turn(input, Arc::new(Recorder::default())).await
+        else {
+            panic!("a refused connection is a provider error");
+        };
+        assert!(message.contains("http://127.0.0.1:1"), "{message}");
+        for secret in ["alice", "hunter2", "zz-query-secret", "api-key", "/v1"] {
+            assert!(!message.contains(secret), "{secret} in {message}");
+        }
+        let bad = OpenAiRuntime::new(OpenAiSettings {
+            base_url: "ftp://alice:hunter2@example.com/v1".into(),
+            api_key: None,
+            model: "m".into(),
+            tools: vec![],
+            idle_timeout: Duration::ZERO,
+        });
+        let Err(message) = bad else {
+            panic!("ftp is refused")
+        };
+        assert!(!message.contains("hunter2"), "{message}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use poem_openapi::{ApiResponse, OpenApi};
 use super::ApiTags;
 use super::dto::{ChatBody, ChatReplyBody, CodedErrorBody, ErrorBody};
 use crate::domain::chat::{ChatError, ChatService};
-use crate::domain::events::{APPROVAL_UNSUPPORTED_CODE, APPROVAL_UNSUPPORTED_MESSAGE};
+use crate::domain::events::APPROVAL_UNSUPPORTED_CODE;
 use crate::domain::session::SessionId;
 use crate::ports::SessionStoreError;
 
@@ -28,17 +28,22 @@ enum ChatReply {
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
     /// `approval_unsupported`: the turn ended with tool calls that need a
-    /// human's approval (history saved). `turn_cancelled`: the turn was
-    /// cancelled (partial text saved).
+    /// human's approval (history saved; with approvals unlocked, `detail`
+    /// names the recorded approval in `approval_id`). `turn_cancelled`: the
+    /// turn was cancelled (partial text saved). `session_deleted`: the
+    /// session was deleted before or during the turn (nothing kept).
     #[oai(status = 409)]
     Conflict(Json<CodedErrorBody>),
     /// The session's history is full: start a new session.
     #[oai(status = 413)]
     HistoryFull(Json<ErrorBody>),
-    /// `content` is empty.
+    /// `content` is empty, or asks for what the agent cannot do as written
+    /// (an unknown tool, tool arguments that are not JSON).
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
-    /// Creating the session would pass the server's cap on sessions.
+    /// The session already has as many queued turns as it may
+    /// (`--max-queued-turns`), or creating the session would pass the
+    /// server's cap on sessions (`--max-sessions`).
     #[oai(status = 429)]
     TooMany(Json<ErrorBody>),
     /// The model provider failed; the session stays usable.
@@ -61,11 +66,18 @@ impl From<ChatError> for ChatReply {
     fn from(error: ChatError) -> Self {
         let detail = || Json(ErrorBody::new(error.to_string()));
         match &error {
-            ChatError::EmptyMessage => Self::Unprocessable(detail()),
+            ChatError::EmptyMessage | ChatError::InvalidRequest { .. } => {
+                Self::Unprocessable(detail())
+            }
+            ChatError::TooManyQueued { .. } => Self::TooMany(detail()),
             ChatError::RuntimeUnavailable(_) => Self::Unavailable(detail()),
-            ChatError::ApprovalUnsupported { .. } => Self::Conflict(Json(CodedErrorBody::new(
-                APPROVAL_UNSUPPORTED_CODE,
-                APPROVAL_UNSUPPORTED_MESSAGE,
+            ChatError::ApprovalUnsupported { approval_id, .. } => Self::Conflict(Json(
+                CodedErrorBody::new(APPROVAL_UNSUPPORTED_CODE, error.to_string())
+                    .with_approval_id(approval_id.clone()),
+            )),
+            ChatError::SessionDeleted { .. } => Self::Conflict(Json(CodedErrorBody::new(
+                "session_deleted",
+                error.to_string(),
             ))),
             ChatError::Cancelled { .. } => Self::Conflict(Json(CodedErrorBody::new(
                 "turn_cancelled",

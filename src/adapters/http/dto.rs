@@ -111,6 +111,10 @@ pub struct ErrorDetail {
     pub code: String,
     /// Human-readable explanation.
     pub message: String,
+    /// `approval_unsupported` with approvals unlocked: the pending approval
+    /// the turn's tool calls were recorded as (see `/api/approvals`).
+    #[oai(skip_serializing_if_is_none)]
+    pub approval_id: Option<String>,
 }
 
 impl CodedErrorBody {
@@ -119,8 +123,16 @@ impl CodedErrorBody {
             detail: ErrorDetail {
                 code: code.into(),
                 message: message.into(),
+                approval_id: None,
             },
         }
+    }
+
+    /// Names the pending approval the error is about.
+    #[must_use]
+    pub fn with_approval_id(mut self, approval_id: Option<String>) -> Self {
+        self.detail.approval_id = approval_id;
+        self
     }
 }
 

@@ -1,10 +1,12 @@
 //! `GET /api/ws/{session_id}`: the session's stream over WebSocket, and chat
 //! turns started from it. The protocol is documented in docs/websocket.md.
 //!
-//! Each connection has a reader (the client's ops), a writer (the session's
-//! frames plus replies meant for this client only) and a worker that runs the
-//! client's turns one after another. The worker is not tied to the socket:
-//! closing the socket never cancels a turn (stopping is `cancel`).
+//! Each connection has a reader (the client's ops) and a writer (the
+//! session's frames plus replies meant for this client only). A `message`
+//! is submitted to the session's turn queue, which runs turns in the order
+//! they were sent; the turns are the session's, not the socket's: closing
+//! the socket never cancels a turn, running or queued (stopping is
+//! `cancel`; deleting the session drops its queued turns).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +23,7 @@ use tokio::sync::mpsc;
 use super::hub::{CloseReason, SessionHub, Subscription};
 use super::protocol::{Incoming, IncomingError, direct_error, parse_incoming};
 use crate::adapters::metrics::LiveConnection;
-use crate::domain::chat::{CancelError, ChatError, ChatService, check_prompt};
+use crate::domain::chat::{CancelError, ChatError, ChatService};
 use crate::domain::session::SessionId;
 use crate::domain::sessions::SessionService;
 use crate::ports::SessionStoreError;
@@ -29,20 +31,18 @@ use crate::ports::SessionStoreError;
 /// Bytes read from a socket at a time.
 const READ_BUFFER_BYTES: usize = 4 * 1024;
 
-/// WebSocket limits.
+/// WebSocket limits. (Queued turns are capped per session, whatever the
+/// transport, by the chat service.)
 #[derive(Debug, Clone)]
 pub struct WsSettings {
     /// Largest accepted message (and frame); bigger ones close with 1009.
     pub max_message_bytes: usize,
-    /// Messages a client may queue for its turns before it is told to wait.
-    pub max_queued_turns: usize,
 }
 
 impl Default for WsSettings {
     fn default() -> Self {
         Self {
             max_message_bytes: 1024 * 1024,
-            max_queued_turns: 16,
         }
     }
 }
@@ -160,8 +160,6 @@ impl Connection {
         let _live = LiveConnection::count("autopoiesis_websocket_connections");
         let (mut sink, mut stream) = socket.split();
         let (direct_tx, mut direct_rx) = mpsc::channel::<String>(32);
-        // The worker starts with the first message: most clients only watch.
-        let mut turns: Option<mpsc::Sender<String>> = None;
         let kicked = subscription.kicked();
 
         let writer = async {
@@ -182,7 +180,7 @@ impl Connection {
         let reader = async {
             while let Some(message) = stream.next().await {
                 match message {
-                    Ok(Message::Text(text)) => self.handle(&text, &mut turns, &direct_tx).await,
+                    Ok(Message::Text(text)) => self.handle(&text, &direct_tx).await,
                     Ok(Message::Binary(_)) => {
                         let _ = direct_tx
                             .send(direct_error(
@@ -232,56 +230,36 @@ impl Connection {
         tracing::debug!(session.id = %self.session_id, "client disconnected");
     }
 
-    /// Runs this client's turns in the order it sent them, independent of the
-    /// socket's life.
-    fn spawn_worker(&self, direct: mpsc::Sender<String>) -> mpsc::Sender<String> {
-        let (tx, mut rx) = mpsc::channel::<String>(self.state.settings.max_queued_turns);
-        let chat = Arc::clone(&self.state.chat);
-        let session_id = self.session_id.clone();
-        tokio::spawn(async move {
-            while let Some(content) = rx.recv().await {
-                match chat.send(Some(session_id.clone()), content).await {
-                    // Raised before the turn started, so published to nobody:
-                    // the sender alone hears of it.
-                    Err(
-                        e @ (ChatError::EmptyMessage
-                        | ChatError::RuntimeUnavailable(_)
-                        | ChatError::ShuttingDown
-                        | ChatError::HistoryFull { .. }),
-                    ) => {
-                        let _ = direct.try_send(direct_error(&e.to_string()));
+    /// Submits a turn; how it ends reaches every client as the session's
+    /// events. Errors raised before it starts (published to nobody) go to
+    /// this client alone, even after the socket has closed (then to no one).
+    fn submit(&self, content: String, direct: &mpsc::Sender<String>) -> Option<String> {
+        match self.state.chat.submit(&self.session_id, content) {
+            Ok(turn) => {
+                let direct = direct.clone();
+                tokio::spawn(async move {
+                    match turn.outcome().await {
+                        Err(e @ (ChatError::ShuttingDown | ChatError::HistoryFull { .. })) => {
+                            let _ = direct.try_send(direct_error(&e.to_string()));
+                        }
+                        Err(ChatError::Storage(error)) => {
+                            tracing::error!(%error, "session store failed during a WebSocket turn");
+                            let _ = direct.try_send(direct_error("Session storage is unavailable"));
+                        }
+                        _ => {}
                     }
-                    Err(ChatError::Storage(error)) => {
-                        tracing::error!(%error, "session store failed during a WebSocket turn");
-                        let _ = direct.try_send(direct_error("Session storage is unavailable"));
-                    }
-                    _ => {}
-                }
+                });
+                None
             }
-        });
-        tx
+            // Published to the session already: every client has it.
+            Err(ChatError::RuntimeUnavailable(_)) => None,
+            Err(e) => Some(e.to_string()),
+        }
     }
 
-    async fn handle(
-        &self,
-        text: &str,
-        turns: &mut Option<mpsc::Sender<String>>,
-        direct: &mpsc::Sender<String>,
-    ) {
+    async fn handle(&self, text: &str, direct: &mpsc::Sender<String>) {
         let reply = match parse_incoming(text) {
-            Ok(Incoming::Message { content }) => match check_prompt(&content) {
-                Err(e) => Some(e.to_string()),
-                Ok(()) => match turns
-                    .get_or_insert_with(|| self.spawn_worker(direct.clone()))
-                    .try_send(content)
-                {
-                    Ok(()) => None,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        Some("Too many queued messages; wait for a turn to finish".to_owned())
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => None,
-                },
-            },
+            Ok(Incoming::Message { content }) => self.submit(content, direct),
             Ok(Incoming::Approve) => {
                 self.state.chat.approve_unsupported(&self.session_id);
                 None

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::adapters::json::{JsonCheck, check_unique_keys};
-use crate::domain::events::SessionEvent;
+use crate::domain::events::{APPROVAL_RECORDED_MESSAGE, APPROVAL_UNSUPPORTED_CODE, SessionEvent};
 use crate::domain::session::TurnId;
 
 /// The wire name and `data` object of an event.
@@ -44,6 +44,14 @@ pub fn encode_event(event: &SessionEvent, turn: Option<&TurnId>) -> (&'static st
             data.insert("message".into(), json!(message));
             ("error", Value::Object(data))
         }
+        SessionEvent::ApprovalRecorded { approval_id } => (
+            "error",
+            json!({
+                "code": APPROVAL_UNSUPPORTED_CODE,
+                "message": APPROVAL_RECORDED_MESSAGE,
+                "approval_id": approval_id,
+            }),
+        ),
         SessionEvent::Cancelled { partial } => (
             "cancelled",
             json!({"turn_id": turn.map(TurnId::as_str), "partial": partial}),
