@@ -396,7 +396,8 @@ impl ChatService {
             );
             let mut queue = lock(&lane.queue);
             if queue.turns > self.max_queued_turns {
-                metrics::counter!("turns_refused_total", "reason" => "queue_full").increment(1);
+                metrics::counter!("autopoiesis_turns_refused_total", "reason" => "queue_full")
+                    .increment(1);
                 return Err(ChatError::TooManyQueued {
                     max: self.max_queued_turns,
                 });
@@ -568,7 +569,7 @@ impl Core {
             turn_id: &turn_id,
         };
         let started = std::time::Instant::now();
-        metrics::counter!("turns_started_total").increment(1);
+        metrics::counter!("autopoiesis_turns_started_total").increment(1);
         tracing::debug!(session.id = %session_id, turn.id = %turn_id, "turn started");
 
         let request = ModelMessage::user_prompt(content.clone(), Utc::now());
@@ -741,8 +742,8 @@ impl Core {
                 }),
             };
         let outcome = result.as_ref().map_or_else(error_kind, |_| "done");
-        metrics::counter!("turns_finished_total", "outcome" => outcome).increment(1);
-        metrics::histogram!("turn_duration_seconds", "outcome" => outcome)
+        metrics::counter!("autopoiesis_turns_finished_total", "outcome" => outcome).increment(1);
+        metrics::histogram!("autopoiesis_turn_duration_seconds", "outcome" => outcome)
             .record(started.elapsed().as_secs_f64());
         tracing::info!(
             session.id = %session_id,

@@ -392,9 +392,9 @@ async fn metrics_count_requests_by_route_and_turns_by_outcome() {
     for needle in [
         r#"autopoiesis_http_requests_total{method="POST",route="/api/chat",status="200"}"#,
         "autopoiesis_http_request_duration_seconds_bucket",
-        r#"turns_finished_total{outcome="done"}"#,
-        "turn_duration_seconds_bucket",
-        "turns_started_total",
+        r#"autopoiesis_turns_finished_total{outcome="done"}"#,
+        "autopoiesis_turn_duration_seconds_bucket",
+        "autopoiesis_turns_started_total",
         "approvals_pending ",
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
