@@ -251,8 +251,8 @@ impl ControlPlane {
         Ok(match name {
             "dashboard.status" => no_args(name, args, self.status()).await,
             "approval.list" => no_args(name, args, self.approval_list()).await,
-            "system.info" => no_args(name, args, async { self.system_info() }).await,
-            "session.list" => no_args(name, args, self.session_list()).await,
+            "system.info" => no_args(name, args, self.initialized(name, async { self.system_info() })).await,
+            "session.list" => no_args(name, args, self.initialized(name, self.session_list())).await,
             "approval.decide" => match parse::<DecideArgs>(name, args) {
                 Ok(a) => self.decide(&a.approval_id, a.approved, a.reason).await,
                 Err(envelope) => envelope,
@@ -271,6 +271,16 @@ impl ControlPlane {
             (None, Some(approvals)) => Ok(approvals),
             (Some(why), _) => Err(uninitialized(tool, why)),
             (None, None) => Err(uninitialized(tool, "the approval store is not open")),
+        }
+    }
+
+    /// `answer`, or the envelope saying the runtime is missing: A5 has every
+    /// tool answer `error.runtime_uninitialized` then, those that need no
+    /// approval store too.
+    async fn initialized(&self, tool: &str, answer: impl Future<Output = Envelope>) -> Envelope {
+        match self.runtime(tool) {
+            Ok(_) => answer.await,
+            Err(envelope) => envelope,
         }
     }
 
@@ -390,10 +400,8 @@ impl ControlPlane {
         }
     }
 
-    /// `system.info`. Answers even when the runtime is missing: it is how
-    /// an operator finds out what is configured.
-    #[must_use]
-    pub fn system_info(&self) -> Envelope {
+    /// `system.info`.
+    fn system_info(&self) -> Envelope {
         let configs: Vec<Value> = self
             .agents
             .iter()

@@ -232,3 +232,14 @@ async fn websockets_refuse_foreign_origins_unless_allowed() {
         101
     );
 }
+
+#[tokio::test]
+async fn a_ticket_opens_the_dashboard_stream_once() {
+    let app = locked_app(HttpSettings::default()).await;
+    let ticket = ticket(&app).await;
+    let res = app.get(&format!("/api/stream?ticket={ticket}")).await;
+    assert_eq!(res.status(), StatusCode::OK, "an EventSource URL takes a ticket");
+    drop(res);
+    let res = app.get(&format!("/api/stream?ticket={ticket}")).await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "tickets are single-use");
+}

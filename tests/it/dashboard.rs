@@ -229,6 +229,11 @@ async fn without_a_runtime_the_dashboard_answers_runtime_uninitialized() {
     .await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["type"], "error.runtime_uninitialized");
+    for tool in ["system.info", "session.list"] {
+        let (code, body) = post(&app, &format!("/api/tools/{tool}"), json!({})).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{tool}");
+        assert_eq!(body["type"], "error.runtime_uninitialized", "{tool}");
+    }
 }
 
 #[tokio::test]

@@ -126,6 +126,7 @@ fn is_public(req: &Request) -> bool {
 fn takes_ticket(path: &str) -> bool {
     path.starts_with("/api/ws/")
         || (path.starts_with("/api/sessions/") && path.ends_with("/events"))
+        || path == "/api/stream"
 }
 
 /// The routes a page on another site could drive with the visitor's
