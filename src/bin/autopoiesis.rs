@@ -132,6 +132,18 @@ struct ServeArgs {
     /// they are cancelled (their partial text is kept).
     #[arg(long, env = "AUTOPOIESIS_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     shutdown_grace: Duration,
+    /// Most approvals pending at once; beyond it a deferred turn records
+    /// nothing (it still answers 409 approval_unsupported; the log says why).
+    #[arg(
+        long,
+        env = "AUTOPOIESIS_MAX_PENDING_APPROVALS",
+        default_value_t = 1000
+    )]
+    max_pending_approvals: u64,
+    /// Largest tool-call arguments an approval records, in bytes of
+    /// canonical JSON; a bigger deferred turn records nothing (still 409).
+    #[arg(long, env = "AUTOPOIESIS_MAX_APPROVAL_ARGS_BYTES", default_value_t = 64 * 1024)]
+    max_approval_args_bytes: usize,
 }
 
 fn main() -> ExitCode {
@@ -295,7 +307,11 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         Arc::new(ApprovalService::new(
             Arc::new(store),
             signer,
-            ApprovalPolicy::default(),
+            ApprovalPolicy {
+                max_pending: args.max_pending_approvals,
+                max_args_bytes: args.max_approval_args_bytes,
+                ..ApprovalPolicy::default()
+            },
         ))
     });
     let mut chat = ChatService::new(runtime, store.clone(), hub.clone(), turn_timeout);

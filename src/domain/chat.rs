@@ -458,6 +458,12 @@ impl ChatService {
             }
             // Locked: nothing is recorded, as with DeferredApprovalLocked.
             Err(RecordError::Locked) => true,
+            // Over a cap: the turn answers as if locked, nothing is recorded,
+            // and the operator reads why here.
+            Err(refused @ (RecordError::TooLarge { .. } | RecordError::TooManyPending { .. })) => {
+                tracing::warn!(session.id = %session_id, reason = %refused, "approval request refused");
+                true
+            }
             Err(RecordError::Unavailable(why)) => {
                 tracing::error!(session.id = %session_id, error = %why, "approval request not recorded");
                 false

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use poem::web::sse::Event;
-use poem_openapi::param::Path;
+use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::{EventStream, Json};
 use poem_openapi::{ApiResponse, Object, OpenApi};
 use serde_json::{Value, json};
@@ -69,6 +69,10 @@ enum EnvelopeReply {
     /// The envelope (an `error.*` one when the runtime is uninitialised).
     #[oai(status = 200)]
     Ok(Json<EnvelopeBody>),
+    /// `error.invalid_arguments`: a `limit` out of range or a `cursor` that
+    /// `approval.list` did not answer.
+    #[oai(status = 400)]
+    BadRequest(Json<EnvelopeBody>),
     /// `error.storage_unavailable`: the approval database is down.
     #[oai(status = 503)]
     Unavailable(Json<EnvelopeBody>),
@@ -78,6 +82,7 @@ impl From<Envelope> for EnvelopeReply {
     fn from(envelope: Envelope) -> Self {
         match envelope.error_kind() {
             Some(ErrorKind::StorageUnavailable) => Self::Unavailable(Json(envelope.into())),
+            Some(ErrorKind::InvalidArguments) => Self::BadRequest(Json(envelope.into())),
             _ => Self::Ok(Json(envelope.into())),
         }
     }
@@ -243,14 +248,26 @@ impl DashboardApi {
     }
 
     /// Pending approvals
+    ///
+    /// One page, oldest first; `data.next_cursor`, when not null, is the
+    /// `cursor` of the next page, and `data.count` the total pending.
     #[oai(
         path = "/api/approvals",
         method = "get",
         operation_id = "list_approvals",
         tag = "ApiTags::Dashboard"
     )]
-    async fn approvals(&self) -> EnvelopeReply {
-        self.control.approval_list().await.into()
+    async fn approvals(
+        &self,
+        /// At most this many approvals: 1 to 500, default 100.
+        limit: Query<Option<u64>>,
+        /// The `next_cursor` of the page before (opaque); absent for the first.
+        cursor: Query<Option<String>>,
+    ) -> EnvelopeReply {
+        self.control
+            .approval_list(limit.0, cursor.0.as_deref())
+            .await
+            .into()
     }
 
     /// Act: approve, reject, send a message

@@ -3,14 +3,14 @@
 use async_trait::async_trait;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
-    QueryOrder,
+    ActiveValue::Set, ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Select,
 };
 
 use super::entity::{ActiveModel, Column, Entity, Model};
 use super::{ConnectError, ConnectSettings, connect};
 use crate::domain::approvals::{
-    ApprovalDecision, ApprovalEnvelope, ApprovalState, ToolCallRequest,
+    ApprovalCursor, ApprovalDecision, ApprovalEnvelope, ApprovalState, ToolCallRequest,
 };
 use crate::ports::{ApprovalStore, ApprovalStoreError};
 
@@ -37,6 +37,13 @@ impl SeaOrmApprovalStore {
 }
 
 const PENDING: &str = "pending";
+
+/// Rows still pending at `now`.
+fn pending(now: i64) -> Select<Entity> {
+    Entity::find()
+        .filter(Column::State.eq(PENDING))
+        .filter(Column::ExpiresAt.gt(now))
+}
 
 fn unavailable(error: DbErr) -> ApprovalStoreError {
     ApprovalStoreError::Unavailable(error.to_string())
@@ -95,13 +102,34 @@ impl ApprovalStore for SeaOrmApprovalStore {
         Ok(())
     }
 
-    async fn list_pending(&self, now: i64) -> Result<Vec<ApprovalEnvelope>, ApprovalStoreError> {
-        Entity::find()
-            .filter(Column::State.eq(PENDING))
-            .filter(Column::ExpiresAt.gt(now))
-            .order_by_asc(Column::IssuedAt)
+    async fn count_pending(&self, now: i64) -> Result<u64, ApprovalStoreError> {
+        pending(now).count(&self.db).await.map_err(unavailable)
+    }
+
+    async fn list_pending(
+        &self,
+        now: i64,
+        after: Option<ApprovalCursor>,
+        limit: u64,
+    ) -> Result<Vec<ApprovalEnvelope>, ApprovalStoreError> {
+        let mut rows = pending(now);
+        if let Some(after) = after {
+            // (issued_at, envelope_id) > (after.issued_at, after.envelope_id),
+            // spelt out: both backends run it, and it uses the index.
+            rows = rows.filter(
+                Condition::any()
+                    .add(Column::IssuedAt.gt(after.issued_at))
+                    .add(
+                        Condition::all()
+                            .add(Column::IssuedAt.eq(after.issued_at))
+                            .add(Column::EnvelopeId.gt(after.envelope_id)),
+                    ),
+            );
+        }
+        rows.order_by_asc(Column::IssuedAt)
             // Envelopes issued in the same second still list in a stable order.
             .order_by_asc(Column::EnvelopeId)
+            .limit(limit)
             .all(&self.db)
             .await
             .map_err(unavailable)?
