@@ -302,7 +302,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let turn_timeout = (!args.turn_timeout.is_zero()).then_some(args.turn_timeout);
     let approval_events = Arc::new(ApprovalBroadcast::new());
     let approvals = approval_db.as_ref().ok().map(|db| {
-        let store = SeaOrmApprovalStore::new(db.clone());
+        let store = SeaOrmApprovalStore::new(db.clone(), &database_url);
         let signer = approval_key.map(|key| Arc::new(key) as Arc<dyn ApprovalSigner>);
         Arc::new(ApprovalService::new(
             Arc::new(store),

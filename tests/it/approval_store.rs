@@ -12,7 +12,7 @@ use autopoiesis::adapters::persistence::{
 };
 use autopoiesis::domain::approvals::{
     ApprovalEnvelope, ApprovalPolicy, ApprovalScope, ApprovalService, ApprovalState, DecideError,
-    PageRequest, ToolCallRequest, canonical_json,
+    PageRequest, RecordError, ToolCallRequest, canonical_json,
 };
 use autopoiesis::domain::session::{SessionId, TurnId};
 use autopoiesis::ports::ApprovalSigner;
@@ -739,4 +739,32 @@ async fn pending_envelopes_are_counted_and_paged_by_issued_at_then_id_on_every_b
         expected.push(later);
         assert_eq!(listed, expected);
     }
+}
+
+#[tokio::test]
+async fn deleting_the_sqlite_file_makes_the_store_unavailable_instead_of_losing_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("approvals.sqlite");
+    let url = sqlite_url(&path);
+    let store = SeaOrmApprovalStore::open(&url, &ConnectSettings::default())
+        .await
+        .unwrap();
+    let key = Arc::new(Ed25519ApprovalKey::generate().unwrap());
+    let service = ApprovalService::new(Arc::new(store), Some(key), ApprovalPolicy::default());
+    service
+        .record_deferred(&scope(), calls("ls"), at(T0))
+        .await
+        .unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    let written = service.record_deferred(&scope(), calls("ls"), at(T0)).await;
+    assert!(
+        matches!(&written, Err(RecordError::Unavailable(why)) if why.contains("deleted")),
+        "{written:?}"
+    );
+    assert!(service.count_pending(at(T0)).await.is_err());
+    // A new file in its place is not the database either.
+    std::fs::write(&path, b"").unwrap();
+    assert!(service.count_pending(at(T0)).await.is_err());
 }

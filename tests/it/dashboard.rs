@@ -531,3 +531,33 @@ async fn beyond_1000_pending_approvals_a_deferred_turn_records_nothing() {
     let (_, status) = get(&app, "/api/status").await;
     assert_eq!(status["data"]["pending_approvals_count"], 1000);
 }
+
+#[tokio::test]
+async fn deleting_the_sqlite_file_under_a_running_server_answers_503() {
+    let app = unlocked().await;
+    defer_a_tool_call(&app).await;
+    let (_, list) = get(&app, "/api/approvals").await;
+    let id = list["data"]["items"][0]["id"].as_str().unwrap().to_owned();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(app.data_path().join(format!("approvals.sqlite{suffix}")));
+    }
+
+    let (code, body) = get(&app, "/api/approvals").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["type"], "error.storage_unavailable");
+    let (code, body) = post(
+        &app,
+        "/api/actions",
+        json!({"action": "approve", "approval_id": id}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let res = app
+        .chat(json!({"content": r#"/tool execute {"command":"pwd"}"#, "session_id": "ops"}))
+        .await;
+    assert_eq!(
+        res.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the approval would have vanished"
+    );
+}
