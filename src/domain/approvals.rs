@@ -586,7 +586,6 @@ impl ApprovalService {
             .store
             .list_pending(now, page.after.clone(), page.limit + 1)
             .await?;
-        let count = self.store.count_pending(now).await?;
         let limit = usize::try_from(page.limit).unwrap_or(usize::MAX);
         let next = (items.len() > limit)
             .then(|| {
@@ -594,6 +593,14 @@ impl ApprovalService {
                 items.last().map(ApprovalCursor::after)
             })
             .flatten();
+        // When this page is the whole list its items are the count, exactly:
+        // a count read apart could disagree with them (an envelope recorded
+        // between the two reads).
+        let count = if page.after.is_none() && next.is_none() {
+            items.len() as u64
+        } else {
+            self.store.count_pending(now).await?
+        };
         Ok(PendingPage { items, next, count })
     }
 
@@ -952,6 +959,21 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(page.items, vec![pending("c")]);
+        assert_eq!(page.next, None);
+    }
+
+    #[tokio::test]
+    async fn a_first_page_that_holds_everything_is_its_own_count() {
+        let mut store = MockApprovalStore::new();
+        store
+            .expect_list_pending()
+            .returning(|_, _, _| Ok(vec![pending("a"), pending("b")]));
+        store.expect_count_pending().never();
+        let page = service(store, None)
+            .list_pending(at(1_234), &PageRequest::default())
+            .await
+            .unwrap();
+        assert_eq!(page.count, 2);
         assert_eq!(page.next, None);
     }
 
