@@ -238,8 +238,16 @@ async fn a_ticket_opens_the_dashboard_stream_once() {
     let app = locked_app(HttpSettings::default()).await;
     let ticket = ticket(&app).await;
     let res = app.get(&format!("/api/stream?ticket={ticket}")).await;
-    assert_eq!(res.status(), StatusCode::OK, "an EventSource URL takes a ticket");
+    assert_eq!(
+        res.status(),
+        StatusCode::OK,
+        "an EventSource URL takes a ticket"
+    );
     drop(res);
     let res = app.get(&format!("/api/stream?ticket={ticket}")).await;
-    assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "tickets are single-use");
+    assert_eq!(
+        res.status(),
+        StatusCode::UNAUTHORIZED,
+        "tickets are single-use"
+    );
 }

@@ -260,3 +260,40 @@ fn an_unopenable_approval_database_still_starts_and_reports_why() {
         "{status}"
     );
 }
+
+#[tokio::test]
+async fn sigterm_with_an_open_dashboard_stream_exits_promptly() {
+    use futures::StreamExt;
+
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, address) = spawn_server(&[], data.path());
+    let res = reqwest::get(format!("http://{address}/api/stream"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut stream = res.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("stream.connected"));
+
+    let started = Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // The stream ends instead of holding the shutdown for its grace period.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(_)) = stream.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the dashboard stream stayed open");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}

@@ -114,7 +114,7 @@ async fn a_deferred_turn_is_listed_streamed_and_decided_exactly_once() {
     })
     .await;
     let item = &pushed["data"]["items"][0];
-    assert_eq!(item["tool_count"], 1);
+    assert_eq!(item["tool_count"], 1, "{pushed}");
     assert_eq!(item["requests"][0]["tool_name"], "execute");
     assert_eq!(item["requests"][0]["args"], json!({"command": "ls"}));
     assert_eq!(
@@ -415,6 +415,21 @@ async fn defer_tool_calls(app: &TestApp, n: usize) {
     }
 }
 
+/// Opens `/api/stream` and reads it up to its first `approval.list`.
+async fn open_stream(
+    app: &TestApp,
+) -> (
+    impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+    String,
+) {
+    let res = app.get("/api/stream").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut stream = res.bytes_stream();
+    let mut buffer = String::new();
+    stream_until(&mut stream, &mut buffer, |e| e["type"] == "approval.list").await;
+    (stream, buffer)
+}
+
 #[tokio::test]
 async fn status_and_metrics_count_pending_approvals_without_loading_them() {
     let app = unlocked().await;
@@ -530,6 +545,89 @@ async fn beyond_1000_pending_approvals_a_deferred_turn_records_nothing() {
     );
     let (_, status) = get(&app, "/api/status").await;
     assert_eq!(status["data"]["pending_approvals_count"], 1000);
+}
+
+#[tokio::test]
+async fn dashboard_streams_share_one_store_read_per_change_and_decisions_keep_succeeding() {
+    let app = spawn_with(Options {
+        approval_key: true,
+        http: autopoiesis::adapters::http::HttpSettings {
+            // No timer ticks during the test: only changes refresh.
+            dashboard_refresh: Duration::from_secs(600),
+            ..Default::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        streams.push(open_stream(&app).await);
+    }
+    let before = app.approval_reads.lists();
+    defer_tool_calls(&app, 1).await;
+    for (stream, buffer) in &mut streams {
+        stream_until(stream, buffer, |e| {
+            e["type"] == "approval.list" && e["data"]["count"] == 1
+        })
+        .await;
+    }
+    let reads = app.approval_reads.lists() - before;
+    assert_eq!(reads, 1, "one listing for 20 streams, not one each");
+
+    defer_tool_calls(&app, 10).await;
+    let (_, list) = get(&app, "/api/approvals").await;
+    for item in list["data"]["items"].as_array().unwrap() {
+        let (code, body) = post(
+            &app,
+            "/api/actions",
+            json!({"action": "approve", "approval_id": item["id"]}),
+        )
+        .await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+    }
+}
+
+#[tokio::test]
+async fn dashboard_streams_beyond_max_clients_are_refused_with_429() {
+    let app = spawn_with(Options {
+        stream: autopoiesis::adapters::ws::StreamSettings {
+            max_clients: 2,
+            ..Default::default()
+        },
+        http: autopoiesis::adapters::http::HttpSettings {
+            // A client that went away is noticed at the next write.
+            dashboard_refresh: Duration::from_millis(100),
+            ..Default::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let first = open_stream(&app).await;
+    let _second = open_stream(&app).await;
+    let res = app.get("/api/stream").await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = res.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("too many"),
+        "{body}"
+    );
+    let res = app.get("/api/sessions/s/events").await;
+    assert_eq!(
+        res.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "dashboard streams and session streams share the limit"
+    );
+
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let res = app.get("/api/stream").await;
+        if res.status() == StatusCode::OK {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot was never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]

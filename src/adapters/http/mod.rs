@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use self::allow::AllowHeader;
 use self::auth::{ApiKey, Guard, OriginPolicy, TicketBook};
 use self::chat::ChatApi;
-use self::dashboard::DashboardApi;
+use self::dashboard::{DashboardApi, DashboardFeed};
 use self::health::HealthApi;
 use self::limits::BodyLimit;
 use self::metrics::MetricsApi;
@@ -90,9 +90,9 @@ pub struct HttpSettings {
     /// `Host` values `/mcp` accepts (DNS-rebinding protection): hosts (any
     /// port) or `host:port`; `*` accepts any.
     pub mcp_allowed_hosts: Vec<String>,
-    /// Cancelled at shutdown once running turns are done: MCP sessions and
-    /// their streams end then, so graceful shutdown does not wait on idle
-    /// clients.
+    /// Cancelled at shutdown once running turns are done: MCP sessions,
+    /// dashboard streams and their streams end then, so graceful shutdown
+    /// does not wait on idle clients.
     pub close_streams: CancellationToken,
 }
 
@@ -168,8 +168,13 @@ pub fn api_service(
             },
             DashboardApi {
                 control: Arc::clone(&services.control),
-                events: Arc::clone(&services.approval_events),
-                refresh: settings.dashboard_refresh,
+                feed: Arc::new(DashboardFeed::new(
+                    Arc::clone(&services.control),
+                    &services.approval_events,
+                    settings.dashboard_refresh,
+                )),
+                hub: Arc::clone(&services.hub),
+                close_streams: settings.close_streams.clone(),
             },
         ),
         "autopoiesis",
