@@ -144,6 +144,14 @@ struct ServeArgs {
     /// canonical JSON; a bigger deferred turn records nothing (still 409).
     #[arg(long, env = "AUTOPOIESIS_MAX_APPROVAL_ARGS_BYTES", default_value_t = 64 * 1024)]
     max_approval_args_bytes: usize,
+    /// Most MCP sessions (initialize) at once; each also counts against
+    /// --max-clients. Beyond it initialize answers 429.
+    #[arg(long, env = "AUTOPOIESIS_MAX_MCP_SESSIONS", default_value_t = 1000)]
+    max_mcp_sessions: usize,
+    /// An MCP session without a request for this long ends (its client
+    /// then gets 404 and initializes again).
+    #[arg(long, env = "AUTOPOIESIS_MCP_SESSION_IDLE", default_value = "2m", value_parser = duration)]
+    mcp_session_idle: Duration,
 }
 
 fn main() -> ExitCode {
@@ -357,6 +365,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         },
         mcp_allowed_hosts,
         close_streams: close_streams.clone(),
+        max_mcp_sessions: args.max_mcp_sessions,
+        mcp_session_idle: args.mcp_session_idle,
         ..defaults
     };
 

@@ -581,3 +581,28 @@ async fn mcp_sessions_count_as_live_clients_and_initialize_beyond_the_limit_is_4
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+#[tokio::test]
+async fn initialize_beyond_max_mcp_sessions_is_429_and_other_requests_still_pass() {
+    let app = spawn_with(Options {
+        http: HttpSettings {
+            max_mcp_sessions: 1,
+            ..HttpSettings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let client = connect(&app).await;
+    let refused = raw_initialize(&app, &[]).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = refused.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("MCP sessions"),
+        "{body}"
+    );
+    // The session in place keeps working, and so do session-less requests.
+    call(&client, "session.list", json!({})).await;
+    let newer = connect_2026(&app).await;
+    call(&newer, "system.info", json!({})).await;
+    newer.cancel().await.unwrap();
+    client.cancel().await.unwrap();
+}

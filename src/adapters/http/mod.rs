@@ -9,6 +9,7 @@ pub mod dashboard;
 pub mod dto;
 pub mod health;
 pub mod limits;
+pub mod mcp_gate;
 pub mod metrics;
 pub mod nodelay;
 pub mod request_log;
@@ -34,6 +35,7 @@ use self::chat::ChatApi;
 use self::dashboard::{DashboardApi, DashboardFeed};
 use self::health::HealthApi;
 use self::limits::BodyLimit;
+use self::mcp_gate::McpSessionGate;
 use self::metrics::MetricsApi;
 use self::nodelay::NoDelayAcceptor;
 use self::request_log::RequestLog;
@@ -90,6 +92,11 @@ pub struct HttpSettings {
     /// `Host` values `/mcp` accepts (DNS-rebinding protection): hosts (any
     /// port) or `host:port`; `*` accepts any.
     pub mcp_allowed_hosts: Vec<String>,
+    /// Most MCP `initialize` sessions at once; each also counts against
+    /// the server's client limit. Beyond it `initialize` answers 429.
+    pub max_mcp_sessions: usize,
+    /// An MCP session without traffic for this long ends.
+    pub mcp_session_idle: Duration,
     /// Cancelled at shutdown once running turns are done: MCP sessions,
     /// dashboard streams and their streams end then, so graceful shutdown
     /// does not wait on idle clients.
@@ -109,6 +116,8 @@ impl Default for HttpSettings {
             mcp_allowed_hosts: ["localhost", "127.0.0.1", "::1"]
                 .map(str::to_owned)
                 .to_vec(),
+            max_mcp_sessions: 1000,
+            mcp_session_idle: Duration::from_secs(120),
             close_streams: CancellationToken::new(),
         }
     }
@@ -199,14 +208,17 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
         hub: Arc::clone(&services.hub),
         settings: settings.ws.clone(),
     });
-    let mcp = mcp::service(
+    let (mcp, mcp_sessions) = mcp::service(
         Arc::clone(&services.control),
         &services.approval_events,
+        Arc::clone(&services.hub),
         &McpSettings {
             allowed_hosts: settings.mcp_allowed_hosts.clone(),
             sse_keep_alive: settings.sse_keep_alive,
             max_body_bytes: settings.max_body_bytes,
             close_streams: settings.close_streams.clone(),
+            max_sessions: settings.max_mcp_sessions,
+            session_idle: settings.mcp_session_idle,
         },
     );
     Route::new()
@@ -216,9 +228,11 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
         .at(WEBSOCKET_PATH, get(session_socket).data(ws_state))
         .at(
             MCP_PATH,
-            post(mcp.clone().compat())
-                .get(mcp.clone().compat())
-                .delete(mcp.compat()),
+            post(mcp.clone().compat().with(McpSessionGate {
+                sessions: mcp_sessions,
+            }))
+            .get(mcp.clone().compat())
+            .delete(mcp.compat()),
         )
         .nest("/", api)
         .with(Guard {
