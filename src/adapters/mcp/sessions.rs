@@ -103,8 +103,8 @@ impl SessionManager for CountedSessions {
     }
 
     async fn close_session(&self, id: &SessionId) -> Result<(), Self::Error> {
-        let slot = self.slots().remove(id);
-        drop(slot);
+        // The place is free from here, whatever closing the worker says.
+        self.slots().remove(id);
         Ok(self.inner.close_session(id).await?)
     }
 
