@@ -265,17 +265,8 @@ impl ControlPlane {
         let args = if args.is_null() { json!({}) } else { args };
         Ok(match name {
             "dashboard.status" => no_args(name, args, self.status()).await,
-            "system.info" => {
-                no_args(
-                    name,
-                    args,
-                    self.initialized(name, async { self.system_info() }),
-                )
-                .await
-            }
-            "session.list" => {
-                no_args(name, args, self.initialized(name, self.session_list())).await
-            }
+            "system.info" => no_args(name, args, async { self.system_info() }).await,
+            "session.list" => no_args(name, args, self.session_list()).await,
             "approval.list" => match parse::<ListArgs>(name, args) {
                 Ok(a) => self.approval_list(a.limit, a.cursor.as_deref()).await,
                 Err(envelope) => envelope,
@@ -298,16 +289,6 @@ impl ControlPlane {
             (None, Some(approvals)) => Ok(approvals),
             (Some(why), _) => Err(uninitialized(tool, why)),
             (None, None) => Err(uninitialized(tool, "the approval store is not open")),
-        }
-    }
-
-    /// `answer`, or the envelope saying the runtime is missing: A5 has every
-    /// tool answer `error.runtime_uninitialized` then, those that need no
-    /// approval store too.
-    async fn initialized(&self, tool: &str, answer: impl Future<Output = Envelope>) -> Envelope {
-        match self.runtime(tool) {
-            Ok(_) => answer.await,
-            Err(envelope) => envelope,
         }
     }
 
@@ -447,8 +428,14 @@ impl ControlPlane {
         }
     }
 
-    /// `system.info`.
+    /// `system.info`. Without a runtime it answers
+    /// `error.runtime_uninitialized` like every tool (A5), although it needs
+    /// none.
     fn system_info(&self) -> Envelope {
+        const TOOL: &str = "system.info";
+        if let Err(envelope) = self.runtime(TOOL) {
+            return envelope;
+        }
         let configs: Vec<Value> = self
             .agents
             .iter()
@@ -462,8 +449,8 @@ impl ControlPlane {
             })
             .collect();
         Envelope::new(
-            "system.info",
-            "system.info",
+            TOOL,
+            TOOL,
             json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "uptime_seconds": self.started.elapsed().as_secs(),
@@ -554,9 +541,13 @@ impl ControlPlane {
         }
     }
 
-    /// `session.list`.
+    /// `session.list` (`error.runtime_uninitialized` without a runtime, as
+    /// every tool).
     pub async fn session_list(&self) -> Envelope {
         const TOOL: &str = "session.list";
+        if let Err(envelope) = self.runtime(TOOL) {
+            return envelope;
+        }
         match self.sessions.list().await {
             Ok(list) => {
                 let items: Vec<Value> = list
