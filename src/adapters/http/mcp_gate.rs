@@ -64,3 +64,23 @@ impl<E: Endpoint> Endpoint for McpSessionGateEndpoint<E> {
         self.inner.call(req).await.map(IntoResponse::into_response)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::is_initialize;
+
+    #[test]
+    fn only_an_initialize_request_opens_a_session() {
+        assert!(is_initialize(
+            br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#
+        ));
+        for other in [
+            &br#"{"jsonrpc":"2.0","id":1,"method":"server/discover"}"#[..],
+            br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+            br#"[{"method":"initialize"}]"#,
+            b"not json",
+        ] {
+            assert!(!is_initialize(other), "{}", String::from_utf8_lossy(other));
+        }
+    }
+}
