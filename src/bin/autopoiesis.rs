@@ -182,6 +182,26 @@ struct ServeArgs {
     /// transport together; more are refused (REST 429) until one finishes.
     #[arg(long, env = "AUTOPOIESIS_MAX_QUEUED_TURNS", default_value_t = DEFAULT_MAX_QUEUED_TURNS)]
     max_queued_turns: usize,
+    /// Most approvals pending at once; beyond it a deferred turn records
+    /// nothing (it still answers 409 approval_unsupported; the log says why).
+    #[arg(
+        long,
+        env = "AUTOPOIESIS_MAX_PENDING_APPROVALS",
+        default_value_t = 1000
+    )]
+    max_pending_approvals: u64,
+    /// Largest tool-call arguments an approval records, in bytes of
+    /// canonical JSON; a bigger deferred turn records nothing (still 409).
+    #[arg(long, env = "AUTOPOIESIS_MAX_APPROVAL_ARGS_BYTES", default_value_t = 64 * 1024)]
+    max_approval_args_bytes: usize,
+    /// Most MCP sessions (initialize) at once; each also counts against
+    /// --max-clients. Beyond it initialize answers 429.
+    #[arg(long, env = "AUTOPOIESIS_MAX_MCP_SESSIONS", default_value_t = 1000)]
+    max_mcp_sessions: usize,
+    /// An MCP session without a request for this long ends (its client
+    /// then gets 404 and initializes again).
+    #[arg(long, env = "AUTOPOIESIS_MCP_SESSION_IDLE", default_value = "2m", value_parser = duration)]
+    mcp_session_idle: Duration,
 }
 
 fn main() -> ExitCode {
@@ -344,12 +364,16 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let turn_timeout = (!args.turn_timeout.is_zero()).then_some(args.turn_timeout);
     let approval_events = Arc::new(ApprovalBroadcast::new());
     let approvals = approval_db.as_ref().ok().map(|db| {
-        let store = SeaOrmApprovalStore::new(db.clone());
+        let store = SeaOrmApprovalStore::new(db.clone(), &database_url);
         let signer = approval_key.map(|key| Arc::new(key) as Arc<dyn ApprovalSigner>);
         Arc::new(ApprovalService::new(
             Arc::new(store),
             signer,
-            ApprovalPolicy::default(),
+            ApprovalPolicy {
+                max_pending: args.max_pending_approvals,
+                max_args_bytes: args.max_approval_args_bytes,
+                ..ApprovalPolicy::default()
+            },
         ))
     });
     let mut chat = ChatService::new(runtime, store.clone(), hub.clone(), turn_timeout)
@@ -396,6 +420,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         },
         allowed_hosts,
         close_streams: close_streams.clone(),
+        max_mcp_sessions: args.max_mcp_sessions,
+        mcp_session_idle: args.mcp_session_idle,
         ..defaults
     };
 

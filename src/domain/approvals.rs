@@ -316,6 +316,13 @@ pub struct ApprovalPolicy {
     pub retention: Duration,
     /// How often [`ApprovalService::run_pruner`] prunes.
     pub prune_interval: Duration,
+    /// Largest canonical `tool_calls_json` an envelope may hold, in bytes.
+    /// Every listing and every dashboard carries the arguments, so one huge
+    /// call would make each of them slow.
+    pub max_args_bytes: usize,
+    /// Most envelopes pending at once. A soft cap: the count and the insert
+    /// are two statements, so racing turns may pass it by a few.
+    pub max_pending: u64,
 }
 
 impl Default for ApprovalPolicy {
@@ -324,8 +331,107 @@ impl Default for ApprovalPolicy {
             ttl: Duration::from_secs(3600),
             retention: Duration::from_secs(7 * 24 * 3600),
             prune_interval: Duration::from_secs(3600),
+            max_args_bytes: 64 * 1024,
+            max_pending: 1000,
         }
     }
+}
+
+/// Page sizes of [`ApprovalService::list_pending`].
+pub const DEFAULT_PAGE_SIZE: u64 = 100;
+pub const MAX_PAGE_SIZE: u64 = 500;
+
+/// Where a page of pending envelopes starts: just after this envelope in
+/// listing order (`issued_at`, then `envelope_id`). A keyset rather than an
+/// offset, so that envelopes decided between two pages shift nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalCursor {
+    pub issued_at: i64,
+    pub envelope_id: String,
+}
+
+impl ApprovalCursor {
+    fn after(envelope: &ApprovalEnvelope) -> Self {
+        Self {
+            issued_at: envelope.issued_at,
+            envelope_id: envelope.envelope_id.clone(),
+        }
+    }
+
+    /// The text clients pass back. Opaque to them: hex, so that nobody
+    /// builds one by hand and the format may change.
+    #[must_use]
+    pub fn encode(&self) -> String {
+        hex::encode(format!("{}:{}", self.issued_at, self.envelope_id))
+    }
+
+    /// Reads [`Self::encode`]'s text; `None` for anything else.
+    #[must_use]
+    pub fn decode(text: &str) -> Option<Self> {
+        let raw = String::from_utf8(hex::decode(text).ok()?).ok()?;
+        let (issued_at, envelope_id) = raw.split_once(':')?;
+        Some(Self {
+            issued_at: issued_at.parse().ok()?,
+            envelope_id: envelope_id.to_owned(),
+        })
+    }
+}
+
+/// Which page of the pending list to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest {
+    /// At most this many envelopes, 1 to [`MAX_PAGE_SIZE`].
+    limit: u64,
+    /// `None`: from the oldest.
+    after: Option<ApprovalCursor>,
+}
+
+impl Default for PageRequest {
+    fn default() -> Self {
+        Self {
+            limit: DEFAULT_PAGE_SIZE,
+            after: None,
+        }
+    }
+}
+
+/// Why a page request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PageError {
+    #[error("limit must be between 1 and {MAX_PAGE_SIZE}")]
+    Limit,
+    #[error("cursor is not one that approval.list returned")]
+    Cursor,
+}
+
+impl PageRequest {
+    /// A page of `limit` envelopes (default [`DEFAULT_PAGE_SIZE`]) after
+    /// `cursor` (a `next_cursor` from an earlier page; none: the first).
+    ///
+    /// # Errors
+    /// [`PageError`] when `limit` is 0 or above [`MAX_PAGE_SIZE`], or the
+    /// cursor does not read.
+    pub fn new(limit: Option<u64>, cursor: Option<&str>) -> Result<Self, PageError> {
+        let limit = limit.unwrap_or(DEFAULT_PAGE_SIZE);
+        if !(1..=MAX_PAGE_SIZE).contains(&limit) {
+            return Err(PageError::Limit);
+        }
+        let after = cursor
+            .map(|text| ApprovalCursor::decode(text).ok_or(PageError::Cursor))
+            .transpose()?;
+        Ok(Self { limit, after })
+    }
+}
+
+/// One page of pending envelopes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingPage {
+    /// Oldest first.
+    pub items: Vec<ApprovalEnvelope>,
+    /// Where the next page starts; `None` on the last one.
+    pub next: Option<ApprovalCursor>,
+    /// Every pending envelope, not only this page's.
+    pub count: u64,
 }
 
 /// Why a deferred turn was not recorded.
@@ -335,6 +441,14 @@ pub enum RecordError {
     /// recorded (the runtime's `DeferredApprovalLocked`).
     #[error("approval needed but the approval key is locked")]
     Locked,
+    /// The calls' arguments are over [`ApprovalPolicy::max_args_bytes`].
+    #[error(
+        "the tool calls take {bytes} bytes of JSON, over the {max} an approval may hold; nothing was recorded"
+    )]
+    TooLarge { bytes: usize, max: usize },
+    /// [`ApprovalPolicy::max_pending`] envelopes are pending already.
+    #[error("{max} approvals are pending already, the most allowed; nothing was recorded")]
+    TooManyPending { max: u64 },
     #[error("approval storage unavailable: {0}")]
     Unavailable(String),
 }
@@ -392,8 +506,10 @@ impl ApprovalService {
     /// expires `policy.ttl` after `now`.
     ///
     /// # Errors
-    /// [`RecordError::Locked`] when no approval key is loaded (nothing is
-    /// stored), [`RecordError::Unavailable`] when storage fails.
+    /// [`RecordError::Locked`] when no approval key is loaded,
+    /// [`RecordError::TooLarge`] and [`RecordError::TooManyPending`] over the
+    /// policy's caps (nothing is stored in these three cases),
+    /// [`RecordError::Unavailable`] when storage fails.
     pub async fn record_deferred(
         &self,
         scope: &ApprovalScope,
@@ -401,9 +517,26 @@ impl ApprovalService {
         now: DateTime<Utc>,
     ) -> Result<ApprovalEnvelope, RecordError> {
         let signer = self.signer.as_ref().ok_or(RecordError::Locked)?;
+        let bytes = canonical_json(&tool_calls_value(&tool_calls)).len();
+        if bytes > self.policy.max_args_bytes {
+            return Err(RecordError::TooLarge {
+                bytes,
+                max: self.policy.max_args_bytes,
+            });
+        }
+        let issued_at = now.timestamp();
+        let pending = self
+            .store
+            .count_pending(issued_at)
+            .await
+            .map_err(record_error)?;
+        if pending >= self.policy.max_pending {
+            return Err(RecordError::TooManyPending {
+                max: self.policy.max_pending,
+            });
+        }
         let scope = scope.to_json();
         let plan = canonical_plan(&scope, &tool_calls);
-        let issued_at = now.timestamp();
         let envelope = ApprovalEnvelope {
             envelope_id: uuid::Uuid::new_v4().to_string(),
             nonce: uuid::Uuid::new_v4().simple().to_string(),
@@ -418,15 +551,7 @@ impl ApprovalService {
             consumed_at: None,
             decision: None,
         };
-        self.store
-            .insert(&envelope)
-            .await
-            .map_err(|error| match error {
-                ApprovalStoreError::NotFound => {
-                    RecordError::Unavailable("the store lost the new envelope".into())
-                }
-                ApprovalStoreError::Unavailable(why) => RecordError::Unavailable(why),
-            })?;
+        self.store.insert(&envelope).await.map_err(record_error)?;
         tracing::info!(
             approval.id = %envelope.envelope_id,
             approval.plan_hash = %envelope.plan_hash_prefix(),
@@ -436,16 +561,47 @@ impl ApprovalService {
         Ok(envelope)
     }
 
-    /// Envelopes waiting for a decision at `now`, oldest first. Expired ones
-    /// are left out.
+    /// How many envelopes wait for a decision at `now`, counted by the
+    /// store without reading them.
+    ///
+    /// # Errors
+    /// [`ApprovalStoreError::Unavailable`] when storage fails.
+    pub async fn count_pending(&self, now: DateTime<Utc>) -> Result<u64, ApprovalStoreError> {
+        self.store.count_pending(now.timestamp()).await
+    }
+
+    /// One page of the envelopes waiting for a decision at `now`, oldest
+    /// first, with the total count. Expired ones are left out.
     ///
     /// # Errors
     /// [`ApprovalStoreError::Unavailable`] when storage fails.
     pub async fn list_pending(
         &self,
         now: DateTime<Utc>,
-    ) -> Result<Vec<ApprovalEnvelope>, ApprovalStoreError> {
-        self.store.list_pending(now.timestamp()).await
+        page: &PageRequest,
+    ) -> Result<PendingPage, ApprovalStoreError> {
+        let now = now.timestamp();
+        // One more than asked says whether a next page exists.
+        let mut items = self
+            .store
+            .list_pending(now, page.after.clone(), page.limit + 1)
+            .await?;
+        let limit = usize::try_from(page.limit).unwrap_or(usize::MAX);
+        let next = (items.len() > limit)
+            .then(|| {
+                items.truncate(limit);
+                items.last().map(ApprovalCursor::after)
+            })
+            .flatten();
+        // When this page is the whole list its items are the count, exactly:
+        // a count read apart could disagree with them (an envelope recorded
+        // between the two reads).
+        let count = if page.after.is_none() && next.is_none() {
+            items.len() as u64
+        } else {
+            self.store.count_pending(now).await?
+        };
+        Ok(PendingPage { items, next, count })
     }
 
     /// Approves or rejects the pending envelope whose id or nonce is
@@ -516,6 +672,15 @@ impl ApprovalService {
                 Err(error) => tracing::warn!(%error, "approval pruning failed"),
             }
         }
+    }
+}
+
+fn record_error(error: ApprovalStoreError) -> RecordError {
+    match error {
+        ApprovalStoreError::NotFound => {
+            RecordError::Unavailable("the store lost the new envelope".into())
+        }
+        ApprovalStoreError::Unavailable(why) => RecordError::Unavailable(why),
     }
 }
 
@@ -643,6 +808,10 @@ mod tests {
             .returning(|_| vec![0xab; 64]);
         let mut store = MockApprovalStore::new();
         store
+            .expect_count_pending()
+            .with(eq(1_700_000_000_i64))
+            .returning(|_| Ok(0));
+        store
             .expect_insert()
             .withf(|envelope| envelope.state == ApprovalState::Pending)
             .times(1)
@@ -697,6 +866,7 @@ mod tests {
     #[tokio::test]
     async fn record_deferred_reports_a_storage_failure() {
         let mut store = MockApprovalStore::new();
+        store.expect_count_pending().returning(|_| Ok(0));
         store
             .expect_insert()
             .returning(|_| Err(ApprovalStoreError::Unavailable("disk full".into())));
@@ -707,14 +877,128 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn list_pending_asks_the_store_with_now_in_epoch_seconds() {
+    async fn record_deferred_refuses_arguments_over_the_cap_without_asking_the_store() {
+        let policy = ApprovalPolicy {
+            max_args_bytes: 100,
+            ..ApprovalPolicy::default()
+        };
+        let service = ApprovalService::new(
+            Arc::new(MockApprovalStore::new()),
+            Some(Arc::new(signer())),
+            policy,
+        );
+        let result = service
+            .record_deferred(&scope(), vec![execute(&"x".repeat(100))], Utc::now())
+            .await;
+        assert!(
+            matches!(result, Err(RecordError::TooLarge { max: 100, bytes }) if bytes > 100),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn record_deferred_refuses_once_the_pending_cap_is_reached() {
+        let mut store = MockApprovalStore::new();
+        store.expect_count_pending().returning(|_| Ok(1000));
+        store.expect_insert().never();
+        let result = service(store, Some(signer()))
+            .record_deferred(&scope(), vec![execute("ls")], Utc::now())
+            .await;
+        assert_eq!(result, Err(RecordError::TooManyPending { max: 1000 }));
+        assert!(
+            result
+                .unwrap_err()
+                .to_string()
+                .contains("nothing was recorded")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_page_asks_one_more_than_its_limit_and_points_at_the_next_one() {
         let mut store = MockApprovalStore::new();
         store
             .expect_list_pending()
+            .with(eq(1_234_i64), eq(None), eq(3_u64))
+            .returning(|_, _, _| Ok(vec![pending("a"), pending("b"), pending("c")]));
+        store
+            .expect_count_pending()
             .with(eq(1_234_i64))
-            .returning(|_| Ok(vec![pending("a")]));
-        let listed = service(store, None).list_pending(at(1_234)).await.unwrap();
-        assert_eq!(listed, vec![pending("a")]);
+            .returning(|_| Ok(7));
+        let page = service(store, None)
+            .list_pending(at(1_234), &PageRequest::new(Some(2), None).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(page.items, vec![pending("a"), pending("b")]);
+        assert_eq!(page.count, 7);
+        assert_eq!(
+            page.next,
+            Some(ApprovalCursor {
+                issued_at: 1_000,
+                envelope_id: "b".into()
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn the_last_page_has_no_next_cursor_and_a_cursor_reaches_the_store() {
+        let cursor = ApprovalCursor {
+            issued_at: 1_000,
+            envelope_id: "b".into(),
+        };
+        let mut store = MockApprovalStore::new();
+        store
+            .expect_list_pending()
+            .with(eq(1_234_i64), eq(Some(cursor.clone())), eq(101_u64))
+            .returning(|_, _, _| Ok(vec![pending("c")]));
+        store.expect_count_pending().returning(|_| Ok(3));
+        let page = service(store, None)
+            .list_pending(
+                at(1_234),
+                &PageRequest::new(None, Some(&cursor.encode())).unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(page.items, vec![pending("c")]);
+        assert_eq!(page.next, None);
+    }
+
+    #[tokio::test]
+    async fn a_first_page_that_holds_everything_is_its_own_count() {
+        let mut store = MockApprovalStore::new();
+        store
+            .expect_list_pending()
+            .returning(|_, _, _| Ok(vec![pending("a"), pending("b")]));
+        store.expect_count_pending().never();
+        let page = service(store, None)
+            .list_pending(at(1_234), &PageRequest::default())
+            .await
+            .unwrap();
+        assert_eq!(page.count, 2);
+        assert_eq!(page.next, None);
+    }
+
+    #[test]
+    fn page_requests_refuse_limits_out_of_range_and_cursors_not_answered_before() {
+        assert_eq!(PageRequest::new(None, None), Ok(PageRequest::default()));
+        assert!(PageRequest::new(Some(500), None).is_ok());
+        assert_eq!(PageRequest::new(Some(0), None), Err(PageError::Limit));
+        assert_eq!(PageRequest::new(Some(501), None), Err(PageError::Limit));
+        for bad in ["", "zz", &hex::encode("no-colon"), &hex::encode("x:id")] {
+            assert_eq!(
+                PageRequest::new(None, Some(bad)),
+                Err(PageError::Cursor),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn cursors_read_back_from_their_text() {
+        let cursor = ApprovalCursor {
+            issued_at: -5,
+            envelope_id: "0b1c:with-colon".into(),
+        };
+        assert_eq!(ApprovalCursor::decode(&cursor.encode()), Some(cursor));
     }
 
     #[tokio::test]

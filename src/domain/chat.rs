@@ -784,6 +784,12 @@ impl Core {
             }
             // Locked: nothing is recorded, as with DeferredApprovalLocked.
             Err(RecordError::Locked) => Ok(None),
+            // Over a cap: the turn answers as if locked, nothing is recorded,
+            // and the operator reads why here.
+            Err(refused @ (RecordError::TooLarge { .. } | RecordError::TooManyPending { .. })) => {
+                tracing::warn!(session.id = %session_id, reason = %refused, "approval request refused");
+                Ok(None)
+            }
             Err(RecordError::Unavailable(why)) => {
                 tracing::error!(session.id = %session_id, error = %why, "approval request not recorded");
                 Err(())

@@ -13,7 +13,9 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::agent::AgentConfig;
-use super::approvals::{ApprovalEnvelope, ApprovalService, DecideError};
+use super::approvals::{
+    ApprovalEnvelope, ApprovalService, DecideError, MAX_PAGE_SIZE, PageRequest, PendingPage,
+};
 use super::chat::{ChatError, ChatService};
 use super::events::APPROVAL_UNSUPPORTED_CODE;
 use super::session::SessionId;
@@ -133,6 +135,19 @@ pub struct DecideArgs {
     pub reason: Option<String>,
 }
 
+/// Arguments of `approval.list`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListArgs {
+    /// At most this many approvals in the page: 1 to 500, 100 when absent.
+    #[serde(default)]
+    pub limit: Option<u64>,
+    /// Where the page starts: the `next_cursor` of the page before, as it
+    /// was answered (opaque). Absent for the first page.
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
 /// Arguments of `chat.send`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -174,8 +189,8 @@ pub fn tools() -> Vec<ToolInfo> {
         },
         ToolInfo {
             name: "approval.list",
-            description: "Pending approval envelopes, oldest first: the tool calls a model asked for that wait for a human's decision.",
-            input_schema: schema::<NoArgs>(),
+            description: "Pending approval envelopes, oldest first: the tool calls a model asked for that wait for a human's decision. One page at a time (limit, default 100); next_cursor, when not null, fetches the next page; count is the total pending.",
+            input_schema: schema::<ListArgs>(),
         },
         ToolInfo {
             name: "approval.decide",
@@ -250,9 +265,12 @@ impl ControlPlane {
         let args = if args.is_null() { json!({}) } else { args };
         Ok(match name {
             "dashboard.status" => no_args(name, args, self.status()).await,
-            "approval.list" => no_args(name, args, self.approval_list()).await,
             "system.info" => no_args(name, args, async { self.system_info() }).await,
             "session.list" => no_args(name, args, self.session_list()).await,
+            "approval.list" => match parse::<ListArgs>(name, args) {
+                Ok(a) => self.approval_list(a.limit, a.cursor.as_deref()).await,
+                Err(envelope) => envelope,
+            },
             "approval.decide" => match parse::<DecideArgs>(name, args) {
                 Ok(a) => self.decide(&a.approval_id, a.approved, a.reason).await,
                 Err(envelope) => envelope,
@@ -274,26 +292,35 @@ impl ControlPlane {
         }
     }
 
-    /// The pending approvals (refreshing the `approvals_pending` gauge), or
-    /// the envelope `tool` answers when they cannot be read.
-    async fn pending(
-        &self,
-        tool: &str,
-    ) -> Result<(&ApprovalService, Vec<ApprovalEnvelope>), Envelope> {
+    /// How many approvals are pending (refreshing the `autopoiesis_approvals_pending`
+    /// gauge), or the envelope `tool` answers when they cannot be counted.
+    async fn count(&self, tool: &str) -> Result<(&ApprovalService, u64), Envelope> {
         let approvals = self.runtime(tool)?;
-        let pending = approvals
-            .list_pending(Utc::now())
+        let count = approvals
+            .count_pending(Utc::now())
             .await
             .map_err(|e| storage(tool, &e.to_string()))?;
-        metrics::gauge!("approvals_pending").set(pending.len() as f64);
-        Ok((approvals, pending))
+        metrics::gauge!("autopoiesis_approvals_pending").set(count as f64);
+        Ok((approvals, count))
     }
 
-    fn status_envelope(
+    /// One page of pending approvals (refreshing the gauge with its total),
+    /// or the envelope `tool` answers when they cannot be read.
+    async fn page(
         &self,
-        approvals: &ApprovalService,
-        pending: &[ApprovalEnvelope],
-    ) -> Envelope {
+        tool: &str,
+        page: &PageRequest,
+    ) -> Result<(&ApprovalService, PendingPage), Envelope> {
+        let approvals = self.runtime(tool)?;
+        let page = approvals
+            .list_pending(Utc::now(), page)
+            .await
+            .map_err(|e| storage(tool, &e.to_string()))?;
+        metrics::gauge!("autopoiesis_approvals_pending").set(page.count as f64);
+        Ok((approvals, page))
+    }
+
+    fn status_envelope(&self, approvals: &ApprovalService, pending: u64) -> Envelope {
         const TOOL: &str = "dashboard.status";
         Envelope::new(
             TOOL,
@@ -303,47 +330,58 @@ impl ControlPlane {
                 "agent_name": self.agent.name,
                 "shell_tier": self.agent.shell_tier.as_str(),
                 "approval_unlocked": approvals.is_unlocked(),
-                "pending_approvals_count": pending.len(),
+                "pending_approvals_count": pending,
             }),
         )
     }
 
     /// `dashboard.status`.
     pub async fn status(&self) -> Envelope {
-        match self.pending("dashboard.status").await {
-            Ok((approvals, pending)) => self.status_envelope(approvals, &pending),
+        match self.count("dashboard.status").await {
+            Ok((approvals, count)) => self.status_envelope(approvals, count),
             Err(envelope) => envelope,
         }
     }
 
-    /// `approval.list`: pending envelopes, oldest first.
-    pub async fn approval_list(&self) -> Envelope {
-        match self.pending("approval.list").await {
-            Ok((_, pending)) => list_envelope(&pending),
+    /// `approval.list`: one page of pending envelopes, oldest first, of
+    /// `limit` (default 100, at most 500) after `cursor` (a `next_cursor`
+    /// answered before).
+    pub async fn approval_list(&self, limit: Option<u64>, cursor: Option<&str>) -> Envelope {
+        const TOOL: &str = "approval.list";
+        let page = match PageRequest::new(limit, cursor) {
+            Ok(page) => page,
+            Err(e) => {
+                return Envelope::error(
+                    TOOL,
+                    ErrorKind::InvalidArguments,
+                    &e.to_string(),
+                    json!({"max_limit": MAX_PAGE_SIZE}),
+                );
+            }
+        };
+        match self.page(TOOL, &page).await {
+            Ok((_, page)) => list_envelope(&page),
             Err(envelope) => envelope,
         }
     }
 
-    /// `dashboard.status` and `approval.list` from one read of the store,
-    /// for dashboards that show both.
+    /// `dashboard.status` and the first page of `approval.list` from one
+    /// listing and one count, for dashboards that show both.
     pub async fn snapshot(&self) -> (Envelope, Envelope) {
-        match self.pending("dashboard.status").await {
-            Ok((approvals, pending)) => (
-                self.status_envelope(approvals, &pending),
-                list_envelope(&pending),
+        match self.page("dashboard.status", &PageRequest::default()).await {
+            Ok((approvals, page)) => (
+                self.status_envelope(approvals, page.count),
+                list_envelope(&page),
             ),
             // One failure, told once per view; the store is not asked again.
             Err(envelope) => (envelope.clone(), envelope),
         }
     }
 
-    /// Refreshes the `approvals_pending` gauge (for a metrics scrape); the
+    /// Refreshes the `autopoiesis_approvals_pending` gauge (for a metrics scrape); the
     /// count, or `None` when it cannot be read.
-    pub async fn count_pending(&self) -> Option<usize> {
-        self.pending("metrics")
-            .await
-            .ok()
-            .map(|(_, pending)| pending.len())
+    pub async fn count_pending(&self) -> Option<u64> {
+        self.count("metrics").await.ok().map(|(_, count)| count)
     }
 
     /// `approval.decide`.
@@ -390,10 +428,14 @@ impl ControlPlane {
         }
     }
 
-    /// `system.info`. Answers even when the runtime is missing: it is how
-    /// an operator finds out what is configured.
-    #[must_use]
-    pub fn system_info(&self) -> Envelope {
+    /// `system.info`. Without a runtime it answers
+    /// `error.runtime_uninitialized` like every tool (A5), although it needs
+    /// none.
+    fn system_info(&self) -> Envelope {
+        const TOOL: &str = "system.info";
+        if let Err(envelope) = self.runtime(TOOL) {
+            return envelope;
+        }
         let configs: Vec<Value> = self
             .agents
             .iter()
@@ -407,8 +449,8 @@ impl ControlPlane {
             })
             .collect();
         Envelope::new(
-            "system.info",
-            "system.info",
+            TOOL,
+            TOOL,
             json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "uptime_seconds": self.started.elapsed().as_secs(),
@@ -506,9 +548,13 @@ impl ControlPlane {
         }
     }
 
-    /// `session.list`.
+    /// `session.list` (`error.runtime_uninitialized` without a runtime, as
+    /// every tool).
     pub async fn session_list(&self) -> Envelope {
         const TOOL: &str = "session.list";
+        if let Err(envelope) = self.runtime(TOOL) {
+            return envelope;
+        }
         match self.sessions.list().await {
             Ok(list) => {
                 let items: Vec<Value> = list
@@ -528,10 +574,18 @@ impl ControlPlane {
     }
 }
 
-fn list_envelope(pending: &[ApprovalEnvelope]) -> Envelope {
+fn list_envelope(page: &PendingPage) -> Envelope {
     const TOOL: &str = "approval.list";
-    let items: Vec<Value> = pending.iter().map(approval_item).collect();
-    Envelope::new(TOOL, TOOL, json!({"count": items.len(), "items": items}))
+    let items: Vec<Value> = page.items.iter().map(approval_item).collect();
+    Envelope::new(
+        TOOL,
+        TOOL,
+        json!({
+            "count": page.count,
+            "items": items,
+            "next_cursor": page.next.as_ref().map(|cursor| cursor.encode()),
+        }),
+    )
 }
 
 /// Answers `answer` for a tool that takes no arguments, once `args` says so.

@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 
-use crate::domain::approvals::{ApprovalDecision, ApprovalEnvelope};
+use crate::domain::approvals::{ApprovalCursor, ApprovalDecision, ApprovalEnvelope};
 
 /// Why an approval store operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,12 +30,27 @@ pub trait ApprovalStore: Send + Sync {
     /// the id or nonce is taken.
     async fn insert(&self, envelope: &ApprovalEnvelope) -> Result<(), ApprovalStoreError>;
 
-    /// Envelopes still `pending` and expiring after `now`, oldest
-    /// (`issued_at`) first.
+    /// How many envelopes are still `pending` and expire after `now`.
+    ///
+    /// MUST be counted by the database (`COUNT(*)`), not by reading the
+    /// envelopes: dashboards and metrics ask often, and envelopes are big.
     ///
     /// # Errors
     /// [`ApprovalStoreError::Unavailable`] when storage fails.
-    async fn list_pending(&self, now: i64) -> Result<Vec<ApprovalEnvelope>, ApprovalStoreError>;
+    async fn count_pending(&self, now: i64) -> Result<u64, ApprovalStoreError>;
+
+    /// At most `limit` envelopes still `pending` and expiring after `now`,
+    /// ordered by `issued_at` then `envelope_id`, starting just after
+    /// `after` in that order (from the first when `None`).
+    ///
+    /// # Errors
+    /// [`ApprovalStoreError::Unavailable`] when storage fails.
+    async fn list_pending(
+        &self,
+        now: i64,
+        after: Option<ApprovalCursor>,
+        limit: u64,
+    ) -> Result<Vec<ApprovalEnvelope>, ApprovalStoreError>;
 
     /// Applies `decision` to the envelope whose id or nonce is `approval_id`
     /// if it is `pending` and expires after `decision.decided_at`: its state

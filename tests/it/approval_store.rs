@@ -12,7 +12,7 @@ use autopoiesis::adapters::persistence::{
 };
 use autopoiesis::domain::approvals::{
     ApprovalEnvelope, ApprovalPolicy, ApprovalScope, ApprovalService, ApprovalState, DecideError,
-    ToolCallRequest, canonical_json,
+    PageRequest, RecordError, ToolCallRequest, canonical_json,
 };
 use autopoiesis::domain::session::{SessionId, TurnId};
 use autopoiesis::ports::ApprovalSigner;
@@ -156,7 +156,12 @@ async fn recorded_envelopes_are_stored_signed_and_listed_oldest_first() {
         let first = record(&h, "ls", T0).await;
         let third = record(&h, "rm -rf build", T0 + 9).await;
 
-        let listed = h.service.list_pending(at(T0 + 10)).await.unwrap();
+        let listed = h
+            .service
+            .list_pending(at(T0 + 10), &PageRequest::default())
+            .await
+            .unwrap()
+            .items;
         assert_eq!(listed, vec![first.clone(), second, third]);
 
         let envelope = &listed[0];
@@ -250,7 +255,12 @@ async fn approving_by_id_consumes_the_envelope_and_keeps_the_decision() {
                 .as_deref(),
             Some("consumed")
         );
-        let listed = h.service.list_pending(at(T0 + 61)).await.unwrap();
+        let listed = h
+            .service
+            .list_pending(at(T0 + 61), &PageRequest::default())
+            .await
+            .unwrap()
+            .items;
         assert_eq!(listed, vec![other]);
 
         let again = h
@@ -295,7 +305,14 @@ async fn rejecting_by_nonce_expires_the_envelope() {
                 .as_str()
             )
         );
-        assert!(h.service.list_pending(at(T0 + 2)).await.unwrap().is_empty());
+        assert!(
+            h.service
+                .list_pending(at(T0 + 2), &PageRequest::default())
+                .await
+                .unwrap()
+                .items
+                .is_empty()
+        );
     }
 }
 
@@ -313,7 +330,15 @@ async fn deciding_an_unknown_id_is_not_found() {
                 })
             );
         }
-        assert_eq!(h.service.list_pending(at(T0 + 1)).await.unwrap().len(), 1);
+        assert_eq!(
+            h.service
+                .list_pending(at(T0 + 1), &PageRequest::default())
+                .await
+                .unwrap()
+                .items
+                .len(),
+            1
+        );
     }
 }
 
@@ -370,17 +395,19 @@ async fn expired_envelopes_are_neither_listed_nor_decidable() {
         let envelope = record(&h, "ls", T0).await;
         assert_eq!(
             h.service
-                .list_pending(at(T0 + HOUR - 1))
+                .list_pending(at(T0 + HOUR - 1), &PageRequest::default())
                 .await
                 .unwrap()
+                .items
                 .len(),
             1
         );
         assert!(
             h.service
-                .list_pending(at(T0 + HOUR))
+                .list_pending(at(T0 + HOUR), &PageRequest::default())
                 .await
                 .unwrap()
+                .items
                 .is_empty()
         );
         for id in [&envelope.envelope_id, &envelope.nonce] {
@@ -432,7 +459,12 @@ async fn pruning_removes_only_envelopes_expired_beyond_the_retention_window() {
 
         assert_eq!(h.service.prune(at(now)).await.unwrap(), 2);
         assert_eq!(row_count(&h.db).await, 2);
-        let remaining = h.service.list_pending(at(now)).await.unwrap();
+        let remaining = h
+            .service
+            .list_pending(at(now), &PageRequest::default())
+            .await
+            .unwrap()
+            .items;
         assert_eq!(remaining, vec![live.clone()]);
         assert_eq!(
             column(&h.db, &recent_rejected.envelope_id, "state")
@@ -455,7 +487,14 @@ async fn connecting_twice_to_one_database_migrates_once() {
             .await
             .unwrap();
         let again = ApprovalService::new(Arc::new(store), None, ApprovalPolicy::default());
-        assert_eq!(again.list_pending(at(T0)).await.unwrap(), vec![envelope]);
+        assert_eq!(
+            again
+                .list_pending(at(T0), &PageRequest::default())
+                .await
+                .unwrap()
+                .items,
+            vec![envelope]
+        );
     }
 }
 
@@ -503,7 +542,11 @@ async fn a_database_made_by_the_python_original_opens_unchanged() {
         .await
         .unwrap();
     let service = ApprovalService::new(Arc::new(store), None, ApprovalPolicy::default());
-    let listed = service.list_pending(at(T0 + 10)).await.unwrap();
+    let listed = service
+        .list_pending(at(T0 + 10), &PageRequest::default())
+        .await
+        .unwrap()
+        .items;
     assert_eq!(listed.len(), 1);
     let envelope = &listed[0];
     assert_eq!(envelope.envelope_id, "0b9f1a9e-7f7e-4a55-9f0e-2d7b4f1c9a11");
@@ -607,7 +650,14 @@ async fn an_in_memory_sqlite_database_works() {
         .record_deferred(&scope(), calls("ls"), at(T0))
         .await
         .unwrap();
-    assert_eq!(service.list_pending(at(T0)).await.unwrap(), vec![envelope]);
+    assert_eq!(
+        service
+            .list_pending(at(T0), &PageRequest::default())
+            .await
+            .unwrap()
+            .items,
+        vec![envelope]
+    );
 }
 
 #[tokio::test]
@@ -643,4 +693,78 @@ fn sqlite_urls_escape_url_syntax_in_paths() {
         sqlite_url(Path::new("/data/a b#1?%.sqlite")),
         "sqlite:///data/a b%231%3F%25.sqlite?mode=rwc"
     );
+}
+
+#[tokio::test]
+async fn pending_envelopes_are_counted_and_paged_by_issued_at_then_id_on_every_backend() {
+    for backend in backends().await {
+        let h = harness(&backend).await;
+        // Three in one second (ordered by id there), one later, one decided,
+        // one expired: four pending at T0 + 100.
+        let mut same_second = vec![
+            record(&h, "a", T0).await,
+            record(&h, "b", T0).await,
+            record(&h, "c", T0).await,
+        ];
+        same_second.sort_by(|x, y| x.envelope_id.cmp(&y.envelope_id));
+        let later = record(&h, "d", T0 + 50).await;
+        let decided = record(&h, "e", T0 + 60).await;
+        h.service
+            .decide(&decided.envelope_id, true, None, at(T0 + 61))
+            .await
+            .unwrap();
+        record(&h, "old", T0 - HOUR + 10).await;
+        let now = at(T0 + 100);
+        assert_eq!(h.service.count_pending(now).await.unwrap(), 4);
+
+        let mut listed = Vec::new();
+        let mut cursor: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let page = h
+                .service
+                .list_pending(now, &PageRequest::new(Some(3), cursor.as_deref()).unwrap())
+                .await
+                .unwrap();
+            pages += 1;
+            assert_eq!(page.count, 4);
+            listed.extend(page.items);
+            match page.next {
+                Some(next) => cursor = Some(next.encode()),
+                None => break,
+            }
+        }
+        assert_eq!(pages, 2);
+        let mut expected = same_second;
+        expected.push(later);
+        assert_eq!(listed, expected);
+    }
+}
+
+#[tokio::test]
+async fn deleting_the_sqlite_file_makes_the_store_unavailable_instead_of_losing_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("approvals.sqlite");
+    let url = sqlite_url(&path);
+    let store = SeaOrmApprovalStore::open(&url, &ConnectSettings::default())
+        .await
+        .unwrap();
+    let key = Arc::new(Ed25519ApprovalKey::generate().unwrap());
+    let service = ApprovalService::new(Arc::new(store), Some(key), ApprovalPolicy::default());
+    service
+        .record_deferred(&scope(), calls("ls"), at(T0))
+        .await
+        .unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    let written = service.record_deferred(&scope(), calls("ls"), at(T0)).await;
+    assert!(
+        matches!(&written, Err(RecordError::Unavailable(why)) if why.contains("deleted")),
+        "{written:?}"
+    );
+    assert!(service.count_pending(at(T0)).await.is_err());
+    // A new file in its place is not the database either.
+    std::fs::write(&path, b"").unwrap();
+    assert!(service.count_pending(at(T0)).await.is_err());
 }

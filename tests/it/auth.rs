@@ -337,3 +337,22 @@ async fn head_health_lowercase_bearer_and_duplicate_keys() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn a_ticket_opens_the_dashboard_stream_once() {
+    let app = locked_app(HttpSettings::default()).await;
+    let ticket = ticket(&app).await;
+    let res = app.get(&format!("/api/stream?ticket={ticket}")).await;
+    assert_eq!(
+        res.status(),
+        StatusCode::OK,
+        "an EventSource URL takes a ticket"
+    );
+    drop(res);
+    let res = app.get(&format!("/api/stream?ticket={ticket}")).await;
+    assert_eq!(
+        res.status(),
+        StatusCode::UNAUTHORIZED,
+        "tickets are single-use"
+    );
+}

@@ -409,3 +409,40 @@ fn the_startup_line_says_whether_approvals_are_locked_and_names_the_key() {
     assert!(line.contains("approvals=unlocked"), "{line}");
     assert!(line.contains(&key_id), "{line} lacks {key_id}");
 }
+
+#[tokio::test]
+async fn sigterm_with_an_open_dashboard_stream_exits_promptly() {
+    use futures::StreamExt;
+
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, address) = spawn_server(&[], data.path());
+    let res = reqwest::get(format!("http://{address}/api/stream"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut stream = res.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("stream.connected"));
+
+    let started = Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // The stream ends instead of holding the shutdown for its grace period.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(_)) = stream.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the dashboard stream stayed open");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}

@@ -88,7 +88,10 @@ async fn without_a_key_a_deferred_turn_records_nothing() {
     let app = spawn_with(Options::default()).await;
     defer_a_tool_call(&app).await;
     let (_, list) = get(&app, "/api/approvals").await;
-    assert_eq!(list["data"], json!({"count": 0, "items": []}));
+    assert_eq!(
+        list["data"],
+        json!({"count": 0, "items": [], "next_cursor": null})
+    );
 }
 
 #[tokio::test]
@@ -111,7 +114,7 @@ async fn a_deferred_turn_is_listed_streamed_and_decided_exactly_once() {
     })
     .await;
     let item = &pushed["data"]["items"][0];
-    assert_eq!(item["tool_count"], 1);
+    assert_eq!(item["tool_count"], 1, "{pushed}");
     assert_eq!(item["requests"][0]["tool_name"], "execute");
     assert_eq!(item["requests"][0]["args"], json!({"command": "ls"}));
     assert_eq!(
@@ -229,6 +232,11 @@ async fn without_a_runtime_the_dashboard_answers_runtime_uninitialized() {
     .await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["type"], "error.runtime_uninitialized");
+    for tool in ["system.info", "session.list"] {
+        let (code, body) = post(&app, &format!("/api/tools/{tool}"), json!({})).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{tool}");
+        assert_eq!(body["type"], "error.runtime_uninitialized", "{tool}");
+    }
 }
 
 #[tokio::test]
@@ -395,4 +403,261 @@ async fn a_pending_row_written_by_the_python_original_shows_in_approval_list() {
     .await;
     assert_eq!(code, StatusCode::OK);
     assert_eq!(decision["data"]["id"], "py-envelope");
+}
+
+/// Defers `n` tool calls, on sessions of their own.
+async fn defer_tool_calls(app: &TestApp, n: usize) {
+    for i in 0..n {
+        let res = app
+            .chat(json!({"content": r#"/tool execute {"command":"ls"}"#, "session_id": format!("ops{i}")}))
+            .await;
+        assert_eq!(res.status(), StatusCode::CONFLICT);
+    }
+}
+
+/// Opens `/api/stream` and reads it up to its first `approval.list`.
+async fn open_stream(
+    app: &TestApp,
+) -> (
+    impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+    String,
+) {
+    let res = app.get("/api/stream").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut stream = res.bytes_stream();
+    let mut buffer = String::new();
+    stream_until(&mut stream, &mut buffer, |e| e["type"] == "approval.list").await;
+    (stream, buffer)
+}
+
+#[tokio::test]
+async fn status_and_metrics_count_pending_approvals_without_loading_them() {
+    let app = unlocked().await;
+    defer_tool_calls(&app, 3).await;
+    let before = app.approval_reads.lists();
+    let (code, status) = get(&app, "/api/status").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(status["data"]["pending_approvals_count"], 3);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "autopoiesis_approvals_pending 3"),
+        "{metrics}"
+    );
+    assert_eq!(
+        app.approval_reads.lists(),
+        before,
+        "no envelope was loaded to count them"
+    );
+}
+
+#[tokio::test]
+async fn approval_list_pages_oldest_first_with_an_opaque_cursor_and_the_total_count() {
+    let app = unlocked().await;
+    defer_tool_calls(&app, 5).await;
+    let (_, all) = get(&app, "/api/approvals").await;
+    assert_eq!(all["data"]["count"], 5);
+    assert_eq!(all["data"]["next_cursor"], Value::Null);
+    let everything: Vec<Value> = all["data"]["items"].as_array().unwrap().clone();
+    assert_eq!(everything.len(), 5);
+
+    let mut seen = Vec::new();
+    let mut path = "/api/approvals?limit=2".to_owned();
+    loop {
+        let (code, page) = get(&app, &path).await;
+        assert_eq!(code, StatusCode::OK, "{page}");
+        assert_eq!(page["type"], "approval.list");
+        assert_eq!(page["data"]["count"], 5, "the total, not the page's size");
+        let items = page["data"]["items"].as_array().unwrap();
+        assert!(items.len() <= 2);
+        seen.extend(items.iter().cloned());
+        match page["data"]["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/api/approvals?limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, everything, "pages cover the list once, in order");
+
+    // The same arguments through the tool (as MCP sends them).
+    let (code, page) = post(&app, "/api/tools/approval.list", json!({"limit": 4})).await;
+    assert_eq!(code, StatusCode::OK, "{page}");
+    assert_eq!(page["data"]["items"].as_array().unwrap().len(), 4);
+    let cursor = page["data"]["next_cursor"].as_str().unwrap().to_owned();
+    let (_, last) = post(
+        &app,
+        "/api/tools/approval.list",
+        json!({"limit": 4, "cursor": cursor}),
+    )
+    .await;
+    assert_eq!(last["data"]["items"][0], everything[4]);
+    assert_eq!(last["data"]["next_cursor"], Value::Null);
+
+    for bad in ["limit=0", "limit=501", "cursor=not-a-cursor"] {
+        let (code, body) = get(&app, &format!("/api/approvals?{bad}")).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert_eq!(body["type"], "error.invalid_arguments", "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn a_deferred_call_with_oversized_arguments_still_answers_409_and_records_nothing() {
+    let app = unlocked().await;
+    let command = "x".repeat(70 * 1024);
+    let res = app
+        .chat(json!({"content": format!(r#"/tool execute {{"command":"{command}"}}"#), "session_id": "big"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::CONFLICT);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["detail"]["code"], "approval_unsupported");
+    let (_, status) = get(&app, "/api/status").await;
+    assert_eq!(status["data"]["pending_approvals_count"], 0);
+}
+
+#[tokio::test]
+async fn beyond_1000_pending_approvals_a_deferred_turn_records_nothing() {
+    let app = unlocked().await;
+    let url =
+        autopoiesis::adapters::persistence::sqlite_url(&app.data_path().join("approvals.sqlite"));
+    let db = Database::connect(url.as_str()).await.unwrap();
+    let now = chrono::Utc::now().timestamp();
+    let rows: Vec<String> = (0..1000)
+        .map(|i| {
+            format!(
+                "('e{i}', 'n{i}', '{{}}', '[]', 'abcdef0123456789', 'key', NULL, NULL, 'pending', {now}, {}, NULL)",
+                now + 3600
+            )
+        })
+        .collect();
+    db.execute_unprepared(&format!(
+        "INSERT INTO approval_envelopes VALUES {}",
+        rows.join(",")
+    ))
+    .await
+    .unwrap();
+    db.close().await.unwrap();
+
+    let res = app
+        .chat(json!({"content": r#"/tool execute {"command":"ls"}"#, "session_id": "full"}))
+        .await;
+    assert_eq!(
+        res.status(),
+        StatusCode::CONFLICT,
+        "the turn is still deferred"
+    );
+    let (_, status) = get(&app, "/api/status").await;
+    assert_eq!(status["data"]["pending_approvals_count"], 1000);
+}
+
+#[tokio::test]
+async fn dashboard_streams_share_one_store_read_per_change_and_decisions_keep_succeeding() {
+    let app = spawn_with(Options {
+        approval_key: true,
+        http: autopoiesis::adapters::http::HttpSettings {
+            // No timer ticks during the test: only changes refresh.
+            dashboard_refresh: Duration::from_secs(600),
+            ..Default::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        streams.push(open_stream(&app).await);
+    }
+    let before = app.approval_reads.lists();
+    defer_tool_calls(&app, 1).await;
+    for (stream, buffer) in &mut streams {
+        stream_until(stream, buffer, |e| {
+            e["type"] == "approval.list" && e["data"]["count"] == 1
+        })
+        .await;
+    }
+    let reads = app.approval_reads.lists() - before;
+    assert_eq!(reads, 1, "one listing for 20 streams, not one each");
+
+    defer_tool_calls(&app, 10).await;
+    let (_, list) = get(&app, "/api/approvals").await;
+    for item in list["data"]["items"].as_array().unwrap() {
+        let (code, body) = post(
+            &app,
+            "/api/actions",
+            json!({"action": "approve", "approval_id": item["id"]}),
+        )
+        .await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+    }
+}
+
+#[tokio::test]
+async fn dashboard_streams_beyond_max_clients_are_refused_with_429() {
+    let app = spawn_with(Options {
+        stream: autopoiesis::adapters::ws::StreamSettings {
+            max_clients: 2,
+            ..Default::default()
+        },
+        http: autopoiesis::adapters::http::HttpSettings {
+            // A client that went away is noticed at the next write.
+            dashboard_refresh: Duration::from_millis(100),
+            ..Default::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let first = open_stream(&app).await;
+    let _second = open_stream(&app).await;
+    let res = app.get("/api/stream").await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = res.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("too many"),
+        "{body}"
+    );
+    let res = app.get("/api/sessions/s/events").await;
+    assert_eq!(
+        res.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "dashboard streams and session streams share the limit"
+    );
+
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let res = app.get("/api/stream").await;
+        if res.status() == StatusCode::OK {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot was never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn deleting_the_sqlite_file_under_a_running_server_answers_503() {
+    let app = unlocked().await;
+    defer_a_tool_call(&app).await;
+    let (_, list) = get(&app, "/api/approvals").await;
+    let id = list["data"]["items"][0]["id"].as_str().unwrap().to_owned();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(app.data_path().join(format!("approvals.sqlite{suffix}")));
+    }
+
+    let (code, body) = get(&app, "/api/approvals").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["type"], "error.storage_unavailable");
+    let (code, body) = post(
+        &app,
+        "/api/actions",
+        json!({"action": "approve", "approval_id": id}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let res = app
+        .chat(json!({"content": r#"/tool execute {"command":"pwd"}"#, "session_id": "ops"}))
+        .await;
+    assert_eq!(
+        res.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the approval would have vanished"
+    );
 }

@@ -2,6 +2,7 @@
 //! like the binary does, with the knobs tests need.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use autopoiesis::adapters::agent::echo::EchoRuntime;
@@ -14,12 +15,14 @@ use autopoiesis::adapters::memory::InMemorySessionStore;
 use autopoiesis::adapters::persistence::{ConnectSettings, SeaOrmApprovalStore, sqlite_url};
 use autopoiesis::adapters::ws::{SessionHub, StreamSettings};
 use autopoiesis::domain::agent::AgentConfig;
-use autopoiesis::domain::approvals::{ApprovalPolicy, ApprovalService};
+use autopoiesis::domain::approvals::{
+    ApprovalCursor, ApprovalDecision, ApprovalEnvelope, ApprovalPolicy, ApprovalService,
+};
 use autopoiesis::domain::chat::{ApprovalRecording, ChatService, RuntimeSlot};
 use autopoiesis::domain::dashboard::ControlPlane;
 use autopoiesis::domain::sessions::{SessionService, SweepPolicy};
 use autopoiesis::ports::AgentRuntime;
-use autopoiesis::ports::ApprovalSigner;
+use autopoiesis::ports::{ApprovalSigner, ApprovalStore, ApprovalStoreError};
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::net::TcpStream;
@@ -79,6 +82,8 @@ pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
     pub services: Services,
+    /// Counts the approval store's reads of whole envelopes.
+    pub approval_reads: Arc<StoreReads>,
     /// Holds the app's files (the approval database) until the app goes.
     _data: tempfile::TempDir,
     shutdown: CancellationToken,
@@ -101,9 +106,13 @@ pub async fn spawn_with(options: Options) -> TestApp {
     let url = options
         .database_url
         .unwrap_or_else(|| sqlite_url(&data.path().join("approvals.sqlite")));
-    let approval_store = SeaOrmApprovalStore::open(&url, &ConnectSettings::default())
-        .await
-        .unwrap();
+    let approval_reads = Arc::new(StoreReads::default());
+    let approval_store = CountingStore {
+        inner: SeaOrmApprovalStore::open(&url, &ConnectSettings::default())
+            .await
+            .unwrap(),
+        reads: approval_reads.clone(),
+    };
     let signer = options
         .approval_key
         .then(|| Arc::new(Ed25519ApprovalKey::generate().unwrap()) as Arc<dyn ApprovalSigner>);
@@ -170,8 +179,62 @@ pub async fn spawn_with(options: Options) -> TestApp {
         base: format!("http://{address}"),
         client: reqwest::Client::new(),
         services,
+        approval_reads,
         _data: data,
         shutdown,
+    }
+}
+
+/// How often the approval store was asked for envelopes (not counts).
+#[derive(Debug, Default)]
+pub struct StoreReads {
+    lists: AtomicUsize,
+}
+
+impl StoreReads {
+    /// Listings of pending envelopes so far.
+    pub fn lists(&self) -> usize {
+        self.lists.load(Ordering::SeqCst)
+    }
+}
+
+/// The real store, counting how often pending envelopes are listed: the
+/// tests that say "one read per change" or "counted, not loaded" read it.
+struct CountingStore {
+    inner: SeaOrmApprovalStore,
+    reads: Arc<StoreReads>,
+}
+
+#[async_trait::async_trait]
+impl ApprovalStore for CountingStore {
+    async fn insert(&self, envelope: &ApprovalEnvelope) -> Result<(), ApprovalStoreError> {
+        self.inner.insert(envelope).await
+    }
+
+    async fn count_pending(&self, now: i64) -> Result<u64, ApprovalStoreError> {
+        self.inner.count_pending(now).await
+    }
+
+    async fn list_pending(
+        &self,
+        now: i64,
+        after: Option<ApprovalCursor>,
+        limit: u64,
+    ) -> Result<Vec<ApprovalEnvelope>, ApprovalStoreError> {
+        self.reads.lists.fetch_add(1, Ordering::SeqCst);
+        self.inner.list_pending(now, after, limit).await
+    }
+
+    async fn decide(
+        &self,
+        approval_id: &str,
+        decision: &ApprovalDecision,
+    ) -> Result<ApprovalEnvelope, ApprovalStoreError> {
+        self.inner.decide(approval_id, decision).await
+    }
+
+    async fn prune_expired_before(&self, cutoff: i64) -> Result<u64, ApprovalStoreError> {
+        self.inner.prune_expired_before(cutoff).await
     }
 }
 

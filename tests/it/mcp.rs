@@ -197,7 +197,10 @@ async fn every_tool_answers_an_envelope_in_one_text_content() {
 
     let list = call(&client, "approval.list", json!({})).await;
     assert_eq!(list["type"], "approval.list");
-    assert_eq!(list["data"], json!({"count": 0, "items": []}));
+    assert_eq!(
+        list["data"],
+        json!({"count": 0, "items": [], "next_cursor": null})
+    );
 
     let health: Value = app.get_json("/api/health").await;
     let info = call(&client, "system.info", json!({})).await;
@@ -353,7 +356,7 @@ async fn rejecting_by_nonce_expires_the_approval() {
 }
 
 #[tokio::test]
-async fn a_missing_runtime_is_an_error_envelope_not_a_protocol_error() {
+async fn without_a_runtime_every_tool_answers_runtime_uninitialized_not_a_protocol_error() {
     let app = spawn_with(Options {
         runtime: RuntimeSlot::Unavailable("no provider configured".into()),
         approval_key: true,
@@ -361,7 +364,12 @@ async fn a_missing_runtime_is_an_error_envelope_not_a_protocol_error() {
     })
     .await;
     let client = connect(&app).await;
-    for tool in ["dashboard.status", "approval.list"] {
+    for tool in [
+        "dashboard.status",
+        "approval.list",
+        "system.info",
+        "session.list",
+    ] {
         let envelope = call(&client, tool, json!({})).await;
         assert_eq!(
             envelope["type"], "error.runtime_uninitialized",
@@ -371,8 +379,6 @@ async fn a_missing_runtime_is_an_error_envelope_not_a_protocol_error() {
     }
     let reply = call(&client, "chat.send", json!({"content": "hi"})).await;
     assert_eq!(reply["type"], "error.runtime_uninitialized");
-    let info = call(&client, "system.info", json!({})).await;
-    assert_eq!(info["type"], "system.info", "system.info still answers");
     client.cancel().await.unwrap();
 }
 
@@ -525,4 +531,83 @@ async fn other_methods_on_mcp_are_405_with_allow() {
     let res = app.client.put(app.url("/mcp")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(res.headers()["allow"], "POST, GET, DELETE");
+}
+
+/// The session id an `initialize` answer gave.
+fn session_of(res: &reqwest::Response) -> String {
+    res.headers()["mcp-session-id"].to_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn mcp_sessions_count_as_live_clients_and_initialize_beyond_the_limit_is_429() {
+    let app = spawn_with(Options {
+        stream: autopoiesis::adapters::ws::StreamSettings {
+            max_clients: 2,
+            ..Default::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let first = raw_initialize(&app, &[]).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let first = session_of(&first);
+    let second = raw_initialize(&app, &[]).await;
+    assert_eq!(second.status(), StatusCode::OK);
+
+    let refused = raw_initialize(&app, &[]).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = refused.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("too many"),
+        "{body}"
+    );
+    let res = app.get("/api/sessions/s/events").await;
+    assert_eq!(
+        res.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "one limit for all"
+    );
+
+    // Ending a session frees its place.
+    let res = app
+        .client
+        .delete(app.url("/mcp"))
+        .header("mcp-session-id", &first)
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while raw_initialize(&app, &[]).await.status() != StatusCode::OK {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+#[tokio::test]
+async fn initialize_beyond_max_mcp_sessions_is_429_and_other_requests_still_pass() {
+    let app = spawn_with(Options {
+        http: HttpSettings {
+            max_mcp_sessions: 1,
+            ..HttpSettings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let client = connect(&app).await;
+    let refused = raw_initialize(&app, &[]).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = refused.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("MCP sessions"),
+        "{body}"
+    );
+    // The session in place keeps working, and so do session-less requests.
+    call(&client, "session.list", json!({})).await;
+    let newer = connect_2026(&app).await;
+    call(&newer, "system.info", json!({})).await;
+    newer.cancel().await.unwrap();
+    client.cancel().await.unwrap();
 }

@@ -395,7 +395,7 @@ async fn metrics_count_requests_by_route_and_turns_by_outcome() {
         r#"autopoiesis_turns_finished_total{outcome="done"}"#,
         "autopoiesis_turn_duration_seconds_bucket",
         "autopoiesis_turns_started_total",
-        "approvals_pending ",
+        "autopoiesis_approvals_pending ",
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }

@@ -231,6 +231,7 @@ fn is_public(req: &Request) -> bool {
 fn takes_ticket(path: &str) -> bool {
     path.starts_with("/api/ws/")
         || (path.starts_with("/api/sessions/") && path.ends_with("/events"))
+        || path == "/api/stream"
 }
 
 /// The requests a page on another site could make with the visitor's

@@ -1,28 +1,43 @@
 //! The dashboard API for web front ends (SPEC A8): the control plane's
 //! envelopes over plain REST and SSE. Every answer comes from
 //! [`ControlPlane`], the same service `/mcp` calls.
+//!
+//! `/api/stream` clients share one [`DashboardFeed`]: one refresher reads
+//! the store once per change (and per refresh interval) and encodes the
+//! snapshot once; every stream sends that same text. A stream counts as a
+//! live client of the server and ends when the server shuts down.
 
-use std::sync::Arc;
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use poem::web::sse::Event;
-use poem_openapi::param::Path;
+use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::{EventStream, Json};
+use poem_openapi::registry::{MetaSchemaRef, Registry};
+use poem_openapi::types::{ToJSON, Type};
 use poem_openapi::{ApiResponse, Object, OpenApi};
 use serde_json::{Value, json};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
 
 use super::ApiTags;
+use super::dto::ErrorBody;
 use crate::adapters::approval_broadcast::ApprovalBroadcast;
+use crate::adapters::ws::SessionHub;
+use crate::adapters::ws::hub::ClientSlot;
 use crate::domain::dashboard::{ControlPlane, Envelope, ErrorKind, UnknownTool, tools};
 
 pub struct DashboardApi {
     pub control: Arc<ControlPlane>,
-    pub events: Arc<ApprovalBroadcast>,
-    /// `/api/stream` pushes at least this often, changes or not.
-    pub refresh: Duration,
+    /// The snapshot every `/api/stream` client sends.
+    pub feed: Arc<DashboardFeed>,
+    /// Counts `/api/stream` clients against the server's client limit.
+    pub hub: Arc<SessionHub>,
+    /// Cancelled at shutdown: open streams end then.
+    pub close_streams: CancellationToken,
 }
 
 /// A control-plane answer: `type` names what `data` holds; failures are
@@ -69,6 +84,10 @@ enum EnvelopeReply {
     /// The envelope (an `error.*` one when the runtime is uninitialised).
     #[oai(status = 200)]
     Ok(Json<EnvelopeBody>),
+    /// `error.invalid_arguments`: a `limit` out of range or a `cursor` that
+    /// `approval.list` did not answer.
+    #[oai(status = 400)]
+    BadRequest(Json<EnvelopeBody>),
     /// `error.storage_unavailable`: the approval database is down.
     #[oai(status = 503)]
     Unavailable(Json<EnvelopeBody>),
@@ -78,6 +97,7 @@ impl From<Envelope> for EnvelopeReply {
     fn from(envelope: Envelope) -> Self {
         match envelope.error_kind() {
             Some(ErrorKind::StorageUnavailable) => Self::Unavailable(Json(envelope.into())),
+            Some(ErrorKind::InvalidArguments) => Self::BadRequest(Json(envelope.into())),
             _ => Self::Ok(Json(envelope.into())),
         }
     }
@@ -223,10 +243,14 @@ impl From<Envelope> for ToolCallReply {
 #[derive(ApiResponse)]
 enum StreamReply {
     /// `stream.connected`, then the `dashboard.status` and `approval.list`
-    /// envelopes, again whenever an approval is created or decided and at
-    /// least every 5 s. `event:` is the envelope's type, `data:` the envelope.
+    /// (first page) envelopes, again whenever an approval is created or
+    /// decided and at least every 5 s. `event:` is the envelope's type,
+    /// `data:` the envelope. The stream ends when the server shuts down.
     #[oai(status = 200)]
-    Ok(EventStream<BoxStream<'static, EnvelopeBody>>),
+    Ok(EventStream<BoxStream<'static, EncodedEnvelope>>),
+    /// The server has as many live clients as `--max-clients` allows.
+    #[oai(status = 429)]
+    TooManyClients(Json<ErrorBody>),
 }
 
 #[OpenApi]
@@ -243,14 +267,26 @@ impl DashboardApi {
     }
 
     /// Pending approvals
+    ///
+    /// One page, oldest first; `data.next_cursor`, when not null, is the
+    /// `cursor` of the next page, and `data.count` the total pending.
     #[oai(
         path = "/api/approvals",
         method = "get",
         operation_id = "list_approvals",
         tag = "ApiTags::Dashboard"
     )]
-    async fn approvals(&self) -> EnvelopeReply {
-        self.control.approval_list().await.into()
+    async fn approvals(
+        &self,
+        /// At most this many approvals: 1 to 500, default 100.
+        limit: Query<Option<u64>>,
+        /// The `next_cursor` of the page before (opaque); absent for the first.
+        cursor: Query<Option<String>>,
+    ) -> EnvelopeReply {
+        self.control
+            .approval_list(limit.0, cursor.0.as_deref())
+            .await
+            .into()
     }
 
     /// Act: approve, reject, send a message
@@ -334,67 +370,214 @@ impl DashboardApi {
         tag = "ApiTags::Dashboard"
     )]
     async fn stream(&self) -> StreamReply {
+        let slot = match self.hub.admit_client() {
+            Ok(slot) => slot,
+            Err(e) => return StreamReply::TooManyClients(Json(ErrorBody::new(e.to_string()))),
+        };
         let state = StreamState {
-            control: Arc::clone(&self.control),
-            changes: self.events.subscribe(),
-            refresh: self.refresh,
-            queue: Vec::new(),
-            phase: Phase::Connect,
+            snapshots: self.feed.subscribe(),
+            wake: Arc::clone(&self.feed.wake),
+            queue: vec![EncodedEnvelope::encode(&Envelope::new(
+                "dashboard.stream",
+                "stream.connected",
+                json!({}),
+            ))],
+            sent_snapshot: false,
+            _slot: slot,
         };
         let stream = futures::stream::unfold(state, |mut state| async move {
-            let next = state.next().await;
-            Some((EnvelopeBody::from(next), state))
+            let next = state.next().await?;
+            Some((next, state))
         })
+        .take_until(self.close_streams.clone().cancelled_owned())
         .boxed();
-        StreamReply::Ok(EventStream::new(stream).to_event(|body: EnvelopeBody| {
-            let data = json!({"type": body.kind, "data": body.data, "meta": body.meta});
-            Event::message(data.to_string()).event_type(body.kind)
-        }))
+        StreamReply::Ok(
+            EventStream::new(stream).to_event(|envelope: EncodedEnvelope| {
+                Event::message(&*envelope.json).event_type(&*envelope.kind)
+            }),
+        )
     }
 }
 
-enum Phase {
-    /// `stream.connected` is next.
-    Connect,
-    /// The first snapshot is next, without waiting.
-    FirstSnapshot,
-    /// Snapshots follow changes, or the refresh interval.
-    Live,
+/// An envelope encoded once, sent as is by every stream.
+///
+/// Its schema is [`EnvelopeBody`]'s; `Type` is written by hand so that the
+/// text is not decoded and encoded again for each client.
+#[derive(Debug, Clone)]
+pub struct EncodedEnvelope {
+    kind: Arc<str>,
+    json: Arc<str>,
 }
 
-/// Where a dashboard stream is: envelopes queued to send, and what wakes it.
-struct StreamState {
+impl EncodedEnvelope {
+    fn encode(envelope: &Envelope) -> Self {
+        Self {
+            kind: envelope.kind.as_str().into(),
+            json: envelope.to_json().to_string().into(),
+        }
+    }
+}
+
+impl Type for EncodedEnvelope {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> Cow<'static, str> {
+        EnvelopeBody::name()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        EnvelopeBody::schema_ref()
+    }
+
+    fn register(registry: &mut Registry) {
+        EnvelopeBody::register(registry);
+    }
+
+    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
+        Some(self)
+    }
+
+    fn raw_element_iter<'a>(
+        &'a self,
+    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
+        Box::new(self.as_raw_value().into_iter())
+    }
+}
+
+impl ToJSON for EncodedEnvelope {
+    fn to_json(&self) -> Option<Value> {
+        serde_json::from_str(&self.json).ok()
+    }
+}
+
+/// What every dashboard stream sends: `dashboard.status` then
+/// `approval.list`.
+type Snapshot = [EncodedEnvelope; 2];
+
+/// The one snapshot all `/api/stream` clients share.
+///
+/// A refresher task, started by the first client, reads the control plane
+/// whenever approvals change, a client asks for a first snapshot, or the
+/// refresh interval passes, and only while some client watches: with no
+/// client it drops the snapshot and reads nothing. It ends with the feed.
+pub struct DashboardFeed {
+    /// `None` while nobody watches (or before the first read).
+    snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    /// Asks the refresher for a snapshot now.
+    wake: Arc<Notify>,
+    /// The refresher, until the first client starts it.
+    refresher: Mutex<Option<Refresher>>,
+}
+
+struct Refresher {
     control: Arc<ControlPlane>,
     changes: watch::Receiver<u64>,
     refresh: Duration,
+    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+    wake: Arc<Notify>,
+}
+
+impl DashboardFeed {
+    /// A feed of `control`'s snapshots, fresh on each of `events`' changes
+    /// and at least every `refresh`.
+    #[must_use]
+    pub fn new(control: Arc<ControlPlane>, events: &ApprovalBroadcast, refresh: Duration) -> Self {
+        let (sender, snapshots) = watch::channel(None);
+        let wake = Arc::new(Notify::new());
+        Self {
+            snapshots,
+            wake: Arc::clone(&wake),
+            refresher: Mutex::new(Some(Refresher {
+                control,
+                changes: events.subscribe(),
+                refresh,
+                snapshots: sender,
+                wake,
+            })),
+        }
+    }
+
+    /// A receiver of the snapshots, starting the refresher if it is the
+    /// first. Must be called inside the runtime.
+    fn subscribe(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
+        let receiver = self.snapshots.clone();
+        let refresher = self
+            .refresher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(refresher) = refresher {
+            tokio::spawn(refresher.run());
+        }
+        receiver
+    }
+}
+
+impl Refresher {
+    async fn run(mut self) {
+        let mut changes_open = true;
+        loop {
+            // Seen before reading, so that a change made during the read
+            // wakes the next one.
+            self.changes.mark_unchanged();
+            // The feed's own receiver watches nothing.
+            if self.snapshots.receiver_count() > 1 {
+                let (status, list) = self.control.snapshot().await;
+                let snapshot = [
+                    EncodedEnvelope::encode(&status),
+                    EncodedEnvelope::encode(&list),
+                ];
+                self.snapshots.send_replace(Some(Arc::new(snapshot)));
+            } else if self.snapshots.borrow().is_some() {
+                self.snapshots.send_replace(None);
+            }
+            tokio::select! {
+                () = self.snapshots.closed() => return,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(self.refresh) => {}
+                changed = self.changes.changed(), if changes_open => {
+                    // Gone: the server is going away; only ticks from now.
+                    changes_open = changed.is_ok();
+                }
+            }
+        }
+    }
+}
+
+/// Where one dashboard stream is.
+struct StreamState {
+    snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    wake: Arc<Notify>,
     /// Envelopes still to send, last first.
-    queue: Vec<Envelope>,
-    phase: Phase,
+    queue: Vec<EncodedEnvelope>,
+    /// Whether this stream has sent a snapshot: later ones wait for a change.
+    sent_snapshot: bool,
+    /// Counts the stream as a live client while it is open.
+    _slot: ClientSlot,
 }
 
 impl StreamState {
-    async fn next(&mut self) -> Envelope {
+    /// The next envelope; `None` when the feed is gone.
+    async fn next(&mut self) -> Option<EncodedEnvelope> {
         if let Some(envelope) = self.queue.pop() {
-            return envelope;
+            return Some(envelope);
         }
-        match self.phase {
-            Phase::Connect => {
-                self.phase = Phase::FirstSnapshot;
-                self.changes.mark_unchanged();
-                return Envelope::new("dashboard.stream", "stream.connected", json!({}));
-            }
-            Phase::FirstSnapshot => self.phase = Phase::Live,
-            Phase::Live => {
-                if let Ok(Err(_)) = tokio::time::timeout(self.refresh, self.changes.changed()).await
-                {
-                    // The server is going away: no more changes, only ticks.
-                    tokio::time::sleep(self.refresh).await;
-                }
-                self.changes.mark_unchanged();
-            }
+        if self.sent_snapshot {
+            self.snapshots.changed().await.ok()?;
         }
-        let (status, list) = self.control.snapshot().await;
-        self.queue = vec![list];
-        status
+        let snapshot = loop {
+            if let Some(snapshot) = self.snapshots.borrow_and_update().clone() {
+                break snapshot;
+            }
+            // Nobody watched until now: ask for a first snapshot.
+            self.wake.notify_one();
+            self.snapshots.changed().await.ok()?;
+        };
+        self.sent_snapshot = true;
+        let [status, list] = &*snapshot;
+        self.queue = vec![list.clone()];
+        Some(status.clone())
     }
 }

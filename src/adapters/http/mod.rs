@@ -9,6 +9,7 @@ pub mod dashboard;
 pub mod dto;
 pub mod health;
 pub mod limits;
+pub mod mcp_gate;
 pub mod metrics;
 pub mod request_log;
 pub mod server;
@@ -30,9 +31,10 @@ use tokio_util::sync::CancellationToken;
 use self::allow::AllowHeader;
 use self::auth::{ApiKey, Guard, HostPolicy, OriginPolicy, TicketBook};
 use self::chat::ChatApi;
-use self::dashboard::DashboardApi;
+use self::dashboard::{DashboardApi, DashboardFeed};
 use self::health::HealthApi;
 use self::limits::BodyLimit;
+use self::mcp_gate::McpSessionGate;
 use self::metrics::MetricsApi;
 use self::request_log::RequestLog;
 use self::sessions::SessionsApi;
@@ -90,9 +92,14 @@ pub struct HttpSettings {
     /// `Host` values every route accepts (DNS-rebinding protection): names
     /// (any port) or `name:port`; `*` accepts any; IP literals always pass.
     pub allowed_hosts: Vec<String>,
-    /// Cancelled at shutdown once running turns are done: MCP sessions and
-    /// their streams end then, so graceful shutdown does not wait on idle
-    /// clients.
+    /// Most MCP `initialize` sessions at once; each also counts against
+    /// the server's client limit. Beyond it `initialize` answers 429.
+    pub max_mcp_sessions: usize,
+    /// An MCP session without traffic for this long ends.
+    pub mcp_session_idle: Duration,
+    /// Cancelled at shutdown once running turns are done: MCP sessions,
+    /// dashboard streams and their streams end then, so graceful shutdown
+    /// does not wait on idle clients.
     pub close_streams: CancellationToken,
 }
 
@@ -110,6 +117,8 @@ impl Default for HttpSettings {
             allowed_hosts: ["localhost", "127.0.0.1", "::1"]
                 .map(str::to_owned)
                 .to_vec(),
+            max_mcp_sessions: 1000,
+            mcp_session_idle: Duration::from_secs(120),
             close_streams: CancellationToken::new(),
         }
     }
@@ -169,8 +178,13 @@ pub fn api_service(
             },
             DashboardApi {
                 control: Arc::clone(&services.control),
-                events: Arc::clone(&services.approval_events),
-                refresh: settings.dashboard_refresh,
+                feed: Arc::new(DashboardFeed::new(
+                    Arc::clone(&services.control),
+                    &services.approval_events,
+                    settings.dashboard_refresh,
+                )),
+                hub: Arc::clone(&services.hub),
+                close_streams: settings.close_streams.clone(),
             },
         ),
         "autopoiesis",
@@ -195,15 +209,18 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
         hub: Arc::clone(&services.hub),
         settings: settings.ws.clone(),
     });
-    let mcp = mcp::service(
+    let (mcp, mcp_sessions) = mcp::service(
         Arc::clone(&services.control),
         &services.approval_events,
+        Arc::clone(&services.hub),
         &McpSettings {
             // The guard checks `Host` on every route before rmcp sees one.
             allowed_hosts: vec!["*".to_owned()],
             sse_keep_alive: settings.sse_keep_alive,
             max_body_bytes: settings.max_body_bytes,
             close_streams: settings.close_streams.clone(),
+            max_sessions: settings.max_mcp_sessions,
+            session_idle: settings.mcp_session_idle,
         },
     );
     Route::new()
@@ -213,9 +230,11 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
         .at(WEBSOCKET_PATH, get(session_socket).data(ws_state))
         .at(
             MCP_PATH,
-            post(mcp.clone().compat())
-                .get(mcp.clone().compat())
-                .delete(mcp.compat()),
+            post(mcp.clone().compat().with(McpSessionGate {
+                sessions: mcp_sessions,
+            }))
+            .get(mcp.clone().compat())
+            .delete(mcp.compat()),
         )
         .nest("/", api)
         // The body is read only once the request passed the guard: a client

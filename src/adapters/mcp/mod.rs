@@ -5,21 +5,23 @@
 
 mod clients;
 mod handler;
+mod sessions;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
 use tokio_util::sync::CancellationToken;
 
 pub use self::clients::McpClients;
 pub use self::handler::McpHandler;
+pub use self::sessions::CountedSessions;
 use crate::adapters::approval_broadcast::ApprovalBroadcast;
+use crate::adapters::ws::SessionHub;
 use crate::domain::dashboard::ControlPlane;
 
 /// The MCP endpoint as a tower service.
-pub type McpService = StreamableHttpService<McpHandler, LocalSessionManager>;
+pub type McpService = StreamableHttpService<McpHandler, CountedSessions>;
 
 /// How the endpoint is served.
 #[derive(Debug, Clone)]
@@ -34,16 +36,23 @@ pub struct McpSettings {
     /// Cancelled at shutdown: sessions and their streams end, so the server
     /// does not wait on idle clients.
     pub close_streams: CancellationToken,
+    /// Most `initialize` sessions at once (each also counts as a live
+    /// client of the server).
+    pub max_sessions: usize,
+    /// A session without traffic for this long ends.
+    pub session_idle: Duration,
 }
 
-/// The endpoint over `control`; `events` gets a listener that tells every
-/// connected client when approvals change.
+/// The endpoint over `control`, and its sessions (to refuse a new one
+/// before rmcp does); `events` gets a listener that tells every connected
+/// client when approvals change, and `hub` counts the sessions as clients.
 #[must_use]
 pub fn service(
     control: Arc<ControlPlane>,
     events: &ApprovalBroadcast,
+    hub: Arc<SessionHub>,
     settings: &McpSettings,
-) -> McpService {
+) -> (McpService, Arc<CountedSessions>) {
     let clients = Arc::new(McpClients::default());
     // Weak: the broadcast outlives an app built and dropped (tests build
     // many); a dropped endpoint has nobody to tell.
@@ -69,9 +78,12 @@ pub fn service(
     } else {
         config.with_allowed_hosts(settings.allowed_hosts.iter().cloned())
     };
-    StreamableHttpService::new(
-        move || Ok(handler.clone()),
-        Arc::new(LocalSessionManager::default()),
-        config,
-    )
+    let sessions = Arc::new(CountedSessions::new(
+        hub,
+        settings.max_sessions,
+        settings.session_idle,
+    ));
+    let service =
+        StreamableHttpService::new(move || Ok(handler.clone()), Arc::clone(&sessions), config);
+    (service, sessions)
 }

@@ -1,16 +1,19 @@
 //! [`ApprovalStore`] over sea-orm: one table, `approval_envelopes`.
 
+use std::path::PathBuf;
+use std::str::FromStr;
+
 use async_trait::async_trait;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
-    QueryOrder,
+    ActiveValue::Set, ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Select,
 };
 
 use super::entity::{ActiveModel, Column, Entity, Model};
 use super::{ConnectError, ConnectSettings, connect};
 use crate::domain::approvals::{
-    ApprovalDecision, ApprovalEnvelope, ApprovalState, ToolCallRequest,
+    ApprovalCursor, ApprovalDecision, ApprovalEnvelope, ApprovalState, ToolCallRequest,
 };
 use crate::ports::{ApprovalStore, ApprovalStoreError};
 
@@ -18,13 +21,73 @@ use crate::ports::{ApprovalStore, ApprovalStoreError};
 #[derive(Clone)]
 pub struct SeaOrmApprovalStore {
     db: DatabaseConnection,
+    /// The SQLite file, as it was when the store opened. SQLite keeps
+    /// writing to a file deleted under it (the open descriptor holds the
+    /// inode) and every write then "succeeds" and vanishes at the next
+    /// start, so each operation first checks that the file is still there.
+    file: Option<DatabaseFile>,
+}
+
+/// A database file and the inode it had.
+#[derive(Debug, Clone)]
+struct DatabaseFile {
+    path: PathBuf,
+    identity: FileIdentity,
+}
+
+/// Device and inode: what tells the file apart from another one created
+/// later at the same path.
+type FileIdentity = (u64, u64);
+
+fn identity(path: &std::path::Path) -> Option<FileIdentity> {
+    let metadata = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some((metadata.dev(), metadata.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        // Existence only: deletion is what happens in practice.
+        let _ = metadata;
+        Some((0, 0))
+    }
+}
+
+impl DatabaseFile {
+    /// The file behind a `sqlite:` URL, when there is one on disk now
+    /// (in-memory databases and PostgreSQL have none).
+    fn of(url: &str) -> Option<Self> {
+        if !url.starts_with("sqlite:") {
+            return None;
+        }
+        let options = sea_orm::sqlx::sqlite::SqliteConnectOptions::from_str(url).ok()?;
+        let path = options.get_filename().to_path_buf();
+        let identity = identity(&path)?;
+        Some(Self { path, identity })
+    }
+
+    fn check(&self) -> Result<(), ApprovalStoreError> {
+        if identity(&self.path) == Some(self.identity) {
+            Ok(())
+        } else {
+            Err(ApprovalStoreError::Unavailable(format!(
+                "the SQLite database {} was deleted or replaced while the server ran; \
+                 restore it and restart the server",
+                self.path.display()
+            )))
+        }
+    }
 }
 
 impl SeaOrmApprovalStore {
-    /// A store over an open, migrated connection (see [`connect`]).
+    /// A store over an open, migrated connection to `url` (see [`connect`]).
     #[must_use]
-    pub fn new(db: DatabaseConnection) -> Self {
-        Self { db }
+    pub fn new(db: DatabaseConnection, url: &str) -> Self {
+        Self {
+            db,
+            file: DatabaseFile::of(url),
+        }
     }
 
     /// Connects to `url`, migrates, and returns the store.
@@ -32,11 +95,24 @@ impl SeaOrmApprovalStore {
     /// # Errors
     /// As [`connect`].
     pub async fn open(url: &str, settings: &ConnectSettings) -> Result<Self, ConnectError> {
-        connect(url, settings).await.map(Self::new)
+        let db = connect(url, settings).await?;
+        Ok(Self::new(db, url))
+    }
+
+    /// Fails when the SQLite file is gone (see [`Self::file`]).
+    fn check_file(&self) -> Result<(), ApprovalStoreError> {
+        self.file.as_ref().map_or(Ok(()), DatabaseFile::check)
     }
 }
 
 const PENDING: &str = "pending";
+
+/// Rows still pending at `now`.
+fn pending(now: i64) -> Select<Entity> {
+    Entity::find()
+        .filter(Column::State.eq(PENDING))
+        .filter(Column::ExpiresAt.gt(now))
+}
 
 fn unavailable(error: DbErr) -> ApprovalStoreError {
     ApprovalStoreError::Unavailable(error.to_string())
@@ -71,6 +147,7 @@ fn to_envelope(row: Model) -> Result<ApprovalEnvelope, ApprovalStoreError> {
 #[async_trait]
 impl ApprovalStore for SeaOrmApprovalStore {
     async fn insert(&self, envelope: &ApprovalEnvelope) -> Result<(), ApprovalStoreError> {
+        self.check_file()?;
         let row = ActiveModel {
             envelope_id: Set(envelope.envelope_id.clone()),
             nonce: Set(envelope.nonce.clone()),
@@ -95,13 +172,36 @@ impl ApprovalStore for SeaOrmApprovalStore {
         Ok(())
     }
 
-    async fn list_pending(&self, now: i64) -> Result<Vec<ApprovalEnvelope>, ApprovalStoreError> {
-        Entity::find()
-            .filter(Column::State.eq(PENDING))
-            .filter(Column::ExpiresAt.gt(now))
-            .order_by_asc(Column::IssuedAt)
+    async fn count_pending(&self, now: i64) -> Result<u64, ApprovalStoreError> {
+        self.check_file()?;
+        pending(now).count(&self.db).await.map_err(unavailable)
+    }
+
+    async fn list_pending(
+        &self,
+        now: i64,
+        after: Option<ApprovalCursor>,
+        limit: u64,
+    ) -> Result<Vec<ApprovalEnvelope>, ApprovalStoreError> {
+        self.check_file()?;
+        let mut rows = pending(now);
+        if let Some(after) = after {
+            // (issued_at, envelope_id) > (after.issued_at, after.envelope_id),
+            // spelt out: both backends run it, and it uses the index.
+            rows = rows.filter(
+                Condition::any()
+                    .add(Column::IssuedAt.gt(after.issued_at))
+                    .add(
+                        Condition::all()
+                            .add(Column::IssuedAt.eq(after.issued_at))
+                            .add(Column::EnvelopeId.gt(after.envelope_id)),
+                    ),
+            );
+        }
+        rows.order_by_asc(Column::IssuedAt)
             // Envelopes issued in the same second still list in a stable order.
             .order_by_asc(Column::EnvelopeId)
+            .limit(limit)
             .all(&self.db)
             .await
             .map_err(unavailable)?
@@ -115,6 +215,7 @@ impl ApprovalStore for SeaOrmApprovalStore {
         approval_id: &str,
         decision: &ApprovalDecision,
     ) -> Result<ApprovalEnvelope, ApprovalStoreError> {
+        self.check_file()?;
         let state = ApprovalState::after_decision(decision.approved);
         // One conditional UPDATE ... RETURNING: the database serialises
         // racing decisions, and only the first finds the row still pending.
@@ -145,6 +246,7 @@ impl ApprovalStore for SeaOrmApprovalStore {
     }
 
     async fn prune_expired_before(&self, cutoff: i64) -> Result<u64, ApprovalStoreError> {
+        self.check_file()?;
         let deleted = Entity::delete_many()
             .filter(Column::ExpiresAt.lt(cutoff))
             .exec(&self.db)

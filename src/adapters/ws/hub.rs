@@ -173,6 +173,18 @@ impl Drop for Subscription {
     }
 }
 
+/// A place among the server's live clients ([`SessionHub::admit_client`]),
+/// given back when dropped.
+pub struct ClientSlot {
+    hub: Arc<SessionHub>,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.hub.clients.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section here leaves the data consistent, so a lock
     // poisoned by a panic elsewhere is still safe to use.
@@ -259,6 +271,25 @@ impl SessionHub {
             hub: Arc::clone(self),
             session: session.clone(),
             id,
+        })
+    }
+
+    /// Counts a client that subscribes to no session (a dashboard stream,
+    /// an MCP session) against `max_clients` for as long as the returned
+    /// slot lives.
+    ///
+    /// # Errors
+    /// [`SubscribeError::ServerFull`] when the server has as many clients as
+    /// the settings allow.
+    pub fn admit_client(self: &Arc<Self>) -> Result<ClientSlot, SubscribeError> {
+        let max = self.settings.max_clients;
+        self.clients
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|_| SubscribeError::ServerFull(max))?;
+        Ok(ClientSlot {
+            hub: Arc::clone(self),
         })
     }
 
