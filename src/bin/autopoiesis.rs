@@ -1,34 +1,24 @@
-//! The `autopoiesis` command: reads the configuration, builds the adapters,
-//! hands them to the domain services and serves them. Composition only.
+//! The `autopoiesis` command: parses the command line into the composition
+//! root's [`Settings`], builds the server with [`app::build`] and runs it
+//! until SIGINT/SIGTERM.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
-use autopoiesis::adapters::agent::{ProviderEnv, build_runtime, config::load_agents};
-use autopoiesis::adapters::approval_broadcast::ApprovalBroadcast;
+use autopoiesis::adapters::agent::ProviderEnv;
 use autopoiesis::adapters::ed25519::Ed25519ApprovalKey;
+use autopoiesis::adapters::http::HttpSettings;
 use autopoiesis::adapters::http::auth::{ApiKey, OriginPolicy};
 use autopoiesis::adapters::http::server::ServerSettings;
-use autopoiesis::adapters::http::{self, HttpSettings, Services};
-use autopoiesis::adapters::memory::InMemorySessionStore;
-use autopoiesis::adapters::persistence::{
-    ConnectSettings, SeaOrmApprovalStore, connect, sqlite_url,
-};
+use autopoiesis::adapters::ws::StreamSettings;
 use autopoiesis::adapters::ws::endpoint::WsSettings;
-use autopoiesis::adapters::ws::{SessionHub, StreamSettings};
-use autopoiesis::domain::agent::AgentConfig;
-use autopoiesis::domain::approvals::{ApprovalPolicy, ApprovalService};
-use autopoiesis::domain::chat::{
-    ApprovalRecording, ChatService, DEFAULT_MAX_QUEUED_TURNS, RuntimeSlot,
-};
-use autopoiesis::domain::dashboard::ControlPlane;
-use autopoiesis::domain::sessions::{SessionService, SweepPolicy};
-use autopoiesis::ports::ApprovalSigner;
+use autopoiesis::app::{self, Settings};
+use autopoiesis::domain::approvals::ApprovalPolicy;
+use autopoiesis::domain::chat::DEFAULT_MAX_QUEUED_TURNS;
+use autopoiesis::domain::sessions::SweepPolicy;
 use clap::{Args, Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
 /// An AI agent on the network: REST and WebSocket chat, streamed to every
 /// device, with a deferred tool-approval policy.
@@ -208,7 +198,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Openapi => {
-            print!("{}", http::spec_service(&offline_services()).spec_yaml());
+            print!("{}", app::spec_yaml());
             ExitCode::SUCCESS
         }
         Command::Keygen { out } => match Ed25519ApprovalKey::create_file(&out) {
@@ -251,57 +241,8 @@ fn init_tracing() {
         .init();
 }
 
-/// Services over in-memory adapters, for printing the spec.
-fn offline_services() -> Services {
-    let hub = SessionHub::new(StreamSettings::default());
-    let store = Arc::new(InMemorySessionStore::new());
-    let chat = Arc::new(ChatService::new(
-        RuntimeSlot::Unavailable("spec only".into()),
-        store.clone(),
-        hub.clone(),
-        None,
-    ));
-    let sessions = Arc::new(SessionService::new(store, hub.clone(), chat.clone()));
-    let approval_events = Arc::new(ApprovalBroadcast::new());
-    let agent = AgentConfig::builtin();
-    let control = Arc::new(ControlPlane::new(
-        chat.clone(),
-        sessions.clone(),
-        None,
-        approval_events.clone(),
-        agent.clone(),
-        vec![agent],
-    ));
-    Services {
-        chat,
-        sessions,
-        hub,
-        control,
-        approval_events,
-    }
-}
-
-fn select_agent(args: &ServeArgs) -> Result<(AgentConfig, Vec<AgentConfig>), String> {
-    let agents = match &args.config {
-        Some(path) => load_agents(path).map_err(|e| format!("--config: {e}"))?,
-        None => vec![AgentConfig::builtin()],
-    };
-    let agent = agents
-        .iter()
-        .find(|a| a.name == args.agent)
-        .cloned()
-        .ok_or_else(|| {
-            let names: Vec<_> = agents.iter().map(|a| a.name.as_str()).collect();
-            format!(
-                "--agent: unknown agent {:?} (configured: {})",
-                args.agent,
-                names.join(", ")
-            )
-        })?;
-    Ok((agent, agents))
-}
-
-async fn serve(args: ServeArgs) -> Result<(), String> {
+/// The settings `serve` was given, as the composition root takes them.
+fn settings(args: ServeArgs) -> Result<Settings, String> {
     let api_key = match std::env::var("AUTOPOIESIS_API_KEY") {
         Ok(key) => Some(ApiKey::new(&key).map_err(str::to_owned)?),
         Err(std::env::VarError::NotPresent) => None,
@@ -309,199 +250,88 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             return Err("AUTOPOIESIS_API_KEY is not valid UTF-8".into());
         }
     };
-    std::fs::create_dir_all(&args.data_dir)
-        .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
-    let (agent, agents) = select_agent(&args)?;
-    let approval_key = args
-        .approval_key_file
-        .as_deref()
-        .map(Ed25519ApprovalKey::load)
-        .transpose()
-        .map_err(|e| format!("AUTOPOIESIS_APPROVAL_KEY_FILE: {e}"))?;
-    let database_url = args
-        .database_url
-        .clone()
-        .unwrap_or_else(|| sqlite_url(&args.data_dir.join("approvals.sqlite")));
-    // The connection is kept here too, to be closed (and SQLite's WAL
-    // checkpointed) once the last turn has written its approval.
-    let approval_db = connect(&database_url, &ConnectSettings::default())
-        .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "approval database unavailable; chat and MCP answer 'runtime uninitialized' until this is fixed");
-            format!("Approval database unavailable: {e}")
-        });
-
-    let provider_env = ProviderEnv {
-        openai_base_url: std::env::var("OPENAI_BASE_URL")
-            .ok()
-            .filter(|v| !v.is_empty()),
-        openai_api_key: std::env::var("OPENAI_API_KEY")
-            .ok()
-            .filter(|v| !v.is_empty()),
-        stream_idle_timeout: args.provider_timeout,
-    };
-    let runtime = match approval_db
-        .as_ref()
-        .map_err(Clone::clone)
-        .and_then(|_| build_runtime(&agent, &provider_env))
-    {
-        Ok(runtime) => RuntimeSlot::Ready(runtime),
-        Err(why) if approval_db.is_err() => RuntimeSlot::Unavailable(why),
-        Err(why) => {
-            tracing::warn!(reason = %why, "agent runtime unavailable; chat answers 503 until this is fixed");
-            RuntimeSlot::Unavailable(format!("Agent runtime unavailable: {why}"))
-        }
-    };
-
-    let hub = SessionHub::new(StreamSettings {
-        ring_capacity: args.event_buffer,
-        ring_bytes: args.event_buffer_bytes,
-        client_queue: args.client_queue as usize,
-        max_clients_per_session: args.max_clients_per_session,
-        max_clients: args.max_clients,
-    });
-    let store = Arc::new(InMemorySessionStore::with_limit(args.max_sessions));
-    let turn_timeout = (!args.turn_timeout.is_zero()).then_some(args.turn_timeout);
-    let approval_events = Arc::new(ApprovalBroadcast::new());
-    let approvals = approval_db.as_ref().ok().map(|db| {
-        let store = SeaOrmApprovalStore::new(db.clone(), &database_url);
-        let signer = approval_key.map(|key| Arc::new(key) as Arc<dyn ApprovalSigner>);
-        Arc::new(ApprovalService::new(
-            Arc::new(store),
-            signer,
-            ApprovalPolicy {
-                max_pending: args.max_pending_approvals,
-                max_args_bytes: args.max_approval_args_bytes,
-                ..ApprovalPolicy::default()
-            },
-        ))
-    });
-    let mut chat = ChatService::new(runtime, store.clone(), hub.clone(), turn_timeout)
-        .with_history_limit(args.max_history_bytes)
-        .with_max_queued_turns(args.max_queued_turns);
-    if let Some(service) = &approvals {
-        chat = chat.with_approvals(ApprovalRecording {
-            service: service.clone(),
-            events: approval_events.clone(),
-            agent: agent.name.clone(),
-        });
-    }
-    let chat = Arc::new(chat);
-    let sessions = Arc::new(SessionService::new(store, hub.clone(), chat.clone()));
-    let control = Arc::new(ControlPlane::new(
-        chat.clone(),
-        sessions.clone(),
-        approvals.clone(),
-        approval_events.clone(),
-        agent.clone(),
-        agents,
-    ));
-    let services = Services {
-        chat: chat.clone(),
-        sessions: sessions.clone(),
-        hub: hub.clone(),
-        control,
-        approval_events,
-    };
-    // Ends MCP sessions and their streams at shutdown, after running turns.
-    let close_streams = CancellationToken::new();
+    let env = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
     let defaults = HttpSettings::default();
     let mut allowed_hosts = defaults.allowed_hosts.clone();
-    allowed_hosts.extend(args.allowed_hosts.iter().cloned());
-    let settings = HttpSettings {
-        api_key,
-        origins: OriginPolicy {
-            allowed: args.allowed_origins.clone(),
+    allowed_hosts.extend(args.allowed_hosts);
+    Ok(Settings {
+        listen: SocketAddr::new(args.host, args.port),
+        database_url: args.database_url,
+        approval_key_file: args.approval_key_file,
+        agents_file: args.config,
+        agent: args.agent,
+        provider: ProviderEnv {
+            openai_base_url: env("OPENAI_BASE_URL"),
+            openai_api_key: env("OPENAI_API_KEY"),
+            stream_idle_timeout: args.provider_timeout,
         },
-        max_body_bytes: args.max_body_bytes,
-        body_timeout: args.body_timeout,
-        ws: WsSettings {
-            max_message_bytes: args.max_ws_message_bytes,
+        approval_policy: ApprovalPolicy {
+            max_pending: args.max_pending_approvals,
+            max_args_bytes: args.max_approval_args_bytes,
+            ..ApprovalPolicy::default()
         },
-        allowed_hosts,
-        close_streams: close_streams.clone(),
-        max_mcp_sessions: args.max_mcp_sessions,
-        mcp_session_idle: args.mcp_session_idle,
-        ..defaults
-    };
-
-    let address = SocketAddr::new(args.host, args.port);
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
-        .map_err(|e| format!("cannot bind {address}: {e}"))?;
-    let bound = listener
-        .local_addr()
-        .map_err(|e| format!("cannot read the bound address: {e}"))?;
-    let approval_key_id = approvals.as_ref().and_then(|a| a.key_id());
-    tracing::info!(
-        address = %bound,
-        agent = %agent.name,
-        model = %agent.model,
-        auth = settings.api_key.is_some(),
-        approvals = %if approval_key_id.is_some() { "unlocked" } else { "locked" },
-        approval.key_id = %approval_key_id.as_deref().unwrap_or("none"),
-        "autopoiesis listening on http://{bound}"
-    );
-
-    let shutdown = CancellationToken::new();
-    let sweeper = tokio::spawn({
-        let (sessions, shutdown) = (sessions.clone(), shutdown.clone());
-        let policy = SweepPolicy {
+        stream: StreamSettings {
+            ring_capacity: args.event_buffer,
+            ring_bytes: args.event_buffer_bytes,
+            client_queue: args.client_queue as usize,
+            max_clients_per_session: args.max_clients_per_session,
+            max_clients: args.max_clients,
+        },
+        max_sessions: args.max_sessions,
+        max_history_bytes: args.max_history_bytes,
+        max_queued_turns: args.max_queued_turns,
+        turn_timeout: (!args.turn_timeout.is_zero()).then_some(args.turn_timeout),
+        sweep: Some(SweepPolicy {
             idle_ttl: args.session_ttl,
             interval: args.sweep_interval,
-        };
-        async move { sessions.run_sweeper(policy, shutdown).await }
-    });
-    // Shutdown, in order: stop accepting (poem, when `signal` resolves);
-    // let running turns finish for the grace period, then cancel them; close
-    // the sockets with 1001; wait for the responses still in flight.
-    let drain = tokio::spawn({
-        let (chat, hub, shutdown) = (chat.clone(), hub.clone(), shutdown.clone());
-        let grace = args.shutdown_grace;
-        async move {
-            shutdown.cancelled().await;
-            chat.shutdown(grace).await;
-            close_streams.cancel();
-            hub.close_all_and_wait(Duration::from_secs(5)).await;
-        }
-    });
-    let pruner = tokio::spawn({
-        let (approvals, shutdown) = (approvals.clone(), shutdown.clone());
-        async move {
-            if let Some(approvals) = approvals {
-                approvals.run_pruner(shutdown).await;
-            }
-        }
-    });
-    let signal = {
-        let shutdown = shutdown.clone();
-        async move {
-            wait_for_signal().await;
-            tracing::info!("shutting down: finishing running turns");
-            shutdown.cancel();
-        }
-    };
-    let app = http::app(&services, &settings);
-    let served = http::serve(
-        listener,
-        app,
-        ServerSettings {
+        }),
+        http: HttpSettings {
+            api_key,
+            origins: OriginPolicy {
+                allowed: args.allowed_origins,
+            },
+            max_body_bytes: args.max_body_bytes,
+            body_timeout: args.body_timeout,
+            ws: WsSettings {
+                max_message_bytes: args.max_ws_message_bytes,
+            },
+            allowed_hosts,
+            max_mcp_sessions: args.max_mcp_sessions,
+            mcp_session_idle: args.mcp_session_idle,
+            ..defaults
+        },
+        server: ServerSettings {
             max_connections: args.max_connections as usize,
             header_timeout: args.header_timeout,
             idle_timeout: args.idle_timeout,
             write_timeout: args.write_timeout,
             grace: args.shutdown_grace + Duration::from_secs(10),
         },
-        signal,
-    )
-    .await;
-    shutdown.cancel();
-    let _ = tokio::join!(sweeper, drain, pruner);
-    if let Ok(db) = approval_db
-        && let Err(error) = db.close().await
-    {
-        tracing::warn!(%error, "approval database did not close cleanly");
-    }
+        shutdown_grace: args.shutdown_grace,
+        ..Settings::new(args.data_dir)
+    })
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let app = app::build(settings(args)?)
+        .await
+        .map_err(|e| e.to_string())?;
+    let bound = app.address();
+    tracing::info!(
+        address = %bound,
+        agent = %app.agent.name,
+        model = %app.agent.model,
+        auth = app.auth,
+        approvals = %if app.approval_key_id.is_some() { "unlocked" } else { "locked" },
+        approval.key_id = %app.approval_key_id.as_deref().unwrap_or("none"),
+        "autopoiesis listening on http://{bound}"
+    );
+    let served = app
+        .run(async {
+            wait_for_signal().await;
+            tracing::info!("shutting down: finishing running turns");
+        })
+        .await;
     tracing::info!("stopped");
     served.map_err(|e| format!("server failed: {e}"))
 }

@@ -1,28 +1,23 @@
-//! `spawn_app`: the real server on 127.0.0.1:0 with isolated state, composed
-//! like the binary does, with the knobs tests need.
+//! `spawn_app`: the real server on 127.0.0.1:0 with isolated state, built
+//! by the same composition root as the binary (`app::build`); the knobs
+//! tests need are its settings.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use autopoiesis::adapters::agent::echo::EchoRuntime;
-use autopoiesis::adapters::approval_broadcast::ApprovalBroadcast;
 use autopoiesis::adapters::ed25519::Ed25519ApprovalKey;
 use autopoiesis::adapters::http::auth::ApiKey;
 use autopoiesis::adapters::http::server::ServerSettings;
-use autopoiesis::adapters::http::{self, HttpSettings, Services};
-use autopoiesis::adapters::memory::InMemorySessionStore;
-use autopoiesis::adapters::persistence::{ConnectSettings, SeaOrmApprovalStore, sqlite_url};
-use autopoiesis::adapters::ws::{SessionHub, StreamSettings};
+use autopoiesis::adapters::http::{HttpSettings, Services};
+use autopoiesis::adapters::ws::StreamSettings;
+use autopoiesis::app::{self, Settings, StoreLayer};
 use autopoiesis::domain::agent::AgentConfig;
-use autopoiesis::domain::approvals::{
-    ApprovalCursor, ApprovalDecision, ApprovalEnvelope, ApprovalPolicy, ApprovalService,
-};
-use autopoiesis::domain::chat::{ApprovalRecording, ChatService, RuntimeSlot};
-use autopoiesis::domain::dashboard::ControlPlane;
-use autopoiesis::domain::sessions::{SessionService, SweepPolicy};
-use autopoiesis::ports::AgentRuntime;
-use autopoiesis::ports::{ApprovalSigner, ApprovalStore, ApprovalStoreError};
+use autopoiesis::domain::approvals::{ApprovalCursor, ApprovalDecision, ApprovalEnvelope};
+use autopoiesis::domain::chat::RuntimeSlot;
+use autopoiesis::domain::sessions::SweepPolicy;
+use autopoiesis::ports::{AgentRuntime, ApprovalStore, ApprovalStoreError};
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::net::TcpStream;
@@ -101,79 +96,46 @@ pub async fn spawn_app() -> TestApp {
 
 pub async fn spawn_with(options: Options) -> TestApp {
     let data = tempfile::tempdir().unwrap();
-    let hub = SessionHub::new(options.stream);
-    let store = Arc::new(InMemorySessionStore::with_limit(options.max_sessions));
-    let url = options
-        .database_url
-        .unwrap_or_else(|| sqlite_url(&data.path().join("approvals.sqlite")));
+    let approval_key_file = options.approval_key.then(|| {
+        let path = data.path().join("approval.key");
+        Ed25519ApprovalKey::create_file(&path).unwrap();
+        path
+    });
     let approval_reads = Arc::new(StoreReads::default());
-    let approval_store = CountingStore {
-        inner: SeaOrmApprovalStore::open(&url, &ConnectSettings::default())
-            .await
-            .unwrap(),
-        reads: approval_reads.clone(),
+    let store_layer: StoreLayer = {
+        let reads = approval_reads.clone();
+        Arc::new(move |inner| {
+            Arc::new(CountingStore {
+                inner,
+                reads: reads.clone(),
+            })
+        })
     };
-    let signer = options
-        .approval_key
-        .then(|| Arc::new(Ed25519ApprovalKey::generate().unwrap()) as Arc<dyn ApprovalSigner>);
-    let approvals = Arc::new(ApprovalService::new(
-        Arc::new(approval_store),
-        signer,
-        ApprovalPolicy::default(),
-    ));
-    let approval_events = Arc::new(ApprovalBroadcast::new());
-    let agent = AgentConfig::builtin();
-    let chat = Arc::new(
-        ChatService::new(
-            options.runtime,
-            store.clone(),
-            hub.clone(),
-            options.turn_timeout,
-        )
-        .with_history_limit(options.max_history_bytes)
-        .with_approvals(ApprovalRecording {
-            service: approvals.clone(),
-            events: approval_events.clone(),
-            agent: agent.name.clone(),
-        }),
-    );
-    let sessions = Arc::new(SessionService::new(store, hub.clone(), chat.clone()));
-    let control = Arc::new(ControlPlane::new(
-        chat.clone(),
-        sessions.clone(),
-        Some(approvals.clone()),
-        approval_events.clone(),
-        agent.clone(),
-        vec![agent],
-    ));
-    let services = Services {
-        chat: chat.clone(),
-        sessions: sessions.clone(),
-        hub: hub.clone(),
-        control,
-        approval_events,
-    };
-    let settings = HttpSettings {
-        api_key: options.api_key.map(|k| ApiKey::new(k).unwrap()),
-        ..options.http
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
+    let app = app::build(Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        database_url: options.database_url,
+        approval_key_file,
+        runtime: Some(options.runtime),
+        store_layer: Some(store_layer),
+        stream: options.stream,
+        max_sessions: options.max_sessions,
+        max_history_bytes: options.max_history_bytes,
+        turn_timeout: options.turn_timeout,
+        sweep: options.sweep,
+        http: HttpSettings {
+            api_key: options.api_key.map(|k| ApiKey::new(k).unwrap()),
+            ..options.http
+        },
+        server: options.server,
+        shutdown_grace: Duration::ZERO,
+        ..Settings::new(data.path())
+    })
+    .await
+    .unwrap();
+    let address = app.address();
+    let services = app.services.clone();
     let shutdown = CancellationToken::new();
-    if let Some(policy) = options.sweep {
-        let (sessions, shutdown) = (sessions.clone(), shutdown.clone());
-        tokio::spawn(async move { sessions.run_sweeper(policy, shutdown).await });
-    }
-    let app = http::app(&services, &settings);
-    let signal = {
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown.cancelled().await;
-            chat.shutdown(Duration::ZERO).await;
-            hub.close_all();
-        }
-    };
-    tokio::spawn(http::serve(listener, app, options.server, signal));
+    tokio::spawn(app.run(shutdown.clone().cancelled_owned()));
     TestApp {
         address,
         base: format!("http://{address}"),
@@ -201,7 +163,7 @@ impl StoreReads {
 /// The real store, counting how often pending envelopes are listed: the
 /// tests that say "one read per change" or "counted, not loaded" read it.
 struct CountingStore {
-    inner: SeaOrmApprovalStore,
+    inner: Arc<dyn ApprovalStore>,
     reads: Arc<StoreReads>,
 }
 
