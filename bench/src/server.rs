@@ -19,7 +19,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The server binary: `--server`, else `autopoiesis` beside this executable.
 /// Under `cargo run` (which sets `CARGO`) it is built first with this
-/// executable's profile: `cargo run --bin autopoiesis-bench` builds only the
+/// executable's profile: `cargo run -p autopoiesis-bench` builds only the
 /// bench, and a server binary left from an older build would be measured
 /// without a word.
 pub fn locate(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -36,16 +36,19 @@ pub fn locate(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         std::env::var_os("CARGO"),
         std::env::var("CARGO_MANIFEST_DIR"),
     ) {
+        // This crate is `bench/` in the server's workspace.
         let mut build = Command::new(cargo);
         build
             .args([
                 "build",
                 "--locked",
+                "-p",
+                "autopoiesis",
                 "--bin",
                 "autopoiesis",
                 "--manifest-path",
             ])
-            .arg(Path::new(&manifest).join("Cargo.toml"));
+            .arg(Path::new(&manifest).join("../Cargo.toml"));
         if !cfg!(debug_assertions) {
             build.arg("--release");
         }
@@ -55,7 +58,7 @@ pub fn locate(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     }
     anyhow::ensure!(
         server.is_file(),
-        "no server at {}: build it (cargo build --release --bins) or pass --server",
+        "no server at {}: build it (cargo build --release -p autopoiesis) or pass --server",
         server.display()
     );
     Ok(server)
