@@ -419,7 +419,7 @@ async fn defer_tool_calls(app: &TestApp, n: usize) {
 async fn open_stream(
     app: &TestApp,
 ) -> (
-    impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+    impl futures::Stream<Item = reqwest::Result<hyper::body::Bytes>> + Unpin,
     String,
 ) {
     let res = app.get("/api/stream").await;

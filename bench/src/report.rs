@@ -226,8 +226,8 @@ pub fn markdown(plan: &Plan, machine: &Machine, outcome: &Outcome, remarks: &[St
     let mut out = String::from("# Benchmarks\n\n");
     let _ = writeln!(
         out,
-        "Measured by `autopoiesis-bench` (`src/bin/autopoiesis-bench/`) on {}, with \
-         `cargo run{} --bin autopoiesis-bench{}{}`{}.\n",
+        "Measured by `autopoiesis-bench` (the `bench/` crate) on {}, with \
+         `cargo run{} -p autopoiesis-bench{}{}`{}.\n",
         machine.date,
         if cfg!(debug_assertions) {
             ""

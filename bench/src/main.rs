@@ -61,10 +61,12 @@ fn duration(raw: &str) -> Result<Duration, humantime::DurationError> {
 /// explicit flag still beats.
 #[derive(Debug, Args)]
 struct Options {
-    /// The server binary. Default: `autopoiesis` next to this executable
-    /// (same target dir and profile); when run through `cargo run`, it is
-    /// built first so a stale server is never measured.
-    #[arg(long)]
+    /// The server binary, used as it is. Default: `autopoiesis` next to this
+    /// executable (same target dir and profile: `target/release/` or
+    /// `target/debug/`); when run through `cargo run`, it is built first so
+    /// a stale server is never measured, except under `--quick`, which
+    /// builds it only when it is missing.
+    #[arg(long, visible_alias = "server-bin", value_name = "PATH")]
     server: Option<PathBuf>,
     /// Measured time of each REST, chat and MCP run (per round).
     #[arg(long, value_parser = duration)]
@@ -228,7 +230,7 @@ fn main() -> ExitCode {
 /// Runs the phases and reports; `Ok(false)` when a phase failed (the table
 /// is still printed, with the failure in its row, but not written).
 fn bench(options: &Options) -> anyhow::Result<bool> {
-    let server = server::locate(options.server.clone())?;
+    let server = server::locate(options.server.clone(), options.quick)?;
     let plan = Plan::new(options, server);
     server::raise_open_files_limit(&plan)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -2,7 +2,7 @@
 //! starting it (or the ceiling) on a free port with its log in a file,
 //! waiting until it answers, and reading memory and CPU figures from `/proc`.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,12 +17,18 @@ use crate::Plan;
 /// start.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The server binary: `--server`, else `autopoiesis` beside this executable.
-/// Under `cargo run` (which sets `CARGO`) it is built first with this
-/// executable's profile: `cargo run --bin autopoiesis-bench` builds only the
-/// bench, and a server binary left from an older build would be measured
-/// without a word.
-pub fn locate(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+/// The server binary: `--server`, else `autopoiesis` beside this executable
+/// (the workspace's `target/release/` or `target/debug/`, this executable's
+/// profile). Under `cargo run` (which sets `CARGO`) it is built first, with
+/// this executable's profile: `cargo run -p autopoiesis-bench` builds only
+/// the bench, and a server binary left from an older build would be
+/// measured without a word. A `--quick` run (figures nobody reads) takes a
+/// server that is already there as it is, and builds only a missing one:
+/// in CI `cargo test` has just built it from the same source, and a debug
+/// `cargo build` of the server alone would rebuild what `cargo test`
+/// compiled with its dev-dependencies' features (rmcp's client), so the smoke
+/// run would take a minute instead of seconds.
+pub fn locate(explicit: Option<PathBuf>, quick: bool) -> anyhow::Result<PathBuf> {
     if let Some(path) = explicit {
         anyhow::ensure!(path.is_file(), "--server {}: no such file", path.display());
         return Ok(path);
@@ -32,33 +38,77 @@ pub fn locate(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         .parent()
         .context("this executable has no parent directory")?;
     let server = dir.join(format!("autopoiesis{}", std::env::consts::EXE_SUFFIX));
-    if let (Some(cargo), Ok(manifest)) = (
+    if let (Some(cargo), Some(manifest)) = (
         std::env::var_os("CARGO"),
-        std::env::var("CARGO_MANIFEST_DIR"),
-    ) {
-        let mut build = Command::new(cargo);
-        build
-            .args([
-                "build",
-                "--locked",
-                "--bin",
-                "autopoiesis",
-                "--manifest-path",
-            ])
-            .arg(Path::new(&manifest).join("Cargo.toml"));
-        if !cfg!(debug_assertions) {
-            build.arg("--release");
-        }
+        std::env::var_os("CARGO_MANIFEST_DIR"),
+    ) && !(quick && server.is_file())
+    {
+        // This crate is `bench/` in the server's workspace.
+        let workspace = Path::new(&manifest)
+            .parent()
+            .context("the bench's manifest dir has no parent")?
+            .join("Cargo.toml");
+        let mut build = build_command(&cargo, &workspace, !cfg!(debug_assertions));
         eprintln!("building the server: {build:?}");
         let status = build.status().context("cannot run cargo build")?;
         anyhow::ensure!(status.success(), "building the server failed ({status})");
+    } else if server.is_file() {
+        eprintln!("using the server at {}", server.display());
     }
     anyhow::ensure!(
         server.is_file(),
-        "no server at {}: build it (cargo build --release --bins) or pass --server",
+        "no server at {}: build it (cargo build --release -p autopoiesis) or pass --server",
         server.display()
     );
     Ok(server)
+}
+
+/// `cargo build` of the server alone, as a user would type it: without the
+/// variables `cargo run` set for this process. Inherited, they reach the
+/// nested build's compilers and build scripts, change their fingerprints
+/// and make this build, then the next `cargo test`, recompile ring, rustls,
+/// sqlx and sea-orm.
+fn build_command(cargo: &OsStr, workspace_manifest: &Path, release: bool) -> Command {
+    let mut build = Command::new(cargo);
+    build
+        .args([
+            "build",
+            "--locked",
+            "-p",
+            "autopoiesis",
+            "--bin",
+            "autopoiesis",
+        ])
+        .arg("--manifest-path")
+        .arg(workspace_manifest);
+    if release {
+        build.arg("--release");
+    }
+    for (key, _) in std::env::vars_os() {
+        if set_by_cargo_run(&key.to_string_lossy()) {
+            build.env_remove(key);
+        }
+    }
+    build
+}
+
+/// Whether `name` is one of the variables Cargo sets for a crate it
+/// compiles or runs (its package, manifest, binaries and output dirs), as
+/// opposed to the user's own settings (`CARGO_HOME`, `CARGO_TARGET_DIR`,
+/// `CARGO_TERM_COLOR`, `CARGO_PROFILE_*`, `RUSTFLAGS`, ...), which the
+/// nested build keeps.
+fn set_by_cargo_run(name: &str) -> bool {
+    const NAMES: &[&str] = &[
+        "CARGO",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "OUT_DIR",
+    ];
+    const PREFIXES: &[&str] = &["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_EXE_"];
+    NAMES.contains(&name) || PREFIXES.iter().any(|prefix| name.starts_with(prefix))
 }
 
 /// Raises the soft open-files limit to the hard one: the idle-memory phase
@@ -294,6 +344,55 @@ pub async fn get_status(address: SocketAddr, path: &str) -> anyhow::Result<u16> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_nested_build_drops_what_cargo_run_set_and_keeps_the_users_settings() {
+        for name in [
+            "CARGO",
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_CRATE_NAME",
+            "CARGO_BIN_NAME",
+            "CARGO_BIN_EXE_autopoiesis",
+            "CARGO_PRIMARY_PACKAGE",
+            "OUT_DIR",
+        ] {
+            assert!(set_by_cargo_run(name), "{name} should be dropped");
+        }
+        for name in [
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_TERM_COLOR",
+            "CARGO_PROFILE_RELEASE_LTO",
+            "CARGO_BUILD_JOBS",
+            "RUSTFLAGS",
+            "PATH",
+        ] {
+            assert!(!set_by_cargo_run(name), "{name} should be kept");
+        }
+    }
+
+    #[test]
+    fn the_nested_build_builds_the_server_package_alone() {
+        let build = build_command(OsStr::new("cargo"), Path::new("/w/Cargo.toml"), true);
+        let args: Vec<_> = build.get_args().map(|a| a.to_string_lossy()).collect();
+        assert_eq!(
+            args,
+            [
+                "build",
+                "--locked",
+                "-p",
+                "autopoiesis",
+                "--bin",
+                "autopoiesis",
+                "--manifest-path",
+                "/w/Cargo.toml",
+                "--release"
+            ]
+        );
+    }
 
     #[test]
     fn cpu_time_is_read_past_a_command_name_with_spaces() {
