@@ -17,8 +17,8 @@ use autopoiesis::adapters::memory::InMemorySessionStore;
 use autopoiesis::adapters::persistence::{
     ConnectSettings, SeaOrmApprovalStore, connect, sqlite_url,
 };
+use autopoiesis::adapters::stream::{SessionHub, StreamSettings};
 use autopoiesis::adapters::ws::endpoint::WsSettings;
-use autopoiesis::adapters::ws::{SessionHub, StreamSettings};
 use autopoiesis::domain::agent::AgentConfig;
 use autopoiesis::domain::approvals::{ApprovalPolicy, ApprovalService};
 use autopoiesis::domain::chat::{

@@ -13,7 +13,7 @@ use autopoiesis::adapters::http::server::ServerSettings;
 use autopoiesis::adapters::http::{self, HttpSettings, Services};
 use autopoiesis::adapters::memory::InMemorySessionStore;
 use autopoiesis::adapters::persistence::{ConnectSettings, SeaOrmApprovalStore, sqlite_url};
-use autopoiesis::adapters::ws::{SessionHub, StreamSettings};
+use autopoiesis::adapters::stream::{SessionHub, StreamSettings};
 use autopoiesis::domain::agent::AgentConfig;
 use autopoiesis::domain::approvals::{
     ApprovalCursor, ApprovalDecision, ApprovalEnvelope, ApprovalPolicy, ApprovalService,

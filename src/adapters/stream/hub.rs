@@ -14,7 +14,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::protocol::{broadcast_frame, direct_frame, encode_event};
+use super::frames::{broadcast_frame, direct_frame, encode_event};
 use crate::domain::events::SessionEvent;
 use crate::domain::session::{SessionId, TurnId};
 use crate::ports::SessionEvents;
