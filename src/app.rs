@@ -21,7 +21,7 @@ use crate::adapters::http::server::ServerSettings;
 use crate::adapters::http::{self, HttpSettings, Services};
 use crate::adapters::memory::InMemorySessionStore;
 use crate::adapters::persistence::{ConnectSettings, SeaOrmApprovalStore, connect, sqlite_url};
-use crate::adapters::ws::{SessionHub, StreamSettings};
+use crate::adapters::stream::{SessionHub, StreamSettings};
 use crate::domain::agent::AgentConfig;
 use crate::domain::approvals::{ApprovalPolicy, ApprovalService};
 use crate::domain::chat::{ApprovalRecording, ChatService, DEFAULT_MAX_QUEUED_TURNS, RuntimeSlot};

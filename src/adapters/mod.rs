@@ -9,4 +9,5 @@ pub mod mcp;
 pub mod memory;
 pub mod metrics;
 pub mod persistence;
+pub mod stream;
 pub mod ws;

@@ -12,7 +12,7 @@ use autopoiesis::adapters::ed25519::Ed25519ApprovalKey;
 use autopoiesis::adapters::http::HttpSettings;
 use autopoiesis::adapters::http::auth::{ApiKey, OriginPolicy};
 use autopoiesis::adapters::http::server::ServerSettings;
-use autopoiesis::adapters::ws::StreamSettings;
+use autopoiesis::adapters::stream::StreamSettings;
 use autopoiesis::adapters::ws::endpoint::WsSettings;
 use autopoiesis::app::{self, Settings};
 use autopoiesis::domain::approvals::ApprovalPolicy;

@@ -343,6 +343,8 @@ impl ChatService {
             .sessions
             .get_or_create(&session_id, Utc::now())
             .await?;
+        // A session deleted before and used again is a live stream again.
+        self.core.events.opened(&session_id);
         self.admit(runtime, session_id, content)?.outcome().await
     }
 
@@ -1041,6 +1043,7 @@ mod tests {
         events.expect_publish().returning(move |_, _, event| {
             published.lock().unwrap().push(event);
         });
+        events.expect_opened().returning(|_| ());
         events
     }
 
@@ -1265,6 +1268,7 @@ mod tests {
             .returning(|_, _| Ok(reply(vec![])));
         let mut events = MockSessionEvents::new();
         events.expect_publish().return_const(());
+        events.expect_opened().return_const(());
         let chat = ChatService::new(
             RuntimeSlot::Ready(Arc::new(runtime)),
             Arc::new(store),

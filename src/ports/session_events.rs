@@ -20,5 +20,12 @@ pub trait SessionEvents: Send + Sync {
     fn live_sessions(&self) -> HashSet<SessionId>;
 
     /// The session is gone: drop what is kept for it and close its clients.
+    /// Events published for it afterwards are dropped, until it is
+    /// [opened](Self::opened) again.
     fn forget(&self, session: &SessionId);
+
+    /// The session exists (again): events published for it from now on are
+    /// kept, even if it was forgotten before. Called when a turn creates or
+    /// reuses the session.
+    fn opened(&self, session: &SessionId);
 }

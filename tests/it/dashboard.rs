@@ -592,7 +592,7 @@ async fn dashboard_streams_share_one_store_read_per_change_and_decisions_keep_su
 #[tokio::test]
 async fn dashboard_streams_beyond_max_clients_are_refused_with_429() {
     let app = spawn_with(Options {
-        stream: autopoiesis::adapters::ws::StreamSettings {
+        stream: autopoiesis::adapters::stream::StreamSettings {
             max_clients: 2,
             ..Default::default()
         },

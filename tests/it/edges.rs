@@ -1,7 +1,7 @@
 //! Hostile input and limits (SPEC B6): random WebSocket frames, too many
 //! clients.
 
-use autopoiesis::adapters::ws::StreamSettings;
+use autopoiesis::adapters::stream::StreamSettings;
 use futures::SinkExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -11,7 +11,7 @@ use autopoiesis::adapters::ed25519::Ed25519ApprovalKey;
 use autopoiesis::adapters::http::auth::ApiKey;
 use autopoiesis::adapters::http::server::ServerSettings;
 use autopoiesis::adapters::http::{HttpSettings, Services};
-use autopoiesis::adapters::ws::StreamSettings;
+use autopoiesis::adapters::stream::StreamSettings;
 use autopoiesis::app::{self, Settings, StoreLayer};
 use autopoiesis::domain::agent::AgentConfig;
 use autopoiesis::domain::approvals::{ApprovalCursor, ApprovalDecision, ApprovalEnvelope};

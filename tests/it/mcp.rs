@@ -541,7 +541,7 @@ fn session_of(res: &reqwest::Response) -> String {
 #[tokio::test]
 async fn mcp_sessions_count_as_live_clients_and_initialize_beyond_the_limit_is_429() {
     let app = spawn_with(Options {
-        stream: autopoiesis::adapters::ws::StreamSettings {
+        stream: autopoiesis::adapters::stream::StreamSettings {
             max_clients: 2,
             ..Default::default()
         },

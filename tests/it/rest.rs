@@ -442,3 +442,24 @@ async fn metrics_are_prefixed_and_count_live_sockets_by_transport() {
     }
     assert!(!text.contains("\nstream_clients"), "{text}");
 }
+
+#[tokio::test]
+async fn a_session_deleted_and_used_again_keeps_its_new_events_for_resuming_clients() {
+    let app = spawn_app().await;
+    let res = app
+        .chat(json!({"content": "first life", "session_id": "again"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(app.delete("/api/sessions/again").await.status(), 204);
+    // No client watches while the new turn runs.
+    let res = app
+        .chat(json!({"content": "second life", "session_id": "again"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut ws = app.ws_at("/api/ws/again?after_seq=0").await;
+    let frames = crate::helpers::until_terminal(&mut ws).await;
+    let done = frames.last().unwrap();
+    assert_eq!(done["op"], "done");
+    assert_eq!(done["data"]["content"], "second life");
+    assert_eq!(frames[0]["seq"], 1, "the new stream starts from 1");
+}

@@ -99,7 +99,7 @@ async fn sse_refuses_a_malformed_last_event_id() {
 async fn a_kicked_sse_client_that_stopped_reading_is_disconnected_and_uncounted() {
     use autopoiesis::adapters::http::HttpSettings;
     use autopoiesis::adapters::http::server::ServerSettings;
-    use autopoiesis::adapters::ws::StreamSettings;
+    use autopoiesis::adapters::stream::StreamSettings;
     use autopoiesis::domain::chat::RuntimeSlot;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use autopoiesis::adapters::http::HttpSettings;
-use autopoiesis::adapters::ws::StreamSettings;
+use autopoiesis::adapters::stream::StreamSettings;
 use autopoiesis::adapters::ws::endpoint::WsSettings;
 use autopoiesis::domain::chat::RuntimeSlot;
 use autopoiesis::domain::sessions::SweepPolicy;

@@ -26,8 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::ApiTags;
 use super::dto::ErrorBody;
 use crate::adapters::approval_broadcast::ApprovalBroadcast;
-use crate::adapters::ws::SessionHub;
-use crate::adapters::ws::hub::ClientSlot;
+use crate::adapters::stream::{ClientSlot, SessionHub};
 use crate::domain::dashboard::{ControlPlane, Envelope, ErrorKind, UnknownTool, tools};
 
 pub struct DashboardApi {

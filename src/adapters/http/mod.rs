@@ -14,7 +14,7 @@ pub mod metrics;
 pub mod request_log;
 pub mod server;
 pub mod sessions;
-pub mod stream;
+pub mod sse;
 pub mod tickets;
 
 use std::sync::Arc;
@@ -41,7 +41,7 @@ use self::sessions::SessionsApi;
 use self::tickets::TicketApi;
 use crate::adapters::approval_broadcast::ApprovalBroadcast;
 use crate::adapters::mcp::{self, McpSettings};
-use crate::adapters::ws::SessionHub;
+use crate::adapters::stream::SessionHub;
 use crate::adapters::ws::endpoint::{WsSettings, WsState, session_socket};
 use crate::domain::chat::ChatService;
 use crate::domain::dashboard::ControlPlane;

@@ -12,8 +12,8 @@ use poem_openapi::{ApiResponse, OpenApi};
 
 use super::ApiTags;
 use super::dto::{CancelBody, ErrorBody, HistoryBody, SessionInfoBody};
-use super::stream::{SseFrame, frames};
-use crate::adapters::ws::SessionHub;
+use super::sse::{SseFrame, frames};
+use crate::adapters::stream::SessionHub;
 use crate::domain::chat::{CancelError, ChatService};
 use crate::domain::session::SessionId;
 use crate::domain::sessions::SessionService;

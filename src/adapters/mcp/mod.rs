@@ -17,7 +17,7 @@ pub use self::clients::McpClients;
 pub use self::handler::McpHandler;
 pub use self::sessions::CountedSessions;
 use crate::adapters::approval_broadcast::ApprovalBroadcast;
-use crate::adapters::ws::SessionHub;
+use crate::adapters::stream::SessionHub;
 use crate::domain::dashboard::ControlPlane;
 
 /// The MCP endpoint as a tower service.

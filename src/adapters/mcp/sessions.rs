@@ -19,8 +19,7 @@ use rmcp::transport::streamable_http_server::session::local::{
 };
 use rmcp::transport::streamable_http_server::session::{ServerSseMessage, SessionManager};
 
-use crate::adapters::ws::SessionHub;
-use crate::adapters::ws::hub::ClientSlot;
+use crate::adapters::stream::{ClientSlot, SessionHub};
 
 /// Why a session operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -20,9 +20,9 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::hub::{CloseReason, SessionHub, Subscription};
 use super::protocol::{Incoming, IncomingError, direct_error, parse_incoming};
 use crate::adapters::metrics::LiveConnection;
+use crate::adapters::stream::{CloseReason, SessionHub, Subscription};
 use crate::domain::chat::{CancelError, ChatError, ChatService};
 use crate::domain::session::SessionId;
 use crate::domain::sessions::SessionService;

@@ -1,8 +1,6 @@
-//! The session stream's transports: the connection hub every client of a
-//! session subscribes to, its wire encoding, and the WebSocket endpoint.
+//! The session stream over WebSocket: the endpoint and the ops clients
+//! send on it. The stream itself (numbering, window, replay, delivery) is
+//! [`crate::adapters::stream`]; SSE is the other transport over it.
 
 pub mod endpoint;
-pub mod hub;
 pub mod protocol;
-
-pub use hub::{CloseReason, SessionHub, StreamSettings, SubscribeError, Subscription};

@@ -1,75 +1,13 @@
-//! The session stream's wire format, shared by WebSocket and SSE.
-//!
-//! Outgoing frames are `{"op", "data", "seq", "turn_id"}` for broadcast events
-//! and `{"op", "data"}` for replies to one client. Incoming WebSocket frames
-//! are `{"op", "data"}`.
+//! The WebSocket side of the session stream's protocol: the ops a client
+//! sends (`{"op", "data"}`) and the `error` replies meant for that client
+//! only. The frames every client receives are encoded by
+//! [`crate::adapters::stream::frames`].
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::adapters::json::{JsonCheck, check_unique_keys};
-use crate::domain::events::{APPROVAL_RECORDED_MESSAGE, APPROVAL_UNSUPPORTED_CODE, SessionEvent};
-use crate::domain::session::TurnId;
-
-/// The wire name and `data` object of an event.
-#[must_use]
-pub fn encode_event(event: &SessionEvent, turn: Option<&TurnId>) -> (&'static str, Value) {
-    match event {
-        SessionEvent::Token { content } => ("token", json!({ "content": content })),
-        SessionEvent::ThinkingStart => ("thinking_start", json!({})),
-        SessionEvent::Thinking { content } => ("thinking", json!({ "content": content })),
-        SessionEvent::ThinkingDone => ("thinking_done", json!({})),
-        SessionEvent::ToolCall {
-            tool_call_id,
-            name,
-            details,
-        } => (
-            "tool_call",
-            json!({"tool_call_id": tool_call_id, "name": name, "details": details}),
-        ),
-        SessionEvent::ToolResult {
-            tool_call_id,
-            status,
-            details,
-        } => (
-            "tool_result",
-            json!({"tool_call_id": tool_call_id, "status": status, "details": details}),
-        ),
-        SessionEvent::Done { content } => ("done", json!({ "content": content })),
-        SessionEvent::Error { code, message } => {
-            let mut data = Map::new();
-            if let Some(code) = code {
-                data.insert("code".into(), json!(code));
-            }
-            data.insert("message".into(), json!(message));
-            ("error", Value::Object(data))
-        }
-        SessionEvent::ApprovalRecorded { approval_id } => (
-            "error",
-            json!({
-                "code": APPROVAL_UNSUPPORTED_CODE,
-                "message": APPROVAL_RECORDED_MESSAGE,
-                "approval_id": approval_id,
-            }),
-        ),
-        SessionEvent::Cancelled { partial } => (
-            "cancelled",
-            json!({"turn_id": turn.map(TurnId::as_str), "partial": partial}),
-        ),
-    }
-}
-
-/// A frame for the whole session: carries its sequence number and turn.
-#[must_use]
-pub fn broadcast_frame(op: &str, data: Value, seq: u64, turn: Option<&TurnId>) -> String {
-    json!({"op": op, "data": data, "seq": seq, "turn_id": turn.map(TurnId::as_str)}).to_string()
-}
-
-/// A frame for one client only (no `seq`: it is not part of the session log).
-#[must_use]
-pub fn direct_frame(op: &str, data: Value) -> String {
-    json!({"op": op, "data": data}).to_string()
-}
+use crate::adapters::stream::frames::direct_frame;
 
 /// An `error` frame for one client.
 #[must_use]
@@ -179,20 +117,5 @@ mod tests {
             parse_incoming(r#"{"op":"message","data":{"content":5}}"#),
             Err(IncomingError::ContentNotString)
         );
-    }
-
-    #[test]
-    fn error_events_carry_a_code_only_when_they_have_one() {
-        let (op, data) = encode_event(&SessionEvent::approval_unsupported(), None);
-        assert_eq!(op, "error");
-        assert_eq!(data["code"], "approval_unsupported");
-        let (_, data) = encode_event(
-            &SessionEvent::Error {
-                code: None,
-                message: "boom".into(),
-            },
-            None,
-        );
-        assert_eq!(data, json!({"message": "boom"}));
     }
 }

@@ -1,4 +1,7 @@
-//! A session subscription as a stream of frames, for SSE.
+//! The session stream over SSE: a subscription as a stream of pre-encoded
+//! frames, served by `GET /api/sessions/{id}/events`
+//! ([`super::sessions`]). The stream itself is [`crate::adapters::stream`];
+//! WebSocket is the other transport over it.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -10,8 +13,7 @@ use poem_openapi::types::{ToJSON, Type};
 use serde_json::Value;
 
 use crate::adapters::metrics::LiveConnection;
-use crate::adapters::ws::Subscription;
-use crate::adapters::ws::hub::Frame;
+use crate::adapters::stream::{Frame, Subscription};
 
 /// One frame of a session's stream, already encoded as JSON text.
 ///

@@ -5,6 +5,10 @@
 //! Each client has a bounded queue. Publishing never waits: a client whose
 //! queue is full is kicked (its transport closes it with 1013) and may come
 //! back with `after_seq`. Frames are encoded once and shared by all clients.
+//!
+//! A forgotten (deleted) session's log is gone for good: a late `publish`
+//! for it is dropped rather than opening a log nobody would remove, until a
+//! client subscribes to that id again.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -14,7 +18,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::protocol::{broadcast_frame, direct_frame, encode_event};
+use super::frames::{broadcast_frame, direct_frame, encode_event};
 use crate::domain::events::SessionEvent;
 use crate::domain::session::{SessionId, TurnId};
 use crate::ports::SessionEvents;
@@ -117,10 +121,45 @@ impl SessionLog {
     }
 }
 
+/// Forgotten sessions remembered at most, so a late `publish` does not open
+/// their log again. Such a publish comes from a turn that was running when
+/// its session was deleted, within that turn's last events (the chat service
+/// ends it first), so the most recent deletions are the ones that matter.
+const FORGOTTEN_KEPT: usize = 1024;
+
+#[derive(Default)]
+struct Sessions {
+    logs: HashMap<SessionId, Arc<Mutex<SessionLog>>>,
+    /// Sessions forgotten lately and not subscribed to since: `publish`
+    /// drops their events instead of opening a log nobody would remove.
+    forgotten: HashSet<SessionId>,
+    /// The same sessions, oldest first, to let go of past [`FORGOTTEN_KEPT`].
+    forgotten_order: VecDeque<SessionId>,
+}
+
+impl Sessions {
+    fn remember_forgotten(&mut self, session: &SessionId) {
+        if self.forgotten.insert(session.clone()) {
+            self.forgotten_order.push_back(session.clone());
+        }
+        while self.forgotten_order.len() > FORGOTTEN_KEPT {
+            if let Some(oldest) = self.forgotten_order.pop_front() {
+                self.forgotten.remove(&oldest);
+            }
+        }
+    }
+
+    fn clear_forgotten(&mut self, session: &SessionId) {
+        if self.forgotten.remove(session) {
+            self.forgotten_order.retain(|s| s != session);
+        }
+    }
+}
+
 /// The hub. Cheap to share: hold it in an `Arc`.
 pub struct SessionHub {
     settings: StreamSettings,
-    sessions: Mutex<HashMap<SessionId, Arc<Mutex<SessionLog>>>>,
+    sessions: Mutex<Sessions>,
     next_client: AtomicU64,
     /// Subscriptions alive now, across sessions.
     clients: AtomicUsize,
@@ -202,12 +241,32 @@ impl SessionHub {
         })
     }
 
+    /// The session's log, opened when missing: a client subscribing means
+    /// the session exists (again, if it was forgotten).
     fn log(&self, session: &SessionId) -> Arc<Mutex<SessionLog>> {
+        let mut sessions = lock(&self.sessions);
+        sessions.clear_forgotten(session);
         Arc::clone(
-            lock(&self.sessions)
+            sessions
+                .logs
                 .entry(session.clone())
                 .or_insert_with(|| Arc::new(Mutex::new(SessionLog::new()))),
         )
+    }
+
+    /// The log a `publish` goes to: opened when missing, unless the session
+    /// was forgotten and nobody subscribed since.
+    fn log_to_publish(&self, session: &SessionId) -> Option<Arc<Mutex<SessionLog>>> {
+        let mut sessions = lock(&self.sessions);
+        if let Some(log) = sessions.logs.get(session) {
+            return Some(Arc::clone(log));
+        }
+        if sessions.forgotten.contains(session) {
+            return None;
+        }
+        let log = Arc::new(Mutex::new(SessionLog::new()));
+        sessions.logs.insert(session.clone(), Arc::clone(&log));
+        Some(log)
     }
 
     /// Subscribes a client to `session`. With `after_seq`, the retained
@@ -295,7 +354,7 @@ impl SessionHub {
 
     fn unsubscribe(&self, session: &SessionId, id: u64) {
         self.clients.fetch_sub(1, Ordering::SeqCst);
-        let log = lock(&self.sessions).get(session).cloned();
+        let log = lock(&self.sessions).logs.get(session).cloned();
         if let Some(log) = log {
             lock(&log).clients.retain(|c| c.id != id);
         }
@@ -304,7 +363,7 @@ impl SessionHub {
     /// Number of clients subscribed to `session`.
     #[must_use]
     pub fn client_count(&self, session: &SessionId) -> usize {
-        let log = lock(&self.sessions).get(session).cloned();
+        let log = lock(&self.sessions).logs.get(session).cloned();
         log.map_or(0, |log| lock(&log).clients.len())
     }
 
@@ -328,7 +387,7 @@ impl SessionHub {
 
     /// Closes every client (server shutdown).
     pub fn close_all(&self) {
-        let logs: Vec<_> = lock(&self.sessions).values().cloned().collect();
+        let logs: Vec<_> = lock(&self.sessions).logs.values().cloned().collect();
         for log in logs {
             for client in lock(&log).clients.drain(..) {
                 client.state.kick(CloseReason::Shutdown);
@@ -340,8 +399,11 @@ impl SessionHub {
 impl SessionEvents for SessionHub {
     fn publish(&self, session: &SessionId, turn: Option<TurnId>, event: SessionEvent) {
         let turn = turn.as_ref();
+        let Some(log) = self.log_to_publish(session) else {
+            tracing::debug!(session.id = %session, "event for a forgotten session dropped");
+            return;
+        };
         let (op, data) = encode_event(&event, turn);
-        let log = self.log(session);
         let mut log = lock(&log);
         let seq = log.next_seq;
         log.next_seq += 1;
@@ -377,6 +439,7 @@ impl SessionEvents for SessionHub {
 
     fn live_sessions(&self) -> HashSet<SessionId> {
         let logs: Vec<_> = lock(&self.sessions)
+            .logs
             .iter()
             .map(|(id, log)| (id.clone(), Arc::clone(log)))
             .collect();
@@ -386,8 +449,16 @@ impl SessionEvents for SessionHub {
             .collect()
     }
 
+    fn opened(&self, session: &SessionId) {
+        lock(&self.sessions).clear_forgotten(session);
+    }
+
     fn forget(&self, session: &SessionId) {
-        let log = lock(&self.sessions).remove(session);
+        let log = {
+            let mut sessions = lock(&self.sessions);
+            sessions.remember_forgotten(session);
+            sessions.logs.remove(session)
+        };
         if let Some(log) = log {
             for client in lock(&log).clients.drain(..) {
                 client.state.kick(CloseReason::SessionGone);
@@ -544,5 +615,35 @@ mod tests {
         let sub = hub.subscribe(&sid(), None).unwrap();
         hub.forget(&sid());
         assert_eq!(sub.reason(), Some(CloseReason::SessionGone));
+    }
+
+    #[test]
+    fn a_publish_after_forget_keeps_nothing_and_a_new_subscriber_starts_afresh() {
+        let hub = hub(8, 8);
+        hub.publish(&sid(), None, token(0));
+        hub.forget(&sid());
+        // A turn that outlived its session's deletion.
+        hub.publish(&sid(), None, token(1));
+        assert!(lock(&hub.sessions).logs.is_empty());
+        let mut sub = hub.subscribe(&sid(), Some(0)).unwrap();
+        assert!(sub.replay.is_empty());
+        hub.publish(&sid(), None, token(2));
+        assert_eq!(sub.live.try_recv().unwrap().seq, Some(1));
+    }
+
+    #[test]
+    fn forgotten_sessions_are_remembered_only_up_to_a_bound() {
+        let hub = hub(8, 8);
+        let ids: Vec<_> = (0..=FORGOTTEN_KEPT)
+            .map(|n| SessionId::parse(&format!("s{n}")).unwrap())
+            .collect();
+        for id in &ids {
+            hub.forget(id);
+        }
+        let sessions = lock(&hub.sessions);
+        assert_eq!(sessions.forgotten.len(), FORGOTTEN_KEPT);
+        assert_eq!(sessions.forgotten_order.len(), FORGOTTEN_KEPT);
+        assert!(!sessions.forgotten.contains(&ids[0]));
+        assert!(sessions.logs.is_empty());
     }
 }

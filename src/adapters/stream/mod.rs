@@ -1,0 +1,18 @@
+//! The session stream, whatever carries it: implements the
+//! [`crate::ports::SessionEvents`] port by numbering each session's events
+//! (`seq`), keeping a window of recent ones, replaying it (with a `gap`
+//! notice for what left it) to clients that resume, and delivering every
+//! frame to each client through its own bounded queue.
+//!
+//! Two thin transports sit on top, each importing this module and never the
+//! other: WebSocket in `src/adapters/ws/` (the endpoint and the ops clients
+//! send) and SSE in `src/adapters/http/sse.rs` (next to the `/api/sessions`
+//! routes that serve it: SSE is plain HTTP and its frame is a poem-openapi
+//! type). This module knows neither.
+
+pub mod frames;
+pub mod hub;
+
+pub use hub::{
+    ClientSlot, CloseReason, Frame, SessionHub, StreamSettings, SubscribeError, Subscription,
+};
