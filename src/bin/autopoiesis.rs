@@ -323,7 +323,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let runtime = match approval_db
         .as_ref()
         .map_err(Clone::clone)
-        .and_then(|_| build_runtime(&agent, &provider_env))
+        .and_then(|_| build_runtime(&agent, &provider_env).map_err(|e| e.to_string()))
     {
         Ok(runtime) => RuntimeSlot::Ready(runtime),
         Err(why) if approval_db.is_err() => RuntimeSlot::Unavailable(why),

@@ -34,6 +34,22 @@ pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 /// fail every turn at once, and `ProviderEnv::default()` holds zero.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Why [`OpenAiRuntime::new`] refuses its settings. The messages become the
+/// runtime's "unavailable" reason, which clients see: they never quote the
+/// URL, which may hold secrets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenAiSetupError {
+    /// The URL parser's reason.
+    #[error("the base URL (OPENAI_BASE_URL) is not a URL: {0}")]
+    NotAUrl(String),
+    /// The scheme that is not `http` or `https`.
+    #[error("the base URL (OPENAI_BASE_URL) is not an http(s) URL (scheme {0:?})")]
+    NotHttp(String),
+    /// The innermost cause the HTTP client gave.
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(String),
+}
+
 /// How to reach the provider and what to offer the model.
 #[derive(Clone)]
 pub struct OpenAiSettings {
@@ -88,18 +104,13 @@ impl OpenAiRuntime {
     /// Checks the settings and builds the HTTP client.
     ///
     /// # Errors
-    /// A message when the base URL is not an http(s) URL or the HTTP client
-    /// cannot be built.
-    pub fn new(settings: OpenAiSettings) -> Result<Self, String> {
-        // These messages become the runtime's "unavailable" reason, which
-        // clients see: they never quote the URL, which may hold secrets.
+    /// [`OpenAiSetupError`] when the base URL is not an http(s) URL or the
+    /// HTTP client cannot be built.
+    pub fn new(settings: OpenAiSettings) -> Result<Self, OpenAiSetupError> {
         let mut endpoint = reqwest::Url::parse(settings.base_url.trim())
-            .map_err(|e| format!("the base URL (OPENAI_BASE_URL) is not a URL: {e}"))?;
+            .map_err(|e| OpenAiSetupError::NotAUrl(e.to_string()))?;
         if !matches!(endpoint.scheme(), "http" | "https") {
-            return Err(format!(
-                "the base URL (OPENAI_BASE_URL) is not an http(s) URL (scheme {:?})",
-                endpoint.scheme()
-            ));
+            return Err(OpenAiSetupError::NotHttp(endpoint.scheme().to_owned()));
         }
         let path = format!("{}/chat/completions", endpoint.path().trim_end_matches('/'));
         endpoint.set_path(&path);
@@ -121,7 +132,7 @@ impl OpenAiRuntime {
         let client = reqwest::Client::builder()
             .connect_timeout(idle_timeout)
             .build()
-            .map_err(|e| format!("cannot build the HTTP client: {}", root_cause(&e)))?;
+            .map_err(|e| OpenAiSetupError::HttpClient(root_cause(&e)))?;
         Ok(Self {
             client,
             provider: origin(&endpoint),
@@ -263,7 +274,7 @@ mod tests {
             tools: vec![],
             idle_timeout: Duration::ZERO,
         });
-        let Err(message) = bad else {
+        let Err(message) = bad.map_err(|e| e.to_string()) else {
             panic!("ftp is refused")
         };
         assert!(!message.contains("hunter2"), "{message}");
