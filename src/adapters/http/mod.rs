@@ -12,6 +12,7 @@ pub mod limits;
 pub mod metrics;
 pub mod request_log;
 pub mod server;
+pub mod session_id;
 pub mod sessions;
 pub mod stream;
 pub mod tickets;
