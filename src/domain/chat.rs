@@ -666,19 +666,10 @@ impl Core {
         partial: String,
     ) -> Result<ChatReply, ChatError> {
         let session = turn.session_id.clone();
-        // Partial answers carry the name full ones would have.
-        let model_name = || Some(turn.runtime.model_name());
         match outcome {
             Outcome::Finished(Ok(reply)) => self.answered(turn, request, reply).await,
             Outcome::Finished(Err(AgentError::DeferredApprovalLocked)) => {
-                self.save(
-                    turn.lane,
-                    turn.session_id,
-                    request,
-                    text_parts(&partial),
-                    model_name(),
-                )
-                .await;
+                self.save_partial(turn, request, &partial).await;
                 turn.publish(&*self.events, SessionEvent::approval_unsupported());
                 Err(ChatError::ApprovalUnsupported {
                     session_id: session,
@@ -715,14 +706,7 @@ impl Core {
                 })
             }
             Outcome::Cancelled => {
-                self.save(
-                    turn.lane,
-                    turn.session_id,
-                    request,
-                    text_parts(&partial),
-                    model_name(),
-                )
-                .await;
+                self.save_partial(turn, request, &partial).await;
                 turn.publish(
                     &*self.events,
                     SessionEvent::Cancelled {
@@ -735,14 +719,7 @@ impl Core {
                 })
             }
             Outcome::TimedOut(after) => {
-                self.save(
-                    turn.lane,
-                    turn.session_id,
-                    request,
-                    text_parts(&partial),
-                    model_name(),
-                )
-                .await;
+                self.save_partial(turn, request, &partial).await;
                 let error = ChatError::TimedOut {
                     session_id: session,
                     after,
@@ -762,6 +739,20 @@ impl Core {
                 session_id: session,
             }),
         }
+    }
+
+    /// Saves the prompt with what was streamed of the answer.
+    async fn save_partial(&self, turn: &Turn<'_>, request: ModelMessage, partial: &str) {
+        // Partial answers carry the name full ones would have.
+        let model_name = Some(turn.runtime.model_name());
+        self.save(
+            turn.lane,
+            turn.session_id,
+            request,
+            text_parts(partial),
+            model_name,
+        )
+        .await;
     }
 
     /// A complete answer: saved, then `done`, or, when it asks for tools,

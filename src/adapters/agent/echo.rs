@@ -157,24 +157,14 @@ impl AgentRuntime for EchoRuntime {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use serde_json::json;
 
     use super::*;
+    use crate::adapters::agent::tests::Recorder;
     use crate::domain::agent::AgentConfig;
-
-    #[derive(Default)]
-    struct Recorder(Mutex<Vec<AgentEvent>>);
 
     fn recorder() -> Arc<Recorder> {
         Arc::new(Recorder::default())
-    }
-
-    impl EventSink for Recorder {
-        fn emit(&self, event: AgentEvent) {
-            self.0.lock().unwrap().push(event);
-        }
     }
 
     fn input(prompt: &str) -> TurnInput {

@@ -112,7 +112,27 @@ pub fn build_runtime(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
+    use crate::domain::agent::AgentEvent;
+    use crate::ports::EventSink;
+
+    /// Records what a runtime emits; shared by the adapters' tests.
+    #[derive(Default)]
+    pub(super) struct Recorder(pub(super) Mutex<Vec<AgentEvent>>);
+
+    impl EventSink for Recorder {
+        fn emit(&self, event: AgentEvent) {
+            self.0.lock().unwrap().push(event);
+        }
+    }
+
+    impl Recorder {
+        pub(super) fn events(&self) -> Vec<AgentEvent> {
+            self.0.lock().unwrap().clone()
+        }
+    }
 
     fn refusal(model: &str) -> String {
         let agent = AgentConfig {

@@ -207,26 +207,8 @@ fn provider_origin(base_url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use super::*;
-    use crate::domain::agent::AgentEvent;
-
-    /// Records what a turn emits; shared by the tests of the submodules.
-    #[derive(Default)]
-    pub(super) struct Recorder(Mutex<Vec<AgentEvent>>);
-
-    impl EventSink for Recorder {
-        fn emit(&self, event: AgentEvent) {
-            self.0.lock().unwrap().push(event);
-        }
-    }
-
-    impl Recorder {
-        pub(super) fn events(&self) -> Vec<AgentEvent> {
-            self.0.lock().unwrap().clone()
-        }
-    }
+    use crate::adapters::agent::tests::Recorder;
 
     #[test]
     fn only_http_and_https_base_urls_are_accepted() {

@@ -279,7 +279,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::adapters::agent::openai::tests::Recorder;
+    use crate::adapters::agent::tests::Recorder;
 
     fn feed(chunks: &[Value]) -> (Assembly, Recorder) {
         let sink = Recorder::default();
