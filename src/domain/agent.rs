@@ -32,17 +32,20 @@ impl fmt::Display for ShellTier {
     }
 }
 
+/// A shell tier name that is none of `free`, `review`, `approve`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown shell_tier {0:?} (expected free, review or approve)")]
+pub struct UnknownShellTier(pub String);
+
 impl FromStr for ShellTier {
-    type Err = String;
+    type Err = UnknownShellTier;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "free" => Ok(Self::Free),
             "review" => Ok(Self::Review),
             "approve" => Ok(Self::Approve),
-            other => Err(format!(
-                "unknown shell_tier {other:?} (expected free, review or approve)"
-            )),
+            other => Err(UnknownShellTier(other.to_owned())),
         }
     }
 }

@@ -539,6 +539,9 @@ impl Core {
         self.closing.load(Ordering::SeqCst)
     }
 
+    /// Runs one turn on its session: start it, await the runtime's answer
+    /// (or a stop), then finish it, which saves, tells the clients and
+    /// counts it.
     async fn run_turn(
         &self,
         runtime: &dyn AgentRuntime,
@@ -546,6 +549,20 @@ impl Core {
         session_id: &SessionId,
         content: String,
     ) -> Result<ChatReply, ChatError> {
+        let (turn, input, request) = self.start(runtime, lane, session_id, content).await?;
+        let (outcome, partial) = self.await_outcome(&turn, input).await;
+        self.finish(turn, request, outcome, partial).await
+    }
+
+    /// Registers the turn as running, with what the runtime gets and the
+    /// prompt message to save.
+    async fn start<'a>(
+        &'a self,
+        runtime: &'a dyn AgentRuntime,
+        lane: &'a Arc<Lane>,
+        session_id: &'a SessionId,
+        content: String,
+    ) -> Result<(Turn<'a>, TurnInput, ModelMessage), ChatError> {
         // A session deleted while the turn waited has nothing to run on.
         let history = match self.sessions.history(session_id).await {
             Ok(history) => history,
@@ -565,196 +582,253 @@ impl Core {
                 cancel: cancel.clone(),
             },
         );
-        let _running = RunningGuard {
+        let running = RunningGuard {
             running: &self.running,
             session_id,
-            turn_id: &turn_id,
+            turn_id: turn_id.clone(),
         };
         let started = std::time::Instant::now();
         metrics::counter!("autopoiesis_turns_started_total").increment(1);
         tracing::debug!(session.id = %session_id, turn.id = %turn_id, "turn started");
 
         let request = ModelMessage::user_prompt(content.clone(), Utc::now());
+        let input = TurnInput {
+            prompt: content,
+            history,
+        };
+        let turn = Turn {
+            runtime,
+            lane,
+            session_id,
+            id: turn_id,
+            cancel,
+            started,
+            _running: running,
+        };
+        Ok((turn, input, request))
+    }
+
+    /// Runs the runtime until it answers, the turn is cancelled or times
+    /// out, or the session is deleted; with the text streamed so far.
+    async fn await_outcome(&self, turn: &Turn<'_>, input: TurnInput) -> (Outcome, String) {
         let sink = Arc::new(TurnSink {
-            session_id: session_id.clone(),
-            turn_id: turn_id.clone(),
+            session_id: turn.session_id.clone(),
+            turn_id: turn.id.clone(),
             events: Arc::clone(&self.events),
-            lane: Arc::clone(lane),
+            lane: Arc::clone(turn.lane),
             partial: Mutex::default(),
         });
-        let turn = runtime.run_turn(
-            TurnInput {
-                prompt: content,
-                history,
-            },
-            sink.clone(),
-        );
+        let answer = turn.runtime.run_turn(input, sink.clone());
         let outcome = tokio::select! {
             // A stop asked for wins over an answer that is ready too.
             biased;
-            () = lane.ended.cancelled() => Outcome::Deleted,
-            () = cancel.cancelled() => Outcome::Cancelled,
-            result = with_timeout(self.turn_timeout, turn) => result,
+            () = turn.lane.ended.cancelled() => Outcome::Deleted,
+            () = turn.cancel.cancelled() => Outcome::Cancelled,
+            result = with_timeout(self.turn_timeout, answer) => result,
         };
         // Deleted while the answer came in: it has nowhere to go either.
-        let outcome = if lane.is_alive() {
+        let outcome = if turn.lane.is_alive() {
             outcome
         } else {
             Outcome::Deleted
         };
         let partial = std::mem::take(&mut *lock(&sink.partial));
-        let publish = |event| lane.publish(self.events.as_ref(), session_id, &turn_id, event);
-        let session = session_id.clone();
-        // Partial answers carry the name full ones would have.
-        let model_name = || Some(runtime.model_name());
+        (outcome, partial)
+    }
 
-        let result =
-            match outcome {
-                Outcome::Finished(Ok(reply)) => {
-                    // The server executes no tool itself, so every call is
-                    // deferred to a human: that is the deferred-approval policy.
-                    let requests = tool_requests(&reply);
-                    let text = reply_text(&reply);
-                    self.save(
-                        lane,
-                        session_id,
-                        request,
-                        Some(reply.parts),
-                        Some(reply.model_name),
-                    )
-                    .await;
-                    if requests.is_empty() {
-                        publish(SessionEvent::Done {
-                            content: text.clone(),
-                        });
-                        Ok(ChatReply {
-                            session_id: session,
-                            content: text,
-                        })
-                    } else {
-                        for request in &requests {
-                            publish(SessionEvent::ToolResult {
-                                tool_call_id: request.tool_call_id.clone(),
-                                status: "deferred".into(),
-                                details: json!({"reason": "needs a human's approval"}),
-                            });
-                        }
-                        match self.record(session_id, &turn_id, requests).await {
-                            Ok(approval_id) => {
-                                publish(approval_id.clone().map_or_else(
-                                    SessionEvent::approval_unsupported,
-                                    |approval_id| SessionEvent::ApprovalRecorded { approval_id },
-                                ));
-                                Err(ChatError::ApprovalUnsupported {
-                                    session_id: session,
-                                    approval_id,
-                                })
-                            }
-                            Err(()) => {
-                                let error = ChatError::ApprovalStorage {
-                                    session_id: session,
-                                };
-                                publish(SessionEvent::Error {
-                                    code: Some("approval_storage_unavailable"),
-                                    message: error.to_string(),
-                                });
-                                Err(error)
-                            }
-                        }
-                    }
-                }
-                Outcome::Finished(Err(AgentError::DeferredApprovalLocked)) => {
-                    self.save(
-                        lane,
-                        session_id,
-                        request,
-                        text_parts(&partial),
-                        model_name(),
-                    )
-                    .await;
-                    publish(SessionEvent::approval_unsupported());
-                    Err(ChatError::ApprovalUnsupported {
-                        session_id: session,
-                        approval_id: None,
-                    })
-                }
-                Outcome::Finished(Err(AgentError::Provider(message))) => {
-                    // The failed exchange is not kept: the next turn starts from
-                    // the last good state, as if this one had not been sent.
-                    publish(SessionEvent::Error {
-                        code: None,
-                        message: message.clone(),
-                    });
-                    Err(ChatError::Provider {
-                        session_id: session,
-                        message,
-                    })
-                }
-                Outcome::Finished(Err(AgentError::InvalidRequest(message))) => {
-                    // Not kept either: the prompt could not be carried out.
-                    publish(SessionEvent::Error {
-                        code: Some("invalid_request"),
-                        message: message.clone(),
-                    });
-                    Err(ChatError::InvalidRequest {
-                        session_id: session,
-                        message,
-                    })
-                }
-                Outcome::Cancelled => {
-                    self.save(
-                        lane,
-                        session_id,
-                        request,
-                        text_parts(&partial),
-                        model_name(),
-                    )
-                    .await;
-                    publish(SessionEvent::Cancelled {
-                        partial: partial.clone(),
-                    });
-                    Err(ChatError::Cancelled {
-                        session_id: session,
-                        partial,
-                    })
-                }
-                Outcome::TimedOut(after) => {
-                    self.save(
-                        lane,
-                        session_id,
-                        request,
-                        text_parts(&partial),
-                        model_name(),
-                    )
-                    .await;
-                    let error = ChatError::TimedOut {
-                        session_id: session,
-                        after,
-                    };
-                    publish(SessionEvent::Error {
-                        code: Some("turn_timeout"),
-                        message: error.to_string(),
-                    });
-                    Err(error)
-                }
-                // The session is gone with its clients and history: there is no
-                // one to tell and nowhere to save.
-                Outcome::Deleted => Err(ChatError::SessionDeleted {
-                    session_id: session,
-                }),
-            };
+    /// Ends the turn: saves what is kept, tells the clients, counts and
+    /// logs it. The turn stops being the running one when this returns.
+    async fn finish(
+        &self,
+        turn: Turn<'_>,
+        request: ModelMessage,
+        outcome: Outcome,
+        partial: String,
+    ) -> Result<ChatReply, ChatError> {
+        let result = self.settle(&turn, request, outcome, partial).await;
         let outcome = result.as_ref().map_or_else(error_kind, |_| "done");
         metrics::counter!("autopoiesis_turns_finished_total", "outcome" => outcome).increment(1);
         metrics::histogram!("autopoiesis_turn_duration_seconds", "outcome" => outcome)
-            .record(started.elapsed().as_secs_f64());
+            .record(turn.started.elapsed().as_secs_f64());
         tracing::info!(
-            session.id = %session_id,
-            turn.id = %turn_id,
-            duration_ms = started.elapsed().as_millis(),
+            session.id = %turn.session_id,
+            turn.id = %turn.id,
+            duration_ms = turn.started.elapsed().as_millis(),
             outcome,
             "turn finished"
         );
         result
+    }
+
+    /// What each outcome keeps, publishes and answers.
+    async fn settle(
+        &self,
+        turn: &Turn<'_>,
+        request: ModelMessage,
+        outcome: Outcome,
+        partial: String,
+    ) -> Result<ChatReply, ChatError> {
+        let session = turn.session_id.clone();
+        match outcome {
+            Outcome::Finished(Ok(reply)) => self.answered(turn, request, reply).await,
+            Outcome::Finished(Err(AgentError::DeferredApprovalLocked)) => {
+                self.save_partial(turn, request, &partial).await;
+                turn.publish(&*self.events, SessionEvent::approval_unsupported());
+                Err(ChatError::ApprovalUnsupported {
+                    session_id: session,
+                    approval_id: None,
+                })
+            }
+            Outcome::Finished(Err(AgentError::Provider(message))) => {
+                // The failed exchange is not kept: the next turn starts from
+                // the last good state, as if this one had not been sent.
+                turn.publish(
+                    &*self.events,
+                    SessionEvent::Error {
+                        code: None,
+                        message: message.clone(),
+                    },
+                );
+                Err(ChatError::Provider {
+                    session_id: session,
+                    message,
+                })
+            }
+            Outcome::Finished(Err(AgentError::InvalidRequest(message))) => {
+                // Not kept either: the prompt could not be carried out.
+                turn.publish(
+                    &*self.events,
+                    SessionEvent::Error {
+                        code: Some("invalid_request"),
+                        message: message.clone(),
+                    },
+                );
+                Err(ChatError::InvalidRequest {
+                    session_id: session,
+                    message,
+                })
+            }
+            Outcome::Cancelled => {
+                self.save_partial(turn, request, &partial).await;
+                turn.publish(
+                    &*self.events,
+                    SessionEvent::Cancelled {
+                        partial: partial.clone(),
+                    },
+                );
+                Err(ChatError::Cancelled {
+                    session_id: session,
+                    partial,
+                })
+            }
+            Outcome::TimedOut(after) => {
+                self.save_partial(turn, request, &partial).await;
+                let error = ChatError::TimedOut {
+                    session_id: session,
+                    after,
+                };
+                turn.publish(
+                    &*self.events,
+                    SessionEvent::Error {
+                        code: Some("turn_timeout"),
+                        message: error.to_string(),
+                    },
+                );
+                Err(error)
+            }
+            // The session is gone with its clients and history: there is no
+            // one to tell and nowhere to save.
+            Outcome::Deleted => Err(ChatError::SessionDeleted {
+                session_id: session,
+            }),
+        }
+    }
+
+    /// Saves the prompt with what was streamed of the answer.
+    async fn save_partial(&self, turn: &Turn<'_>, request: ModelMessage, partial: &str) {
+        // Partial answers carry the name full ones would have.
+        let model_name = Some(turn.runtime.model_name());
+        self.save(
+            turn.lane,
+            turn.session_id,
+            request,
+            text_parts(partial),
+            model_name,
+        )
+        .await;
+    }
+
+    /// A complete answer: saved, then `done`, or, when it asks for tools,
+    /// deferred to a human (the server executes no tool itself: that is the
+    /// deferred-approval policy).
+    async fn answered(
+        &self,
+        turn: &Turn<'_>,
+        request: ModelMessage,
+        reply: AgentReply,
+    ) -> Result<ChatReply, ChatError> {
+        let session = turn.session_id.clone();
+        let requests = tool_requests(&reply);
+        let text = reply_text(&reply);
+        self.save(
+            turn.lane,
+            turn.session_id,
+            request,
+            Some(reply.parts),
+            Some(reply.model_name),
+        )
+        .await;
+        if requests.is_empty() {
+            turn.publish(
+                &*self.events,
+                SessionEvent::Done {
+                    content: text.clone(),
+                },
+            );
+            return Ok(ChatReply {
+                session_id: session,
+                content: text,
+            });
+        }
+        for request in &requests {
+            turn.publish(
+                &*self.events,
+                SessionEvent::ToolResult {
+                    tool_call_id: request.tool_call_id.clone(),
+                    status: "deferred".into(),
+                    details: json!({"reason": "needs a human's approval"}),
+                },
+            );
+        }
+        match self.record(turn.session_id, &turn.id, requests).await {
+            Ok(approval_id) => {
+                turn.publish(
+                    &*self.events,
+                    approval_id
+                        .clone()
+                        .map_or_else(SessionEvent::approval_unsupported, |approval_id| {
+                            SessionEvent::ApprovalRecorded { approval_id }
+                        }),
+                );
+                Err(ChatError::ApprovalUnsupported {
+                    session_id: session,
+                    approval_id,
+                })
+            }
+            Err(()) => {
+                let error = ChatError::ApprovalStorage {
+                    session_id: session,
+                };
+                turn.publish(
+                    &*self.events,
+                    SessionEvent::Error {
+                        code: Some("approval_storage_unavailable"),
+                        message: error.to_string(),
+                    },
+                );
+                Err(error)
+            }
+        }
     }
 
     /// Records a deferred turn's tool calls for approval when approvals are
@@ -941,12 +1015,33 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// A started turn, from [`Core::start`] to the end of [`Core::finish`].
+struct Turn<'a> {
+    runtime: &'a dyn AgentRuntime,
+    /// Its session's lane: publishing and saving check it is still alive.
+    lane: &'a Arc<Lane>,
+    session_id: &'a SessionId,
+    id: TurnId,
+    /// Fired by [`ChatService::cancel`] and at the end of a shutdown's grace.
+    cancel: CancellationToken,
+    started: std::time::Instant,
+    /// Keeps the turn the session's running one until the turn is dropped.
+    _running: RunningGuard<'a>,
+}
+
+impl Turn<'_> {
+    /// Publishes one of this turn's events, unless its session was deleted.
+    fn publish(&self, events: &dyn SessionEvents, event: SessionEvent) {
+        self.lane.publish(events, self.session_id, &self.id, event);
+    }
+}
+
 /// Removes the running-turn entry however the turn ends (even if dropped),
 /// unless a newer turn of a re-created session took its place.
 struct RunningGuard<'a> {
     running: &'a Mutex<HashMap<SessionId, Running>>,
     session_id: &'a SessionId,
-    turn_id: &'a TurnId,
+    turn_id: TurnId,
 }
 
 impl Drop for RunningGuard<'_> {
@@ -954,7 +1049,7 @@ impl Drop for RunningGuard<'_> {
         let mut running = lock(self.running);
         if running
             .get(self.session_id)
-            .is_some_and(|r| r.turn_id == *self.turn_id)
+            .is_some_and(|r| r.turn_id == self.turn_id)
         {
             running.remove(self.session_id);
         }

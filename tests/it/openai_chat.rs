@@ -154,7 +154,8 @@ async fn an_unreachable_provider_gives_502_naming_it() {
 
 #[test]
 fn an_openai_model_without_its_settings_is_a_clear_runtime_error() {
-    let Err(why) = build_runtime(&agent(), &ProviderEnv::default()) else {
+    let Err(why) = build_runtime(&agent(), &ProviderEnv::default()).map_err(|e| e.to_string())
+    else {
         panic!("expected an error");
     };
     assert!(why.contains("OPENAI_API_KEY"), "{why}");

@@ -221,6 +221,23 @@ async fn history_and_delete_answer_404_for_unknown_and_400_for_malformed_ids() {
 }
 
 #[tokio::test]
+async fn every_session_route_refuses_a_malformed_id_with_the_same_detail() {
+    let app = spawn_app().await;
+    let detail = json!({
+        "detail": "failed to parse parameter `id`: verification failed. pattern(\"^[A-Za-z0-9._:-]{1,128}$\")"
+    });
+    for res in [
+        app.get("/api/sessions/a%20b/history").await,
+        app.delete("/api/sessions/a%20b").await,
+        app.post_empty("/api/sessions/a%20b/cancel").await,
+        app.get("/api/sessions/a%20b/events").await,
+    ] {
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{}", res.url());
+        assert_eq!(res.json::<Value>().await.unwrap(), detail);
+    }
+}
+
+#[tokio::test]
 async fn deleting_a_session_removes_it() {
     let app = spawn_app().await;
     app.chat(json!({"content": "hi", "session_id": "gone"}))

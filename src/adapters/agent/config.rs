@@ -8,11 +8,48 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::domain::agent::{AgentConfig, ShellTier, tool_catalogue};
+use crate::domain::agent::{AgentConfig, ShellTier, UnknownShellTier, tool_catalogue};
+
+/// Why an agents file cannot be loaded; each says so in one line.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadAgentsError {
+    #[error("cannot read agents config {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("agents config {}: {source}", path.display())]
+    Invalid {
+        path: PathBuf,
+        source: ParseAgentsError,
+    },
+}
+
+/// Why agents TOML text is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseAgentsError {
+    /// Not TOML, or not of this shape (unknown keys included).
+    #[error("{}", .0.message())]
+    Toml(toml::de::Error),
+    #[error("no [agents.NAME] table")]
+    NoAgents,
+    #[error("agent {agent:?}: {source}")]
+    ShellTier {
+        agent: String,
+        source: UnknownShellTier,
+    },
+    #[error("agent {agent:?}: unknown tool {tool:?} (known: {known})")]
+    UnknownTool {
+        agent: String,
+        tool: String,
+        /// The catalogue's tool names, comma-separated.
+        known: String,
+    },
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,31 +74,41 @@ fn default_tier() -> String {
 /// Reads and validates an agents file.
 ///
 /// # Errors
-/// One line saying what is wrong: the file cannot be read, is not valid TOML
-/// of this shape, holds no agent, or names an unknown shell tier or tool.
-pub fn load_agents(path: &Path) -> Result<Vec<AgentConfig>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read agents config {}: {e}", path.display()))?;
-    parse_agents(&text).map_err(|e| format!("agents config {}: {e}", path.display()))
+/// [`LoadAgentsError`], one line saying what is wrong: the file cannot be
+/// read, is not valid TOML of this shape, holds no agent, or names an
+/// unknown shell tier or tool.
+pub fn load_agents(path: &Path) -> Result<Vec<AgentConfig>, LoadAgentsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadAgentsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_agents(&text).map_err(|source| LoadAgentsError::Invalid {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Parses agents TOML text; see [`load_agents`].
 ///
 /// # Errors
-/// As [`load_agents`], without the file name.
-pub fn parse_agents(text: &str) -> Result<Vec<AgentConfig>, String> {
-    let file: AgentsFile = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+/// [`ParseAgentsError`]: as [`load_agents`], without the file name.
+pub fn parse_agents(text: &str) -> Result<Vec<AgentConfig>, ParseAgentsError> {
+    let file: AgentsFile = toml::from_str(text).map_err(ParseAgentsError::Toml)?;
     if file.agents.is_empty() {
-        return Err("no [agents.NAME] table".into());
+        return Err(ParseAgentsError::NoAgents);
     }
     let catalogue = tool_catalogue();
     file.agents
         .into_iter()
         .map(|(name, table)| {
-            let shell_tier = table
-                .shell_tier
-                .parse()
-                .map_err(|e| format!("agent {name:?}: {e}"))?;
+            let shell_tier =
+                table
+                    .shell_tier
+                    .parse()
+                    .map_err(|source| ParseAgentsError::ShellTier {
+                        agent: name.clone(),
+                        source,
+                    })?;
             let tools = table
                 .tools
                 .iter()
@@ -70,15 +117,14 @@ pub fn parse_agents(text: &str) -> Result<Vec<AgentConfig>, String> {
                         .iter()
                         .find(|t| &t.name == tool)
                         .cloned()
-                        .ok_or_else(|| {
-                            format!(
-                                "agent {name:?}: unknown tool {tool:?} (known: {})",
-                                catalogue
-                                    .iter()
-                                    .map(|t| t.name.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            )
+                        .ok_or_else(|| ParseAgentsError::UnknownTool {
+                            agent: name.clone(),
+                            tool: tool.clone(),
+                            known: catalogue
+                                .iter()
+                                .map(|t| t.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "),
                         })
                 })
                 .collect::<Result<_, _>>()?;
@@ -120,7 +166,9 @@ mod tests {
 
     #[test]
     fn unknown_tool_is_an_error_naming_the_tool() {
-        let err = parse_agents("[agents.a]\nmodel = \"echo\"\ntools = [\"rm_rf\"]").unwrap_err();
+        let err = parse_agents("[agents.a]\nmodel = \"echo\"\ntools = [\"rm_rf\"]")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("\"rm_rf\""), "{err}");
     }
 

@@ -25,6 +25,17 @@ pub const MODEL_NAME: &str = "echo";
 /// turn's future is next polled) would wait for its end.
 const TOKENS_PER_YIELD: usize = 64;
 
+/// Why the options after `echo:` in a model string are refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EchoOptionError {
+    /// `delay_ms=` followed by something that is not a whole number.
+    #[error("echo option delay_ms={0:?} is not a number of milliseconds")]
+    BadDelay(String),
+    /// Anything but `delay_ms=N`.
+    #[error("unknown echo option {0:?} (expected delay_ms=N)")]
+    Unknown(String),
+}
+
 pub struct EchoRuntime {
     /// Pause between tokens, so streaming, ordering and cancellation can be
     /// watched (and tested) offline.
@@ -43,18 +54,14 @@ impl EchoRuntime {
     /// `delay_ms=N`.
     ///
     /// # Errors
-    /// A message naming the option that is not understood.
-    pub fn from_options(options: &str, tools: Vec<ToolSpec>) -> Result<Self, String> {
+    /// [`EchoOptionError`] naming the option that is not understood.
+    pub fn from_options(options: &str, tools: Vec<ToolSpec>) -> Result<Self, EchoOptionError> {
         let delay = match options.split_once('=') {
             None if options.is_empty() => 0,
-            Some(("delay_ms", ms)) => ms.parse().map_err(|_| {
-                format!("echo option delay_ms={ms:?} is not a number of milliseconds")
-            })?,
-            _ => {
-                return Err(format!(
-                    "unknown echo option {options:?} (expected delay_ms=N)"
-                ));
-            }
+            Some(("delay_ms", ms)) => ms
+                .parse()
+                .map_err(|_| EchoOptionError::BadDelay(ms.to_owned()))?,
+            _ => return Err(EchoOptionError::Unknown(options.to_owned())),
         };
         Ok(Self::new(Duration::from_millis(delay), tools))
     }
@@ -150,24 +157,14 @@ impl AgentRuntime for EchoRuntime {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use serde_json::json;
 
     use super::*;
+    use crate::adapters::agent::tests::Recorder;
     use crate::domain::agent::AgentConfig;
-
-    #[derive(Default)]
-    struct Recorder(Mutex<Vec<AgentEvent>>);
 
     fn recorder() -> Arc<Recorder> {
         Arc::new(Recorder::default())
-    }
-
-    impl EventSink for Recorder {
-        fn emit(&self, event: AgentEvent) {
-            self.0.lock().unwrap().push(event);
-        }
     }
 
     fn input(prompt: &str) -> TurnInput {

@@ -164,6 +164,14 @@ impl TextRule for SessionIdText {
 /// The session id rule as a schema pattern (validated again by the domain).
 pub const SESSION_ID_PATTERN: &str = "^[A-Za-z0-9._:-]{1,128}$";
 
+/// An inline `string` schema with a `pattern`.
+pub(super) fn pattern_schema(pattern: &str, nullable: bool) -> MetaSchemaRef {
+    let mut schema = MetaSchema::new("string");
+    schema.pattern = Some(pattern.to_owned());
+    schema.nullable = nullable;
+    MetaSchemaRef::Inline(Box::new(schema))
+}
+
 /// A JSON string and nothing else.
 ///
 /// poem-openapi's `String` also accepts numbers and booleans (`5` becomes
@@ -188,10 +196,7 @@ impl<R: TextRule> Type for StrictString<R> {
     }
 
     fn schema_ref() -> MetaSchemaRef {
-        let mut schema = MetaSchema::new("string");
-        schema.pattern = Some(R::PATTERN.to_owned());
-        schema.nullable = R::NULLABLE;
-        MetaSchemaRef::Inline(Box::new(schema))
+        pattern_schema(R::PATTERN, R::NULLABLE)
     }
 
     fn as_raw_value(&self) -> Option<&Self::RawValueType> {

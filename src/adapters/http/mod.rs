@@ -13,6 +13,7 @@ pub mod mcp_gate;
 pub mod metrics;
 pub mod request_log;
 pub mod server;
+pub mod session_id;
 pub mod sessions;
 pub mod sse;
 pub mod tickets;

@@ -6,16 +6,16 @@ use std::time::Duration;
 
 use futures::stream::BoxStream;
 use poem::web::sse::Event;
-use poem_openapi::param::{Header, Path, Query};
+use poem_openapi::param::{Header, Query};
 use poem_openapi::payload::{EventStream, Json};
 use poem_openapi::{ApiResponse, OpenApi};
 
 use super::ApiTags;
 use super::dto::{CancelBody, ErrorBody, HistoryBody, SessionInfoBody};
+use super::session_id;
 use super::sse::{SseFrame, frames};
 use crate::adapters::stream::SessionHub;
 use crate::domain::chat::{CancelError, ChatService};
-use crate::domain::session::SessionId;
 use crate::domain::sessions::SessionService;
 use crate::ports::SessionStoreError;
 
@@ -58,6 +58,7 @@ enum CreateReply {
 }
 
 #[derive(ApiResponse)]
+#[oai(bad_request_handler = "HistoryReply::bad_request")]
 enum HistoryReply {
     /// The session's messages, oldest first.
     #[oai(status = 200)]
@@ -74,6 +75,7 @@ enum HistoryReply {
 }
 
 #[derive(ApiResponse)]
+#[oai(bad_request_handler = "DeleteReply::bad_request")]
 enum DeleteReply {
     /// The session is gone and its clients were closed.
     #[oai(status = 204)]
@@ -90,6 +92,7 @@ enum DeleteReply {
 }
 
 #[derive(ApiResponse)]
+#[oai(bad_request_handler = "CancelReply::bad_request")]
 enum CancelReply {
     /// The running turn was told to stop; every client gets `cancelled`.
     #[oai(status = 202)]
@@ -106,6 +109,7 @@ enum CancelReply {
 }
 
 #[derive(ApiResponse)]
+#[oai(bad_request_handler = "EventsReply::bad_request")]
 enum EventsReply {
     /// The session's event stream: `event: <op>`, `data: <frame JSON>`,
     /// `id: <seq>`, with comment keep-alives.
@@ -123,8 +127,35 @@ enum EventsReply {
     Unavailable(Json<ErrorBody>),
 }
 
-fn parse_id(raw: &str) -> Result<SessionId, Json<ErrorBody>> {
-    SessionId::parse(raw).map_err(|e| Json(ErrorBody::new(e.to_string())))
+/// The 400 for a malformed session id (or, on `events`, a malformed
+/// `after_seq`), in the API's `detail` shape; poem-openapi calls it when a
+/// parameter does not parse.
+fn bad_parameter(error: &poem::Error) -> Json<ErrorBody> {
+    Json(ErrorBody::new(error.to_string()))
+}
+
+impl HistoryReply {
+    fn bad_request(error: poem::Error) -> Self {
+        Self::BadRequest(bad_parameter(&error))
+    }
+}
+
+impl DeleteReply {
+    fn bad_request(error: poem::Error) -> Self {
+        Self::BadRequest(bad_parameter(&error))
+    }
+}
+
+impl CancelReply {
+    fn bad_request(error: poem::Error) -> Self {
+        Self::BadRequest(bad_parameter(&error))
+    }
+}
+
+impl EventsReply {
+    fn bad_request(error: poem::Error) -> Self {
+        Self::BadRequest(bad_parameter(&error))
+    }
 }
 
 #[OpenApi]
@@ -167,14 +198,7 @@ impl SessionsApi {
         operation_id = "get_session_history",
         tag = "ApiTags::Sessions"
     )]
-    async fn history(
-        &self,
-        #[oai(validator(pattern = "^[A-Za-z0-9._:-]{1,128}$"))] id: Path<String>,
-    ) -> HistoryReply {
-        let id = match parse_id(&id) {
-            Ok(id) => id,
-            Err(body) => return HistoryReply::BadRequest(body),
-        };
+    async fn history(&self, session_id::Path(id): session_id::Path) -> HistoryReply {
         match self.sessions.history(&id).await {
             Ok(messages) => HistoryReply::Ok(Json(HistoryBody {
                 session_id: id.to_string(),
@@ -200,14 +224,7 @@ impl SessionsApi {
         operation_id = "delete_session",
         tag = "ApiTags::Sessions"
     )]
-    async fn delete(
-        &self,
-        #[oai(validator(pattern = "^[A-Za-z0-9._:-]{1,128}$"))] id: Path<String>,
-    ) -> DeleteReply {
-        let id = match parse_id(&id) {
-            Ok(id) => id,
-            Err(body) => return DeleteReply::BadRequest(body),
-        };
+    async fn delete(&self, session_id::Path(id): session_id::Path) -> DeleteReply {
         match self.sessions.delete(&id).await {
             Ok(()) => DeleteReply::Deleted,
             Err(SessionStoreError::NotFound) => {
@@ -228,14 +245,7 @@ impl SessionsApi {
         operation_id = "cancel_turn",
         tag = "ApiTags::Sessions"
     )]
-    async fn cancel(
-        &self,
-        #[oai(validator(pattern = "^[A-Za-z0-9._:-]{1,128}$"))] id: Path<String>,
-    ) -> CancelReply {
-        let id = match parse_id(&id) {
-            Ok(id) => id,
-            Err(body) => return CancelReply::BadRequest(body),
-        };
+    async fn cancel(&self, session_id::Path(id): session_id::Path) -> CancelReply {
         match self.chat.cancel(&id).await {
             Ok(turn_id) => CancelReply::Accepted(Json(CancelBody {
                 turn_id: turn_id.to_string(),
@@ -263,17 +273,13 @@ impl SessionsApi {
     )]
     async fn events(
         &self,
-        #[oai(validator(pattern = "^[A-Za-z0-9._:-]{1,128}$"))] id: Path<String>,
+        session_id::Path(id): session_id::Path,
         /// Replay retained events after this sequence number.
         after_seq: Query<Option<u64>>,
         /// Set by `EventSource` on reconnect: the last `id` it saw.
         #[oai(name = "Last-Event-ID")]
         last_event_id: Header<Option<String>>,
     ) -> EventsReply {
-        let id = match parse_id(&id) {
-            Ok(id) => id,
-            Err(body) => return EventsReply::BadRequest(body),
-        };
         let after = match (&last_event_id.0, after_seq.0) {
             (Some(raw), _) => match raw.trim().parse::<u64>() {
                 Ok(seq) => Some(seq),
