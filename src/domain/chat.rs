@@ -142,6 +142,10 @@ pub enum CancelError {
     SessionNotFound,
     #[error("No turn is running on this session")]
     NothingRunning,
+    /// The session store failed while looking the session up: whether it
+    /// exists is unknown. The message is for logs, not clients.
+    #[error("session storage unavailable")]
+    Storage(#[source] SessionStoreError),
 }
 
 /// A turn that can be cancelled from anywhere.
@@ -451,7 +455,8 @@ impl ChatService {
     ///
     /// # Errors
     /// [`CancelError::NothingRunning`] when no turn runs on the session,
-    /// [`CancelError::SessionNotFound`] when the session does not exist.
+    /// [`CancelError::SessionNotFound`] when the session does not exist,
+    /// [`CancelError::Storage`] when the store cannot say.
     pub async fn cancel(&self, session_id: &SessionId) -> Result<TurnId, CancelError> {
         let cancelled = lock(&self.core.running).get(session_id).map(|running| {
             running.cancel.cancel();
@@ -462,7 +467,8 @@ impl ChatService {
         }
         match self.core.sessions.history(session_id).await {
             Ok(_) => Err(CancelError::NothingRunning),
-            Err(_) => Err(CancelError::SessionNotFound),
+            Err(SessionStoreError::NotFound) => Err(CancelError::SessionNotFound),
+            Err(error) => Err(CancelError::Storage(error)),
         }
     }
 
@@ -1474,5 +1480,33 @@ mod tests {
             }
         }
         assert_eq!(chat.queued_turns(&sid()), 0);
+    }
+
+    fn cancel_service(history: Result<(), SessionStoreError>) -> ChatService {
+        let mut store = MockSessionStore::new();
+        store
+            .expect_history()
+            .returning(move |_| history.clone().map(|()| Arc::default()));
+        ChatService::new(
+            RuntimeSlot::Ready(Arc::new(MockAgentRuntime::new())),
+            Arc::new(store),
+            Arc::new(MockSessionEvents::new()),
+            None,
+        )
+    }
+
+    #[tokio::test]
+    async fn cancel_on_an_unknown_session_is_session_not_found() {
+        let chat = cancel_service(Err(SessionStoreError::NotFound));
+        assert_eq!(chat.cancel(&sid()).await, Err(CancelError::SessionNotFound));
+    }
+
+    #[tokio::test]
+    async fn cancel_while_the_session_store_is_down_is_a_storage_error_not_session_not_found() {
+        let chat = cancel_service(Err(SessionStoreError::Unavailable("disk gone".into())));
+        assert!(
+            matches!(chat.cancel(&sid()).await, Err(CancelError::Storage(_))),
+            "a storage outage is not a missing session"
+        );
     }
 }

@@ -269,6 +269,10 @@ impl Connection {
                 Err(e @ (CancelError::NothingRunning | CancelError::SessionNotFound)) => {
                     Some(e.to_string())
                 }
+                Err(CancelError::Storage(error)) => {
+                    tracing::error!(%error, "session store failed on a WebSocket cancel");
+                    Some("Session storage is unavailable".to_owned())
+                }
             },
             Ok(Incoming::Unknown(op)) => Some(format!("Unknown op: {op}")),
             Err(e @ (IncomingError::InvalidFormat | IncomingError::ContentNotString)) => {
