@@ -550,10 +550,12 @@ async fn a_recorded_deferred_turn_names_its_approval_in_the_error_frame() {
     );
 }
 
-/// Log events as they were emitted: each one's message and the fields of
-/// the spans it happened in.
+/// A log event's message, and the fields of the spans it happened in.
+type LoggedEvent = (String, Vec<(String, String)>);
+
+/// Log events as they were emitted.
 #[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<(String, String)>)>>>);
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<LoggedEvent>>>);
 
 #[derive(Default)]
 struct Fields(Vec<(String, String)>);
