@@ -24,7 +24,7 @@ use autopoiesis::domain::approvals::{ApprovalPolicy, ApprovalService};
 use autopoiesis::domain::chat::{
     ApprovalRecording, ChatService, DEFAULT_MAX_QUEUED_TURNS, RuntimeSlot,
 };
-use autopoiesis::domain::dashboard::ControlPlane;
+use autopoiesis::domain::control::ControlPlane;
 use autopoiesis::domain::sessions::{SessionService, SweepPolicy};
 use autopoiesis::ports::ApprovalSigner;
 use clap::{Args, Parser, Subcommand};
@@ -268,7 +268,6 @@ fn offline_services() -> Services {
         chat.clone(),
         sessions.clone(),
         None,
-        approval_events.clone(),
         agent.clone(),
         vec![agent],
     ));
@@ -374,6 +373,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
                 max_args_bytes: args.max_approval_args_bytes,
                 ..ApprovalPolicy::default()
             },
+            approval_events.clone(),
         ))
     });
     let mut chat = ChatService::new(runtime, store.clone(), hub.clone(), turn_timeout)
@@ -382,7 +382,6 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     if let Some(service) = &approvals {
         chat = chat.with_approvals(ApprovalRecording {
             service: service.clone(),
-            events: approval_events.clone(),
             agent: agent.name.clone(),
         });
     }
@@ -392,7 +391,6 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         chat.clone(),
         sessions.clone(),
         approvals.clone(),
-        approval_events.clone(),
         agent.clone(),
         agents,
     ));

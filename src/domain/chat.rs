@@ -36,8 +36,7 @@ use super::events::SessionEvent;
 use super::message::{ModelMessage, ResponsePart};
 use super::session::{SessionId, TurnId};
 use crate::ports::{
-    AgentRuntime, ApprovalEvents, EventSink, SessionEvents, SessionStore, SessionStoreError,
-    TurnInput,
+    AgentRuntime, EventSink, SessionEvents, SessionStore, SessionStoreError, TurnInput,
 };
 
 /// Queued turns a session takes by default, besides the running one.
@@ -70,10 +69,7 @@ pub enum ChatError {
     /// The turn ended with tool calls that need a human's approval (or the
     /// approval key is locked). The history was saved. `approval_id` names
     /// the pending approval the calls were recorded as, when they were.
-    #[error("{}", match approval_id {
-        Some(_) => super::events::APPROVAL_RECORDED_MESSAGE,
-        None => super::events::APPROVAL_UNSUPPORTED_MESSAGE,
-    })]
+    #[error("{}", super::events::approval_unsupported_message(approval_id.is_some()))]
     ApprovalUnsupported {
         session_id: SessionId,
         approval_id: Option<String>,
@@ -129,8 +125,8 @@ pub enum ChatError {
 
 /// Where deferred turns are recorded when approvals are unlocked.
 pub struct ApprovalRecording {
+    /// Records the envelope and tells its listeners.
     pub service: Arc<ApprovalService>,
-    pub events: Arc<dyn ApprovalEvents>,
     /// The agent named in each envelope's scope.
     pub agent: String,
 }
@@ -784,10 +780,7 @@ impl Core {
             .record_deferred(&scope, requests, Utc::now())
             .await
         {
-            Ok(envelope) => {
-                approvals.events.approvals_changed();
-                Ok(Some(envelope.envelope_id))
-            }
+            Ok(envelope) => Ok(Some(envelope.envelope_id)),
             // Locked: nothing is recorded, as with DeferredApprovalLocked.
             Err(RecordError::Locked) => Ok(None),
             // Over a cap: the turn answers as if locked, nothing is recorded,

@@ -19,7 +19,7 @@ use autopoiesis::domain::approvals::{
     ApprovalCursor, ApprovalDecision, ApprovalEnvelope, ApprovalPolicy, ApprovalService,
 };
 use autopoiesis::domain::chat::{ApprovalRecording, ChatService, RuntimeSlot};
-use autopoiesis::domain::dashboard::ControlPlane;
+use autopoiesis::domain::control::ControlPlane;
 use autopoiesis::domain::sessions::{SessionService, SweepPolicy};
 use autopoiesis::ports::AgentRuntime;
 use autopoiesis::ports::{ApprovalSigner, ApprovalStore, ApprovalStoreError};
@@ -116,12 +116,13 @@ pub async fn spawn_with(options: Options) -> TestApp {
     let signer = options
         .approval_key
         .then(|| Arc::new(Ed25519ApprovalKey::generate().unwrap()) as Arc<dyn ApprovalSigner>);
+    let approval_events = Arc::new(ApprovalBroadcast::new());
     let approvals = Arc::new(ApprovalService::new(
         Arc::new(approval_store),
         signer,
         ApprovalPolicy::default(),
+        approval_events.clone(),
     ));
-    let approval_events = Arc::new(ApprovalBroadcast::new());
     let agent = AgentConfig::builtin();
     let chat = Arc::new(
         ChatService::new(
@@ -133,7 +134,6 @@ pub async fn spawn_with(options: Options) -> TestApp {
         .with_history_limit(options.max_history_bytes)
         .with_approvals(ApprovalRecording {
             service: approvals.clone(),
-            events: approval_events.clone(),
             agent: agent.name.clone(),
         }),
     );
@@ -142,7 +142,6 @@ pub async fn spawn_with(options: Options) -> TestApp {
         chat.clone(),
         sessions.clone(),
         Some(approvals.clone()),
-        approval_events.clone(),
         agent.clone(),
         vec![agent],
     ));
