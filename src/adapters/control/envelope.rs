@@ -175,7 +175,7 @@ pub type Answer = Result<Envelope, Failed>;
 
 /// The envelope to send, whether the call succeeded or not.
 #[must_use]
-pub fn either(answer: &Answer) -> Envelope {
+pub fn envelope_of(answer: &Answer) -> Envelope {
     match answer {
         Ok(envelope) => envelope.clone(),
         Err(failed) => failed.envelope(),

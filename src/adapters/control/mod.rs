@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-pub use self::envelope::{Answer, Envelope, ErrorKind, Failed, Failure, either};
+pub use self::envelope::{Answer, Envelope, ErrorKind, Failed, Failure, envelope_of};
 use self::tools::{ChatSendArgs, DecideArgs, ListArgs, NoArgs};
 pub use self::tools::{ToolInfo, tools};
 use crate::adapters::approval_broadcast::ApprovalBroadcast;
@@ -31,12 +31,6 @@ impl ControlTools {
     #[must_use]
     pub fn new(control: Arc<ControlPlane>, audience: Arc<ApprovalBroadcast>) -> Self {
         Self { control, audience }
-    }
-
-    /// The control plane, for callers that want its typed answers.
-    #[must_use]
-    pub fn control(&self) -> &ControlPlane {
-        &self.control
     }
 
     /// Calls the tool `name` with JSON `args` (`null` counts as `{}`).

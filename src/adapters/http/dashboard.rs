@@ -28,7 +28,9 @@ use tokio_util::sync::CancellationToken;
 use super::ApiTags;
 use super::dto::ErrorBody;
 use crate::adapters::approval_broadcast::{ApprovalBroadcast, ApprovalListener};
-use crate::adapters::control::{Answer, ControlTools, Envelope, ErrorKind, Failed, either, tools};
+use crate::adapters::control::{
+    Answer, ControlTools, Envelope, ErrorKind, Failed, envelope_of, tools,
+};
 use crate::adapters::ws::SessionHub;
 use crate::adapters::ws::hub::ClientSlot;
 use crate::domain::control::ControlError;
@@ -98,7 +100,7 @@ enum EnvelopeReply {
 
 impl From<Answer> for EnvelopeReply {
     fn from(answer: Answer) -> Self {
-        let body = Json(either(&answer).into());
+        let body = Json(envelope_of(&answer).into());
         match answer.err().map(|failed| failed.error.kind()) {
             Some(ErrorKind::StorageUnavailable) => Self::Unavailable(body),
             Some(ErrorKind::InvalidArguments) => Self::BadRequest(body),
@@ -142,7 +144,7 @@ fn bad_action(error: poem::Error) -> ActionReply {
 
 impl From<Answer> for ActionReply {
     fn from(answer: Answer) -> Self {
-        let body = Json(either(&answer).into());
+        let body = Json(envelope_of(&answer).into());
         match answer.err().map(|failed| failed.error.kind()) {
             None => Self::Ok(body),
             Some(
@@ -222,7 +224,7 @@ fn bad_tool_call(error: poem::Error) -> ToolCallReply {
 
 impl From<Answer> for ToolCallReply {
     fn from(answer: Answer) -> Self {
-        let body = Json(either(&answer).into());
+        let body = Json(envelope_of(&answer).into());
         match answer.err().map(|failed| failed.error.kind()) {
             Some(ErrorKind::InvalidArguments) => Self::BadRequest(body),
             Some(ErrorKind::UnknownTool) => Self::NotFound(body),
