@@ -25,7 +25,7 @@ use crate::adapters::stream::{SessionHub, StreamSettings};
 use crate::domain::agent::AgentConfig;
 use crate::domain::approvals::{ApprovalPolicy, ApprovalService};
 use crate::domain::chat::{ApprovalRecording, ChatService, DEFAULT_MAX_QUEUED_TURNS, RuntimeSlot};
-use crate::domain::dashboard::ControlPlane;
+use crate::domain::control::ControlPlane;
 use crate::domain::sessions::{SessionService, SweepPolicy};
 use crate::ports::{ApprovalSigner, ApprovalStore};
 
@@ -254,6 +254,7 @@ pub async fn build(settings: Settings) -> Result<App, BuildError> {
             store,
             signer,
             settings.approval_policy,
+            approval_events.clone(),
         ))
     });
     let mut chat = ChatService::new(runtime, store.clone(), hub.clone(), settings.turn_timeout)
@@ -262,7 +263,6 @@ pub async fn build(settings: Settings) -> Result<App, BuildError> {
     if let Some(service) = &approvals {
         chat = chat.with_approvals(ApprovalRecording {
             service: service.clone(),
-            events: approval_events.clone(),
             agent: agent.name.clone(),
         });
     }
@@ -272,7 +272,6 @@ pub async fn build(settings: Settings) -> Result<App, BuildError> {
         chat.clone(),
         sessions.clone(),
         approvals.clone(),
-        approval_events.clone(),
         agent.clone(),
         agents,
     ));
@@ -414,7 +413,6 @@ pub fn spec_yaml() -> String {
         chat.clone(),
         sessions.clone(),
         None,
-        approval_events.clone(),
         agent.clone(),
         vec![agent],
     ));

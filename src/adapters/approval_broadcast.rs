@@ -1,5 +1,7 @@
 //! [`ApprovalEvents`] for this process: a version counter that dashboard
-//! streams wait on, plus the MCP server's push to its connected clients.
+//! streams wait on, plus the listeners (the MCP server's push to its
+//! connected clients, the dashboard streams) that can say whether anyone
+//! is there to hear of a change.
 
 use std::sync::{Mutex, PoisonError};
 
@@ -7,14 +9,19 @@ use tokio::sync::watch;
 
 use crate::ports::ApprovalEvents;
 
-/// Something told of every approval change; returns whether it reached at
-/// least one client.
-pub type Listener = Box<dyn Fn() -> bool + Send + Sync>;
+/// Something told of every approval change.
+pub trait ApprovalListener: Send + Sync {
+    /// Approvals changed: tell your clients. Must not block.
+    fn approvals_changed(&self);
+
+    /// Whether one of your clients hears of a change made now.
+    fn is_listening(&self) -> bool;
+}
 
 pub struct ApprovalBroadcast {
     /// Bumped on every change; receivers see the latest value.
     version: watch::Sender<u64>,
-    listeners: Mutex<Vec<Listener>>,
+    listeners: Mutex<Vec<Box<dyn ApprovalListener>>>,
 }
 
 impl Default for ApprovalBroadcast {
@@ -39,44 +46,80 @@ impl ApprovalBroadcast {
     }
 
     /// Adds a listener, e.g. the MCP server's notifier.
-    pub fn add_listener(&self, listener: Listener) {
+    pub fn add_listener(&self, listener: Box<dyn ApprovalListener>) {
+        self.lock().push(listener);
+    }
+
+    /// Whether any listener has a client that hears of a change made now
+    /// (a decision's `meta.notification_emitted`).
+    #[must_use]
+    pub fn is_heard(&self) -> bool {
+        self.lock().iter().any(|listener| listener.is_listening())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Box<dyn ApprovalListener>>> {
         self.listeners
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(listener);
     }
 }
 
 impl ApprovalEvents for ApprovalBroadcast {
-    fn approvals_changed(&self) -> bool {
+    fn approvals_changed(&self) {
         self.version.send_modify(|v| *v += 1);
-        let listeners = self
-            .listeners
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        // Every listener is told, even after one has reached a client.
-        let mut told = false;
-        for listener in listeners.iter() {
-            told |= listener();
+        for listener in self.lock().iter() {
+            listener.approvals_changed();
         }
-        told
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
     use super::*;
 
+    struct Probe {
+        told: Arc<AtomicUsize>,
+        listening: Arc<AtomicBool>,
+    }
+
+    impl ApprovalListener for Probe {
+        fn approvals_changed(&self) {
+            self.told.fetch_add(1, Ordering::SeqCst);
+        }
+
+        fn is_listening(&self) -> bool {
+            self.listening.load(Ordering::SeqCst)
+        }
+    }
+
     #[test]
-    fn a_change_wakes_subscribers_and_reports_whether_a_listener_told_anyone() {
+    fn a_change_wakes_subscribers_and_tells_every_listener() {
         let broadcast = ApprovalBroadcast::new();
         let mut rx = broadcast.subscribe();
-        assert!(!broadcast.approvals_changed(), "nobody to tell yet");
+        broadcast.approvals_changed();
+        assert!(!broadcast.is_heard(), "nobody to tell yet");
         assert!(rx.has_changed().unwrap());
         rx.mark_unchanged();
-        broadcast.add_listener(Box::new(|| false));
-        broadcast.add_listener(Box::new(|| true));
-        assert!(broadcast.approvals_changed());
+
+        let told = Arc::new(AtomicUsize::new(0));
+        let (deaf, listening) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        for flag in [&deaf, &listening] {
+            broadcast.add_listener(Box::new(Probe {
+                told: Arc::clone(&told),
+                listening: Arc::clone(flag),
+            }));
+        }
+        broadcast.approvals_changed();
+        assert_eq!(told.load(Ordering::SeqCst), 2, "every listener is told");
         assert!(rx.has_changed().unwrap());
+        assert!(!broadcast.is_heard(), "listeners without clients");
+        listening.store(true, Ordering::SeqCst);
+        assert!(broadcast.is_heard(), "one listener with a client is enough");
     }
 }

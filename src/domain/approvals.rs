@@ -32,7 +32,7 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::session::{SessionId, TurnId};
-use crate::ports::{ApprovalSigner, ApprovalStore, ApprovalStoreError};
+use crate::ports::{ApprovalEvents, ApprovalSigner, ApprovalStore, ApprovalStoreError};
 
 /// What [`ApprovalDecision::source`] says for decisions taken through this
 /// server. The dashboard REST routes are the MCP tools over plain HTTP, as in
@@ -467,13 +467,16 @@ pub enum DecideError {
 
 /// Approval operations offered to every transport.
 ///
-/// `record_deferred` and `decide` return the envelope they changed, so a
-/// caller can tell subscribers that the approvals changed and what changed.
+/// `record_deferred` and `decide` tell the listeners ([`ApprovalEvents`])
+/// of each change they make, whoever asked for it, and return the envelope
+/// they changed.
 pub struct ApprovalService {
     store: Arc<dyn ApprovalStore>,
     /// `None` while approvals are locked: no key, no new envelopes.
     signer: Option<Arc<dyn ApprovalSigner>>,
     policy: ApprovalPolicy,
+    /// Told of every envelope recorded or decided.
+    events: Arc<dyn ApprovalEvents>,
 }
 
 impl ApprovalService {
@@ -482,11 +485,13 @@ impl ApprovalService {
         store: Arc<dyn ApprovalStore>,
         signer: Option<Arc<dyn ApprovalSigner>>,
         policy: ApprovalPolicy,
+        events: Arc<dyn ApprovalEvents>,
     ) -> Self {
         Self {
             store,
             signer,
             policy,
+            events,
         }
     }
 
@@ -509,7 +514,8 @@ impl ApprovalService {
     /// [`RecordError::Locked`] when no approval key is loaded,
     /// [`RecordError::TooLarge`] and [`RecordError::TooManyPending`] over the
     /// policy's caps (nothing is stored in these three cases),
-    /// [`RecordError::Unavailable`] when storage fails.
+    /// [`RecordError::Unavailable`] when storage fails. Listeners are told
+    /// only of an envelope stored.
     pub async fn record_deferred(
         &self,
         scope: &ApprovalScope,
@@ -552,6 +558,7 @@ impl ApprovalService {
             decision: None,
         };
         self.store.insert(&envelope).await.map_err(record_error)?;
+        self.events.approvals_changed();
         tracing::info!(
             approval.id = %envelope.envelope_id,
             approval.plan_hash = %envelope.plan_hash_prefix(),
@@ -612,6 +619,7 @@ impl ApprovalService {
     /// # Errors
     /// [`DecideError::NotFound`] when no pending, unexpired envelope has that
     /// id or nonce; [`DecideError::Unavailable`] when storage fails.
+    /// Listeners are told only of a decision taken.
     pub async fn decide(
         &self,
         approval_id: &str,
@@ -635,6 +643,7 @@ impl ApprovalService {
                     },
                     ApprovalStoreError::Unavailable(why) => DecideError::Unavailable(why),
                 })?;
+        self.events.approvals_changed();
         tracing::info!(
             approval.id = %envelope.envelope_id,
             approval.state = %envelope.state,
@@ -695,6 +704,7 @@ mod tests {
     use mockall::predicate::eq;
 
     use super::*;
+    use crate::ports::approval_events::MockApprovalEvents;
     use crate::ports::approval_signer::MockApprovalSigner;
     use crate::ports::approval_store::MockApprovalStore;
 
@@ -727,11 +737,37 @@ mod tests {
         signer
     }
 
+    /// Listeners that expect to hear of `changes` changes, exactly.
+    fn listeners(changes: usize) -> Arc<MockApprovalEvents> {
+        let mut events = MockApprovalEvents::new();
+        events
+            .expect_approvals_changed()
+            .times(changes)
+            .return_const(());
+        Arc::new(events)
+    }
+
+    /// Listeners that may hear of any number of changes.
+    fn anyone() -> Arc<MockApprovalEvents> {
+        let mut events = MockApprovalEvents::new();
+        events.expect_approvals_changed().return_const(());
+        Arc::new(events)
+    }
+
     fn service(store: MockApprovalStore, signer: Option<MockApprovalSigner>) -> ApprovalService {
+        service_telling(store, signer, anyone())
+    }
+
+    fn service_telling(
+        store: MockApprovalStore,
+        signer: Option<MockApprovalSigner>,
+        events: Arc<MockApprovalEvents>,
+    ) -> ApprovalService {
         ApprovalService::new(
             Arc::new(store),
             signer.map(|s| Arc::new(s) as Arc<dyn ApprovalSigner>),
             ApprovalPolicy::default(),
+            events,
         )
     }
 
@@ -817,7 +853,7 @@ mod tests {
             .times(1)
             .returning(|_| Ok(()));
 
-        let envelope = service(store, Some(signer))
+        let envelope = service_telling(store, Some(signer), listeners(1))
             .record_deferred(&scope, calls.clone(), at(1_700_000_000))
             .await
             .unwrap();
@@ -854,7 +890,7 @@ mod tests {
 
     #[tokio::test]
     async fn record_deferred_without_a_key_records_nothing() {
-        let service = service(MockApprovalStore::new(), None);
+        let service = service_telling(MockApprovalStore::new(), None, listeners(0));
         assert!(!service.is_unlocked());
         assert_eq!(service.key_id(), None);
         let result = service
@@ -870,7 +906,7 @@ mod tests {
         store
             .expect_insert()
             .returning(|_| Err(ApprovalStoreError::Unavailable("disk full".into())));
-        let result = service(store, Some(signer()))
+        let result = service_telling(store, Some(signer()), listeners(0))
             .record_deferred(&scope(), vec![execute("ls")], Utc::now())
             .await;
         assert_eq!(result, Err(RecordError::Unavailable("disk full".into())));
@@ -886,6 +922,7 @@ mod tests {
             Arc::new(MockApprovalStore::new()),
             Some(Arc::new(signer())),
             policy,
+            listeners(0),
         );
         let result = service
             .record_deferred(&scope(), vec![execute(&"x".repeat(100))], Utc::now())
@@ -1025,7 +1062,7 @@ mod tests {
                     ..pending("a")
                 })
             });
-        let decided = service(store, None)
+        let decided = service_telling(store, None, listeners(1))
             .decide("nonce-or-id", true, Some("looks fine".into()), at(2_000))
             .await
             .unwrap();
@@ -1045,7 +1082,7 @@ mod tests {
                     ..pending("a")
                 })
             });
-        let decided = service(store, None)
+        let decided = service_telling(store, None, listeners(1))
             .decide("a", false, None, at(2_000))
             .await
             .unwrap();
@@ -1058,7 +1095,7 @@ mod tests {
         store
             .expect_decide()
             .returning(|_, _| Err(ApprovalStoreError::NotFound));
-        let result = service(store, None)
+        let result = service_telling(store, None, listeners(0))
             .decide("gone", true, None, Utc::now())
             .await;
         assert_eq!(

@@ -36,8 +36,7 @@ use super::events::SessionEvent;
 use super::message::{ModelMessage, ResponsePart};
 use super::session::{SessionId, TurnId};
 use crate::ports::{
-    AgentRuntime, ApprovalEvents, EventSink, SessionEvents, SessionStore, SessionStoreError,
-    TurnInput,
+    AgentRuntime, EventSink, SessionEvents, SessionStore, SessionStoreError, TurnInput,
 };
 
 /// Queued turns a session takes by default, besides the running one.
@@ -70,10 +69,7 @@ pub enum ChatError {
     /// The turn ended with tool calls that need a human's approval (or the
     /// approval key is locked). The history was saved. `approval_id` names
     /// the pending approval the calls were recorded as, when they were.
-    #[error("{}", match approval_id {
-        Some(_) => super::events::APPROVAL_RECORDED_MESSAGE,
-        None => super::events::APPROVAL_UNSUPPORTED_MESSAGE,
-    })]
+    #[error("{}", super::events::approval_unsupported_message(approval_id.is_some()))]
     ApprovalUnsupported {
         session_id: SessionId,
         approval_id: Option<String>,
@@ -129,8 +125,8 @@ pub enum ChatError {
 
 /// Where deferred turns are recorded when approvals are unlocked.
 pub struct ApprovalRecording {
+    /// Records the envelope and tells its listeners.
     pub service: Arc<ApprovalService>,
-    pub events: Arc<dyn ApprovalEvents>,
     /// The agent named in each envelope's scope.
     pub agent: String,
 }
@@ -142,6 +138,10 @@ pub enum CancelError {
     SessionNotFound,
     #[error("No turn is running on this session")]
     NothingRunning,
+    /// The session store failed while looking the session up: whether it
+    /// exists is unknown. The message is for logs, not clients.
+    #[error("session storage unavailable")]
+    Storage(#[source] SessionStoreError),
 }
 
 /// A turn that can be cancelled from anywhere.
@@ -453,7 +453,8 @@ impl ChatService {
     ///
     /// # Errors
     /// [`CancelError::NothingRunning`] when no turn runs on the session,
-    /// [`CancelError::SessionNotFound`] when the session does not exist.
+    /// [`CancelError::SessionNotFound`] when the session does not exist,
+    /// [`CancelError::Storage`] when the store cannot say.
     pub async fn cancel(&self, session_id: &SessionId) -> Result<TurnId, CancelError> {
         let cancelled = lock(&self.core.running).get(session_id).map(|running| {
             running.cancel.cancel();
@@ -464,7 +465,8 @@ impl ChatService {
         }
         match self.core.sessions.history(session_id).await {
             Ok(_) => Err(CancelError::NothingRunning),
-            Err(_) => Err(CancelError::SessionNotFound),
+            Err(SessionStoreError::NotFound) => Err(CancelError::SessionNotFound),
+            Err(error) => Err(CancelError::Storage(error)),
         }
     }
 
@@ -854,10 +856,7 @@ impl Core {
             .record_deferred(&scope, requests, Utc::now())
             .await
         {
-            Ok(envelope) => {
-                approvals.events.approvals_changed();
-                Ok(Some(envelope.envelope_id))
-            }
+            Ok(envelope) => Ok(Some(envelope.envelope_id)),
             // Locked: nothing is recorded, as with DeferredApprovalLocked.
             Err(RecordError::Locked) => Ok(None),
             // Over a cap: the turn answers as if locked, nothing is recorded,
@@ -1573,5 +1572,33 @@ mod tests {
             }
         }
         assert_eq!(chat.queued_turns(&sid()), 0);
+    }
+
+    fn cancel_service(history: Result<(), SessionStoreError>) -> ChatService {
+        let mut store = MockSessionStore::new();
+        store
+            .expect_history()
+            .returning(move |_| history.clone().map(|()| Arc::default()));
+        ChatService::new(
+            RuntimeSlot::Ready(Arc::new(MockAgentRuntime::new())),
+            Arc::new(store),
+            Arc::new(MockSessionEvents::new()),
+            None,
+        )
+    }
+
+    #[tokio::test]
+    async fn cancel_on_an_unknown_session_is_session_not_found() {
+        let chat = cancel_service(Err(SessionStoreError::NotFound));
+        assert_eq!(chat.cancel(&sid()).await, Err(CancelError::SessionNotFound));
+    }
+
+    #[tokio::test]
+    async fn cancel_while_the_session_store_is_down_is_a_storage_error_not_session_not_found() {
+        let chat = cancel_service(Err(SessionStoreError::Unavailable("disk gone".into())));
+        assert!(
+            matches!(chat.cancel(&sid()).await, Err(CancelError::Storage(_))),
+            "a storage outage is not a missing session"
+        );
     }
 }

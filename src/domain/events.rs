@@ -13,6 +13,17 @@ pub const APPROVAL_UNSUPPORTED_MESSAGE: &str =
 /// human can decide it, but the turn does not resume yet.
 pub const APPROVAL_RECORDED_MESSAGE: &str = "This turn's tool calls were recorded as a pending approval for a human to decide; the turn does not resume after the decision yet (server mode does not run tools).";
 
+/// The message of a turn that needs an approval: whether its calls were
+/// `recorded` as a pending one decides which.
+#[must_use]
+pub fn approval_unsupported_message(recorded: bool) -> &'static str {
+    if recorded {
+        APPROVAL_RECORDED_MESSAGE
+    } else {
+        APPROVAL_UNSUPPORTED_MESSAGE
+    }
+}
+
 /// One event of a session's stream. Transports give each a wire name
 /// (`token`, `done`, ...) and, for broadcast events, a sequence number.
 #[derive(Debug, Clone, PartialEq)]

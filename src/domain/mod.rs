@@ -4,7 +4,7 @@
 pub mod agent;
 pub mod approvals;
 pub mod chat;
-pub mod dashboard;
+pub mod control;
 pub mod events;
 pub mod message;
 pub mod session;

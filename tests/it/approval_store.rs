@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use autopoiesis::adapters::approval_broadcast::ApprovalBroadcast;
 use autopoiesis::adapters::ed25519::Ed25519ApprovalKey;
 use autopoiesis::adapters::persistence::{
     ConnectError, ConnectSettings, SeaOrmApprovalStore, connect, sqlite_url,
@@ -20,6 +21,11 @@ use chrono::{DateTime, Utc};
 use ed25519_dalek::{Signature, Verifier};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use serde_json::json;
+
+/// Listeners for the approval changes of a test that hears none.
+fn unheard() -> Arc<ApprovalBroadcast> {
+    Arc::new(ApprovalBroadcast::new())
+}
 
 const T0: i64 = 1_700_000_000;
 const HOUR: i64 = 3600;
@@ -84,6 +90,7 @@ async fn harness(backend: &Backend) -> Harness {
             Arc::new(store),
             Some(key.clone()),
             ApprovalPolicy::default(),
+            unheard(),
         )),
         key,
         db: connect(&backend.url, &settings).await.unwrap(),
@@ -486,7 +493,8 @@ async fn connecting_twice_to_one_database_migrates_once() {
         let store = SeaOrmApprovalStore::open(&backend.url, &ConnectSettings::default())
             .await
             .unwrap();
-        let again = ApprovalService::new(Arc::new(store), None, ApprovalPolicy::default());
+        let again =
+            ApprovalService::new(Arc::new(store), None, ApprovalPolicy::default(), unheard());
         assert_eq!(
             again
                 .list_pending(at(T0), &PageRequest::default())
@@ -541,7 +549,7 @@ async fn a_database_made_by_the_python_original_opens_unchanged() {
     let store = SeaOrmApprovalStore::open(&url, &ConnectSettings::default())
         .await
         .unwrap();
-    let service = ApprovalService::new(Arc::new(store), None, ApprovalPolicy::default());
+    let service = ApprovalService::new(Arc::new(store), None, ApprovalPolicy::default(), unheard());
     let listed = service
         .list_pending(at(T0 + 10), &PageRequest::default())
         .await
@@ -645,7 +653,12 @@ async fn an_in_memory_sqlite_database_works() {
         .await
         .unwrap();
     let key = Arc::new(Ed25519ApprovalKey::generate().unwrap());
-    let service = ApprovalService::new(Arc::new(store), Some(key), ApprovalPolicy::default());
+    let service = ApprovalService::new(
+        Arc::new(store),
+        Some(key),
+        ApprovalPolicy::default(),
+        unheard(),
+    );
     let envelope = service
         .record_deferred(&scope(), calls("ls"), at(T0))
         .await
@@ -750,7 +763,12 @@ async fn deleting_the_sqlite_file_makes_the_store_unavailable_instead_of_losing_
         .await
         .unwrap();
     let key = Arc::new(Ed25519ApprovalKey::generate().unwrap());
-    let service = ApprovalService::new(Arc::new(store), Some(key), ApprovalPolicy::default());
+    let service = ApprovalService::new(
+        Arc::new(store),
+        Some(key),
+        ApprovalPolicy::default(),
+        unheard(),
+    );
     service
         .record_deferred(&scope(), calls("ls"), at(T0))
         .await

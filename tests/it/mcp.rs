@@ -111,6 +111,16 @@ async fn call(client: &Client, name: &str, args: Value) -> Value {
     envelope
 }
 
+/// Decides the approval `id` (its id or nonce), without a reason.
+async fn decide(client: &Client, id: &Value, approved: bool) -> Value {
+    call(
+        client,
+        "approval.decide",
+        json!({"approval_id": id, "approved": approved}),
+    )
+    .await
+}
+
 async fn unlocked_app() -> TestApp {
     spawn_with(Options {
         approval_key: true,
@@ -391,12 +401,7 @@ async fn a_2026_era_client_calls_tools_without_a_session_and_hears_changes_on_it
 
     // Nobody listens yet: the decision says nobody was told.
     let item = request_tool_call(&client).await;
-    let decision = call(
-        &client,
-        "approval.decide",
-        json!({"approval_id": item["id"], "approved": true}),
-    )
-    .await;
+    let decision = decide(&client, &item["id"], true).await;
     assert_eq!(decision["data"]["state"], "consumed");
     assert_eq!(decision["meta"]["notification_emitted"], false);
 
@@ -417,13 +422,23 @@ async fn a_2026_era_client_calls_tools_without_a_session_and_hears_changes_on_it
         ),
         "{next:?}"
     );
-    let decision = call(
-        &client,
-        "approval.decide",
-        json!({"approval_id": item["id"], "approved": false}),
-    )
-    .await;
+    let decision = decide(&client, &item["id"], false).await;
     assert_eq!(decision["meta"]["notification_emitted"], true);
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_decision_heard_only_by_a_dashboard_stream_says_a_notification_went_out() {
+    let app = unlocked_app().await;
+    // Session-less and not listening: no MCP client hears of changes.
+    let client = connect_2026(&app).await;
+    let item = request_tool_call(&client).await;
+    let dashboard = app.get("/api/stream").await;
+    assert_eq!(dashboard.status(), StatusCode::OK);
+    let decision = decide(&client, &item["id"], true).await;
+    assert_eq!(decision["data"]["state"], "consumed");
+    assert_eq!(decision["meta"]["notification_emitted"], true);
+    drop(dashboard);
     client.cancel().await.unwrap();
 }
 

@@ -549,3 +549,97 @@ async fn a_recorded_deferred_turn_names_its_approval_in_the_error_frame() {
         "Deferred approvals are not supported in server mode yet."
     );
 }
+
+/// A log event's message, and the fields of the spans it happened in.
+type LoggedEvent = (String, Vec<(String, String)>);
+
+/// Log events as they were emitted.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<LoggedEvent>>>);
+
+#[derive(Default)]
+struct Fields(Vec<(String, String)>);
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push((field.name().to_owned(), format!("{value:?}")));
+    }
+}
+
+impl<S> tracing_subscriber::Layer<S> for Captured
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut fields = Fields::default();
+        attrs.record(&mut fields);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(fields);
+        }
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let message = fields
+            .0
+            .iter()
+            .find(|(name, _)| name == "message")
+            .map(|(_, value)| value.clone())
+            .unwrap_or_default();
+        let in_spans = ctx
+            .event_scope(event)
+            .map(|scope| {
+                scope
+                    .flat_map(|span| {
+                        span.extensions()
+                            .get::<Fields>()
+                            .map(|f| f.0.clone())
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.0.lock().unwrap().push((message, in_spans));
+    }
+}
+
+#[tokio::test]
+async fn every_log_line_of_a_connection_carries_its_session_id() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let captured = Captured::default();
+    // This test's runtime runs on this thread alone, the server included.
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(captured.clone()));
+    let app = spawn_app().await;
+    let mut ws = app.ws("traced").await;
+    app.wait_for_clients("traced", 1).await;
+    ws.close(None).await.unwrap();
+    let disconnected = async {
+        loop {
+            let found = captured
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(message, _)| message == "client disconnected")
+                .cloned();
+            match found {
+                Some(event) => return event,
+                None => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    };
+    let (_, in_spans) = tokio::time::timeout(Duration::from_secs(10), disconnected)
+        .await
+        .expect("no 'client disconnected' within 10 s");
+    assert!(
+        in_spans.contains(&("session.id".to_owned(), "traced".to_owned())),
+        "the line is outside the connection's span: {in_spans:?}"
+    );
+}

@@ -1,6 +1,7 @@
 //! The dashboard API for web front ends (SPEC A8): the control plane's
 //! envelopes over plain REST and SSE. Every answer comes from
-//! [`ControlPlane`], the same service `/mcp` calls.
+//! [`ControlTools`], the same tools `/mcp` calls; the status codes come from
+//! matching their typed failures.
 //!
 //! `/api/stream` clients share one [`DashboardFeed`]: one refresher reads
 //! the store once per change (and per refresh interval) and encodes the
@@ -8,7 +9,8 @@
 //! live client of the server and ends when the server shuts down.
 
 use std::borrow::Cow;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -25,12 +27,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::ApiTags;
 use super::dto::ErrorBody;
-use crate::adapters::approval_broadcast::ApprovalBroadcast;
+use crate::adapters::approval_broadcast::{ApprovalBroadcast, ApprovalListener};
+use crate::adapters::control::{
+    Answer, ControlTools, Envelope, ErrorKind, Failed, envelope_of, tools,
+};
 use crate::adapters::stream::{ClientSlot, SessionHub};
-use crate::domain::dashboard::{ControlPlane, Envelope, ErrorKind, UnknownTool, tools};
+use crate::domain::control::ControlError;
 
 pub struct DashboardApi {
-    pub control: Arc<ControlPlane>,
+    pub control: Arc<ControlTools>,
     /// The snapshot every `/api/stream` client sends.
     pub feed: Arc<DashboardFeed>,
     /// Counts `/api/stream` clients against the server's client limit.
@@ -92,12 +97,13 @@ enum EnvelopeReply {
     Unavailable(Json<EnvelopeBody>),
 }
 
-impl From<Envelope> for EnvelopeReply {
-    fn from(envelope: Envelope) -> Self {
-        match envelope.error_kind() {
-            Some(ErrorKind::StorageUnavailable) => Self::Unavailable(Json(envelope.into())),
-            Some(ErrorKind::InvalidArguments) => Self::BadRequest(Json(envelope.into())),
-            _ => Self::Ok(Json(envelope.into())),
+impl From<Answer> for EnvelopeReply {
+    fn from(answer: Answer) -> Self {
+        let body = Json(envelope_of(&answer).into());
+        match answer.err().map(|failed| failed.error.kind()) {
+            Some(ErrorKind::StorageUnavailable) => Self::Unavailable(body),
+            Some(ErrorKind::InvalidArguments) => Self::BadRequest(body),
+            _ => Self::Ok(body),
         }
     }
 }
@@ -126,27 +132,19 @@ enum ActionReply {
     Unavailable(Json<EnvelopeBody>),
 }
 
-fn invalid_body(tool: &str, error: &poem::Error) -> Json<EnvelopeBody> {
-    Json(
-        Envelope::error(
-            tool,
-            ErrorKind::InvalidArguments,
-            &error.to_string(),
-            json!({}),
-        )
-        .into(),
-    )
+fn invalid_body(tool: &'static str, error: &poem::Error) -> Json<EnvelopeBody> {
+    let error = ControlError::InvalidArguments(error.to_string());
+    Json(Failed::new(tool, error).envelope().into())
 }
 
 fn bad_action(error: poem::Error) -> ActionReply {
     ActionReply::BadRequest(invalid_body("dashboard.action", &error))
 }
 
-impl From<Envelope> for ActionReply {
-    fn from(envelope: Envelope) -> Self {
-        let kind = envelope.error_kind();
-        let body = Json(envelope.into());
-        match kind {
+impl From<Answer> for ActionReply {
+    fn from(answer: Answer) -> Self {
+        let body = Json(envelope_of(&answer).into());
+        match answer.err().map(|failed| failed.error.kind()) {
             None => Self::Ok(body),
             Some(
                 ErrorKind::MissingField
@@ -223,11 +221,10 @@ fn bad_tool_call(error: poem::Error) -> ToolCallReply {
     ToolCallReply::BadRequest(invalid_body("tools.call", &error))
 }
 
-impl From<Envelope> for ToolCallReply {
-    fn from(envelope: Envelope) -> Self {
-        let kind = envelope.error_kind();
-        let body = Json(envelope.into());
-        match kind {
+impl From<Answer> for ToolCallReply {
+    fn from(answer: Answer) -> Self {
+        let body = Json(envelope_of(&answer).into());
+        match answer.err().map(|failed| failed.error.kind()) {
             Some(ErrorKind::InvalidArguments) => Self::BadRequest(body),
             Some(ErrorKind::UnknownTool) => Self::NotFound(body),
             Some(ErrorKind::ToolFailed) => Self::Failed(body),
@@ -349,16 +346,7 @@ impl DashboardApi {
         tag = "ApiTags::Dashboard"
     )]
     async fn call_tool(&self, name: Path<String>, args: Json<Value>) -> ToolCallReply {
-        match self.control.call(&name, args.0).await {
-            Ok(envelope) => envelope.into(),
-            Err(UnknownTool(unknown)) => Envelope::error(
-                "tools.call",
-                ErrorKind::UnknownTool,
-                &format!("Unknown tool: {unknown}"),
-                json!({ "name": unknown }),
-            )
-            .into(),
-        }
+        self.control.call(&name, args.0).await.into()
     }
 
     /// Live dashboard (SSE)
@@ -374,6 +362,7 @@ impl DashboardApi {
             Err(e) => return StreamReply::TooManyClients(Json(ErrorBody::new(e.to_string()))),
         };
         let state = StreamState {
+            _watching: self.feed.watching(),
             snapshots: self.feed.subscribe(),
             wake: Arc::clone(&self.feed.wake),
             queue: vec![EncodedEnvelope::encode(&Envelope::new(
@@ -468,10 +457,12 @@ pub struct DashboardFeed {
     wake: Arc<Notify>,
     /// The refresher, until the first client starts it.
     refresher: Mutex<Option<Refresher>>,
+    /// Open streams: whether a decision is heard by a dashboard.
+    streams: Arc<AtomicUsize>,
 }
 
 struct Refresher {
-    control: Arc<ControlPlane>,
+    control: Arc<ControlTools>,
     changes: watch::Receiver<u64>,
     refresh: Duration,
     snapshots: watch::Sender<Option<Arc<Snapshot>>>,
@@ -480,12 +471,16 @@ struct Refresher {
 
 impl DashboardFeed {
     /// A feed of `control`'s snapshots, fresh on each of `events`' changes
-    /// and at least every `refresh`.
+    /// and at least every `refresh`; `events` also learns whether a stream
+    /// is open.
     #[must_use]
-    pub fn new(control: Arc<ControlPlane>, events: &ApprovalBroadcast, refresh: Duration) -> Self {
+    pub fn new(control: Arc<ControlTools>, events: &ApprovalBroadcast, refresh: Duration) -> Self {
         let (sender, snapshots) = watch::channel(None);
         let wake = Arc::new(Notify::new());
+        let streams = Arc::new(AtomicUsize::new(0));
+        events.add_listener(Box::new(OpenStreams(Arc::downgrade(&streams))));
         Self {
+            streams,
             snapshots,
             wake: Arc::clone(&wake),
             refresher: Mutex::new(Some(Refresher {
@@ -496,6 +491,12 @@ impl DashboardFeed {
                 wake,
             })),
         }
+    }
+
+    /// Counts a stream as open while the guard lives.
+    fn watching(&self) -> Watching {
+        self.streams.fetch_add(1, Ordering::SeqCst);
+        Watching(Arc::clone(&self.streams))
     }
 
     /// A receiver of the snapshots, starting the refresher if it is the
@@ -545,8 +546,34 @@ impl Refresher {
     }
 }
 
+/// The open streams as an approval listener: they wake on the broadcast's
+/// version, so there is nothing more to tell them. Weak: the broadcast
+/// outlives a feed built and dropped.
+struct OpenStreams(Weak<AtomicUsize>);
+
+impl ApprovalListener for OpenStreams {
+    fn approvals_changed(&self) {}
+
+    fn is_listening(&self) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|streams| streams.load(Ordering::SeqCst) > 0)
+    }
+}
+
+/// Counts one open stream.
+struct Watching(Arc<AtomicUsize>);
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Where one dashboard stream is.
 struct StreamState {
+    /// Counts the stream as open (a listener of approval changes).
+    _watching: Watching,
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     wake: Arc<Notify>,
     /// Envelopes still to send, last first.

@@ -8,7 +8,7 @@ use poem_openapi::payload::PlainText;
 use poem_openapi::{ApiResponse, OpenApi};
 
 use super::ApiTags;
-use crate::domain::dashboard::ControlPlane;
+use crate::domain::control::ControlPlane;
 
 pub struct MetricsApi {
     pub handle: PrometheusHandle,
@@ -38,7 +38,9 @@ impl MetricsApi {
         tag = "ApiTags::System"
     )]
     async fn metrics(&self) -> MetricsReply {
-        self.control.count_pending().await;
+        // A failure is logged by the control plane; the gauge keeps its
+        // last value.
+        let _ = self.control.count_pending().await;
         self.handle.run_upkeep();
         MetricsReply::Ok(PlainText(self.handle.render()))
     }

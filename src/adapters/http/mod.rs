@@ -41,11 +41,12 @@ use self::request_log::RequestLog;
 use self::sessions::SessionsApi;
 use self::tickets::TicketApi;
 use crate::adapters::approval_broadcast::ApprovalBroadcast;
+use crate::adapters::control::ControlTools;
 use crate::adapters::mcp::{self, McpSettings};
 use crate::adapters::stream::SessionHub;
 use crate::adapters::ws::endpoint::{WsSettings, WsState, session_socket};
 use crate::domain::chat::ChatService;
-use crate::domain::dashboard::ControlPlane;
+use crate::domain::control::ControlPlane;
 use crate::domain::sessions::SessionService;
 
 #[derive(Tags)]
@@ -158,6 +159,7 @@ pub fn api_service(
     settings: &HttpSettings,
     tickets: &Arc<TicketBook>,
 ) -> OpenApiService<Apis, ()> {
+    let tools = control_tools(services);
     OpenApiService::new(
         (
             HealthApi,
@@ -178,9 +180,9 @@ pub fn api_service(
                 chat: Arc::clone(&services.chat),
             },
             DashboardApi {
-                control: Arc::clone(&services.control),
+                control: Arc::clone(&tools),
                 feed: Arc::new(DashboardFeed::new(
-                    Arc::clone(&services.control),
+                    tools,
                     &services.approval_events,
                     settings.dashboard_refresh,
                 )),
@@ -198,6 +200,14 @@ pub fn api_service(
     )
 }
 
+/// The control plane's tools, as `/mcp` and the dashboard routes serve them.
+fn control_tools(services: &Services) -> Arc<ControlTools> {
+    Arc::new(ControlTools::new(
+        Arc::clone(&services.control),
+        Arc::clone(&services.approval_events),
+    ))
+}
+
 /// The whole route tree with its middleware.
 #[must_use]
 pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static> {
@@ -211,7 +221,7 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
         settings: settings.ws.clone(),
     });
     let (mcp, mcp_sessions) = mcp::service(
-        Arc::clone(&services.control),
+        control_tools(services),
         &services.approval_events,
         Arc::clone(&services.hub),
         &McpSettings {

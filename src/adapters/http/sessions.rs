@@ -106,6 +106,9 @@ enum CancelReply {
     /// The session exists but no turn is running on it.
     #[oai(status = 409)]
     NothingRunning(Json<ErrorBody>),
+    /// Session storage is unavailable.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
 }
 
 #[derive(ApiResponse)]
@@ -256,6 +259,7 @@ impl SessionsApi {
             Err(e @ CancelError::NothingRunning) => {
                 CancelReply::NothingRunning(Json(ErrorBody::new(e.to_string())))
             }
+            Err(CancelError::Storage(e)) => CancelReply::Unavailable(unavailable(&e)),
         }
     }
 
@@ -317,5 +321,47 @@ impl SseFrame {
             Some(seq) => event.id(seq.to_string()),
             None => event,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use poem::http::StatusCode;
+    use poem::test::TestClient;
+    use poem_openapi::OpenApiService;
+    use serde_json::json;
+
+    use super::*;
+    use crate::adapters::stream::StreamSettings;
+    use crate::domain::chat::RuntimeSlot;
+    use crate::ports::SessionStore;
+    use crate::ports::session_store::MockSessionStore;
+
+    #[tokio::test]
+    async fn cancel_answers_503_not_404_when_the_session_store_is_down() {
+        let mut store = MockSessionStore::new();
+        store
+            .expect_history()
+            .returning(|_| Err(SessionStoreError::Unavailable("disk gone".into())));
+        let store: Arc<dyn SessionStore> = Arc::new(store);
+        let hub = SessionHub::new(StreamSettings::default());
+        let chat = Arc::new(ChatService::new(
+            RuntimeSlot::Unavailable("not needed".into()),
+            store.clone(),
+            hub.clone(),
+            None,
+        ));
+        let sessions = Arc::new(SessionService::new(store, hub.clone(), chat.clone()));
+        let api = SessionsApi {
+            sessions,
+            chat,
+            hub,
+            keep_alive: Duration::from_secs(15),
+        };
+        let client = TestClient::new(OpenApiService::new(api, "test", "0"));
+        let res = client.post("/api/sessions/s1/cancel").send().await;
+        res.assert_status(StatusCode::SERVICE_UNAVAILABLE);
+        res.assert_json(json!({"detail": "Session storage is unavailable"}))
+            .await;
     }
 }

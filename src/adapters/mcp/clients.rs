@@ -1,11 +1,14 @@
 //! The MCP clients a change can be pushed to right now: sessions of the
 //! `initialize` era and open `subscriptions/listen` streams of the
-//! 2026-07-28 era. The approval listener tells them all.
+//! 2026-07-28 era. The approval listener tells them all, and says whether
+//! there was anyone to tell.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use rmcp::service::{Peer, RoleServer, SubscriptionSink};
+
+use crate::adapters::approval_broadcast::ApprovalListener;
 
 /// Every client that asked to hear about tool-list changes.
 #[derive(Default)]
@@ -64,11 +67,17 @@ impl McpClients {
         }
     }
 
+    /// Whether a live client would be told of a change now.
+    pub fn has_clients(&self) -> bool {
+        let mut registry = self.lock();
+        registry.sessions.retain(|p| !p.is_transport_closed());
+        !(registry.sessions.is_empty() && registry.subscriptions.is_empty())
+    }
+
     /// Sends `notifications/tools/list_changed` to every live client, in a
     /// spawned task: the caller is deciding an approval and must not wait on
-    /// a slow client. Returns whether there was at least one client to send
-    /// it to.
-    pub fn notify_tool_list_changed(&self) -> bool {
+    /// a slow client.
+    pub fn notify_tool_list_changed(&self) {
         let (sessions, subscriptions) = {
             let mut registry = self.lock();
             registry.sessions.retain(|p| !p.is_transport_closed());
@@ -78,13 +87,12 @@ impl McpClients {
             )
         };
         if sessions.is_empty() && subscriptions.is_empty() {
-            return false;
+            return;
         }
-        // Approvals change inside request handlers, so a runtime is there;
-        // without one nobody can be told, and saying so is the honest answer.
+        // Approvals change inside request handlers, so a runtime is there.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!("no async runtime to notify MCP clients from");
-            return false;
+            return;
         };
         runtime.spawn(async move {
             let to_sessions = sessions.iter().map(|peer| async move {
@@ -102,6 +110,24 @@ impl McpClients {
                 futures::future::join_all(to_subscriptions)
             );
         });
-        true
+    }
+}
+
+/// The MCP clients as an approval listener. Weak: the broadcast outlives an
+/// app built and dropped (tests build many); a dropped endpoint has nobody
+/// to tell.
+pub struct Listener(pub Weak<McpClients>);
+
+impl ApprovalListener for Listener {
+    fn approvals_changed(&self) {
+        if let Some(clients) = self.0.upgrade() {
+            clients.notify_tool_list_changed();
+        }
+    }
+
+    fn is_listening(&self) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|clients| clients.has_clients())
     }
 }

@@ -1,7 +1,7 @@
 //! The rmcp `ServerHandler`: MCP's tools/list and tools/call over the
 //! control plane, and the client registrations that let approval changes
 //! reach connected clients. No rule lives here: every tool is
-//! [`ControlPlane::call`].
+//! [`ControlTools::call`].
 
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ use rmcp::{ErrorData, ServerHandler};
 use serde_json::Value;
 
 use super::clients::McpClients;
-use crate::domain::dashboard::{self, ControlPlane, ToolInfo, UnknownTool};
+use crate::adapters::control::{self, ControlTools, Failed, Failure, ToolInfo};
 
 const INSTRUCTIONS: &str = "The autopoiesis control plane: runtime status, pending tool approvals \
 (list, approve, reject), system info, chat with the agent and its sessions. Every tool answers \
@@ -28,7 +28,7 @@ created or decided: call approval.list again.";
 /// plane and the client registry.
 #[derive(Clone)]
 pub struct McpHandler {
-    control: Arc<ControlPlane>,
+    control: Arc<ControlTools>,
     /// The control plane's tools in MCP's shape, built once.
     tools: Arc<[Tool]>,
     clients: Arc<McpClients>,
@@ -36,10 +36,10 @@ pub struct McpHandler {
 
 impl McpHandler {
     #[must_use]
-    pub fn new(control: Arc<ControlPlane>, clients: Arc<McpClients>) -> Self {
+    pub fn new(control: Arc<ControlTools>, clients: Arc<McpClients>) -> Self {
         Self {
             control,
-            tools: dashboard::tools().into_iter().map(mcp_tool).collect(),
+            tools: control::tools().into_iter().map(mcp_tool).collect(),
             clients,
         }
     }
@@ -91,16 +91,23 @@ impl ServerHandler for McpHandler {
         _context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let args = request.arguments.map_or(Value::Null, Value::Object);
-        match self.control.call(&request.name, args).await {
-            Ok(envelope) => Ok(CallToolResult::success(vec![ContentBlock::text(
-                envelope.to_json().to_string(),
-            )])
-            .into()),
-            Err(UnknownTool(name)) => Err(ErrorData::invalid_params(
-                format!("unknown tool: {name}"),
-                None,
-            )),
-        }
+        let envelope = match self.control.call(&request.name, args).await {
+            Ok(envelope) => envelope,
+            Err(Failed {
+                error: Failure::UnknownTool(name),
+                ..
+            }) => {
+                return Err(ErrorData::invalid_params(
+                    format!("unknown tool: {name}"),
+                    None,
+                ));
+            }
+            Err(failed) => failed.envelope(),
+        };
+        Ok(
+            CallToolResult::success(vec![ContentBlock::text(envelope.to_json().to_string())])
+                .into(),
+        )
     }
 
     async fn on_initialized(&self, context: NotificationContext<RoleServer>) {

@@ -17,8 +17,8 @@ pub use self::clients::McpClients;
 pub use self::handler::McpHandler;
 pub use self::sessions::CountedSessions;
 use crate::adapters::approval_broadcast::ApprovalBroadcast;
+use crate::adapters::control::ControlTools;
 use crate::adapters::stream::SessionHub;
-use crate::domain::dashboard::ControlPlane;
 
 /// The MCP endpoint as a tower service.
 pub type McpService = StreamableHttpService<McpHandler, CountedSessions>;
@@ -45,10 +45,11 @@ pub struct McpSettings {
 
 /// The endpoint over `control`, and its sessions (to refuse a new one
 /// before rmcp does); `events` gets a listener that tells every connected
-/// client when approvals change, and `hub` counts the sessions as clients.
+/// client when approvals change (and says whether there is one), and `hub`
+/// counts the sessions as clients.
 #[must_use]
 pub fn service(
-    control: Arc<ControlPlane>,
+    control: Arc<ControlTools>,
     events: &ApprovalBroadcast,
     hub: Arc<SessionHub>,
     settings: &McpSettings,
@@ -56,12 +57,7 @@ pub fn service(
     let clients = Arc::new(McpClients::default());
     // Weak: the broadcast outlives an app built and dropped (tests build
     // many); a dropped endpoint has nobody to tell.
-    let registry = Arc::downgrade(&clients);
-    events.add_listener(Box::new(move || {
-        registry
-            .upgrade()
-            .is_some_and(|clients| clients.notify_tool_list_changed())
-    }));
+    events.add_listener(Box::new(clients::Listener(Arc::downgrade(&clients))));
     let handler = McpHandler::new(control, clients);
     let config = StreamableHttpServerConfig::default()
         // Both protocol eras: `initialize` sessions (with a GET stream for

@@ -19,6 +19,7 @@ use poem::{IntoResponse, Response, handler};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::protocol::{Incoming, IncomingError, direct_error, parse_incoming};
 use crate::adapters::metrics::LiveConnection;
@@ -109,14 +110,17 @@ pub async fn session_socket(
             // for a big one.
             .read_buffer_size(READ_BUFFER_BYTES),
     )
-    .on_upgrade(move |socket| async move {
+    .on_upgrade(move |socket| {
+        // The span goes with the connection's future, so that every line it
+        // logs, however many polls later, carries the session.
         let span = tracing::info_span!("ws", session.id = %session_id);
-        let _entered = span.enter();
-        tracing::debug!("client connected");
-        drop(_entered);
-        Connection { state, session_id }
-            .run(socket, subscription)
-            .await;
+        async move {
+            tracing::debug!("client connected");
+            Connection { state, session_id }
+                .run(socket, subscription)
+                .await;
+        }
+        .instrument(span)
     })
     .into_response()
 }
@@ -227,7 +231,7 @@ impl Connection {
             )
             .await;
         }
-        tracing::debug!(session.id = %self.session_id, "client disconnected");
+        tracing::debug!("client disconnected");
     }
 
     /// Submits a turn; how it ends reaches every client as the session's
@@ -268,6 +272,10 @@ impl Connection {
                 Ok(_) => None,
                 Err(e @ (CancelError::NothingRunning | CancelError::SessionNotFound)) => {
                     Some(e.to_string())
+                }
+                Err(CancelError::Storage(error)) => {
+                    tracing::error!(%error, "session store failed on a WebSocket cancel");
+                    Some("Session storage is unavailable".to_owned())
                 }
             },
             Ok(Incoming::Unknown(op)) => Some(format!("Unknown op: {op}")),
