@@ -26,7 +26,7 @@ use crate::domain::agent::AgentConfig;
 use crate::domain::approvals::{ApprovalPolicy, ApprovalService};
 use crate::domain::chat::{ApprovalRecording, ChatService, DEFAULT_MAX_QUEUED_TURNS, RuntimeSlot};
 use crate::domain::control::ControlPlane;
-use crate::domain::sessions::{SessionService, SweepPolicy};
+use crate::domain::session_service::{SessionService, SweepPolicy};
 use crate::ports::{ApprovalSigner, ApprovalStore};
 
 /// Wraps the approval store before the domain gets it (instrumentation:

@@ -17,7 +17,7 @@ use autopoiesis::adapters::ws::endpoint::WsSettings;
 use autopoiesis::app::{self, Settings};
 use autopoiesis::domain::approvals::ApprovalPolicy;
 use autopoiesis::domain::chat::DEFAULT_MAX_QUEUED_TURNS;
-use autopoiesis::domain::sessions::SweepPolicy;
+use autopoiesis::domain::session_service::SweepPolicy;
 use clap::{Args, Parser, Subcommand};
 
 /// An AI agent on the network: REST and WebSocket chat, streamed to every

@@ -17,7 +17,7 @@ use super::approvals::{
 };
 use super::chat::{ChatError, ChatReply, ChatService};
 use super::session::{SessionId, SessionInfo};
-use super::sessions::SessionService;
+use super::session_service::SessionService;
 
 /// The runtime's health.
 #[derive(Debug, Clone, PartialEq, Eq)]

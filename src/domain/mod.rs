@@ -8,4 +8,4 @@ pub mod control;
 pub mod events;
 pub mod message;
 pub mod session;
-pub mod sessions;
+pub mod session_service;

@@ -16,7 +16,7 @@ use autopoiesis::app::{self, Settings, StoreLayer};
 use autopoiesis::domain::agent::AgentConfig;
 use autopoiesis::domain::approvals::{ApprovalCursor, ApprovalDecision, ApprovalEnvelope};
 use autopoiesis::domain::chat::RuntimeSlot;
-use autopoiesis::domain::sessions::SweepPolicy;
+use autopoiesis::domain::session_service::SweepPolicy;
 use autopoiesis::ports::{AgentRuntime, ApprovalStore, ApprovalStoreError};
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;

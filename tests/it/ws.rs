@@ -6,7 +6,7 @@ use autopoiesis::adapters::http::HttpSettings;
 use autopoiesis::adapters::stream::StreamSettings;
 use autopoiesis::adapters::ws::endpoint::WsSettings;
 use autopoiesis::domain::chat::RuntimeSlot;
-use autopoiesis::domain::sessions::SweepPolicy;
+use autopoiesis::domain::session_service::SweepPolicy;
 use futures::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde_json::{Value, json};

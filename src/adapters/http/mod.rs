@@ -47,7 +47,7 @@ use crate::adapters::stream::SessionHub;
 use crate::adapters::ws::endpoint::{WsSettings, WsState, session_socket};
 use crate::domain::chat::ChatService;
 use crate::domain::control::ControlPlane;
-use crate::domain::sessions::SessionService;
+use crate::domain::session_service::SessionService;
 
 #[derive(Tags)]
 enum ApiTags {

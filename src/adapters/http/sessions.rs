@@ -16,7 +16,7 @@ use super::session_id;
 use super::sse::{SseFrame, frames};
 use crate::adapters::stream::SessionHub;
 use crate::domain::chat::{CancelError, ChatService};
-use crate::domain::sessions::SessionService;
+use crate::domain::session_service::SessionService;
 use crate::ports::SessionStoreError;
 
 pub struct SessionsApi {

@@ -26,7 +26,7 @@ use crate::adapters::metrics::LiveConnection;
 use crate::adapters::stream::{CloseReason, SessionHub, Subscription};
 use crate::domain::chat::{CancelError, ChatError, ChatService};
 use crate::domain::session::SessionId;
-use crate::domain::sessions::SessionService;
+use crate::domain::session_service::SessionService;
 use crate::ports::SessionStoreError;
 
 /// Bytes read from a socket at a time.
