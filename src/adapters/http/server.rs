@@ -71,9 +71,16 @@ impl Default for ServerSettings {
     }
 }
 
-const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-content-type: application/json\r\nconnection: close\r\ncontent-length: 71\r\n\r\n\
-{\"detail\":\"The server has too many open connections; try again later\"}";
+/// The answer to a connection past the cap, written before it is closed.
+fn too_many_connections() -> Vec<u8> {
+    let body = r#"{"detail":"The server has too many open connections; try again later"}"#;
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets requests
 /// in flight finish for up to `settings.grace`.
@@ -96,6 +103,7 @@ pub async fn serve(
     // Cancelled after the grace period: connections still open are dropped.
     let abort = CancellationToken::new();
     let mut backoff = Backoff::default();
+    let refusal = too_many_connections();
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -120,7 +128,7 @@ pub async fn serve(
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             // A best-effort answer; a socket that cannot take it now is
             // simply closed.
-            let _ = stream.try_write(TOO_MANY_CONNECTIONS);
+            let _ = stream.try_write(&refusal);
             metrics::counter!("autopoiesis_http_connections_refused_total").increment(1);
             continue;
         };
@@ -445,6 +453,15 @@ impl AsyncWrite for Watched {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_refusal_past_the_cap_is_a_well_formed_response() {
+        let refusal = String::from_utf8(too_many_connections()).unwrap();
+        let (head, body) = refusal.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "));
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        assert!(serde_json::from_str::<serde_json::Value>(body).is_ok());
+    }
 
     #[test]
     fn the_accept_backoff_doubles_up_to_a_second_and_resets() {
