@@ -1148,6 +1148,26 @@ mod tests {
         }
     }
 
+    /// What a deferred turn on `s1` fails with when no approval was recorded
+    /// for it (the fixture's service has no approval store).
+    fn unsupported_without_approval() -> ChatError {
+        ChatError::ApprovalUnsupported {
+            session_id: sid(),
+            approval_id: None,
+        }
+    }
+
+    /// A runtime whose every turn ends as `answer` says.
+    fn answering(
+        answer: impl FnMut(TurnInput, Arc<dyn EventSink>) -> Result<AgentReply, AgentError>
+        + Send
+        + 'static,
+    ) -> MockAgentRuntime {
+        let mut runtime = MockAgentRuntime::new();
+        runtime.expect_run_turn().returning(answer);
+        runtime
+    }
+
     struct Fixture {
         appended: Arc<Mutex<Vec<ModelMessage>>>,
         published: Arc<Mutex<Vec<SessionEvent>>>,
@@ -1168,6 +1188,15 @@ mod tests {
                 Arc::new(recorder(self.published.clone())),
                 None,
             )
+        }
+
+        /// One turn on session `s1` with `runtime`, recorded by this fixture.
+        async fn send(
+            &self,
+            runtime: MockAgentRuntime,
+            prompt: &str,
+        ) -> Result<ChatReply, ChatError> {
+            self.service(runtime).send(Some(sid()), prompt.into()).await
         }
 
         fn published(&self) -> Vec<SessionEvent> {
@@ -1193,11 +1222,7 @@ mod tests {
                     content: "hello".into(),
                 }]))
             });
-        let reply = fx
-            .service(runtime)
-            .send(Some(sid()), "hi".into())
-            .await
-            .unwrap();
+        let reply = fx.send(runtime, "hi").await.unwrap();
         assert_eq!(reply.content, "hello");
         assert_eq!(
             fx.published(),
@@ -1226,26 +1251,15 @@ mod tests {
     #[tokio::test]
     async fn a_deferred_turn_is_approval_unsupported_and_its_history_is_saved() {
         let fx = Fixture::new();
-        let mut runtime = MockAgentRuntime::new();
-        runtime.expect_run_turn().returning(|_, _| {
+        let runtime = answering(|_, _| {
             Ok(reply(vec![ResponsePart::ToolCall {
                 tool_name: "execute".into(),
                 args: json!({"command": "ls"}),
                 tool_call_id: "c1".into(),
             }]))
         });
-        let err = fx
-            .service(runtime)
-            .send(Some(sid()), "do it".into())
-            .await
-            .unwrap_err();
-        assert_eq!(
-            err,
-            ChatError::ApprovalUnsupported {
-                session_id: sid(),
-                approval_id: None
-            }
-        );
+        let err = fx.send(runtime, "do it").await.unwrap_err();
+        assert_eq!(err, unsupported_without_approval());
         let published = fx.published();
         assert!(
             matches!(&published[0], SessionEvent::ToolResult { tool_call_id, status, .. } if tool_call_id == "c1" && status == "deferred")
@@ -1262,23 +1276,10 @@ mod tests {
     #[tokio::test]
     async fn a_locked_turn_is_approval_unsupported_too_and_keeps_the_prompt() {
         let fx = Fixture::new();
-        let mut runtime = MockAgentRuntime::new();
-        runtime
-            .expect_run_turn()
-            .returning(|_, _| Err(AgentError::DeferredApprovalLocked));
+        let mut runtime = answering(|_, _| Err(AgentError::DeferredApprovalLocked));
         runtime.expect_model_name().return_const("mock".to_owned());
-        let err = fx
-            .service(runtime)
-            .send(Some(sid()), "do it".into())
-            .await
-            .unwrap_err();
-        assert_eq!(
-            err,
-            ChatError::ApprovalUnsupported {
-                session_id: sid(),
-                approval_id: None
-            }
-        );
+        let err = fx.send(runtime, "do it").await.unwrap_err();
+        assert_eq!(err, unsupported_without_approval());
         assert_eq!(fx.published(), vec![SessionEvent::approval_unsupported()]);
         assert_eq!(fx.appended().len(), 1, "the prompt is kept");
     }
@@ -1286,15 +1287,8 @@ mod tests {
     #[tokio::test]
     async fn a_provider_failure_is_published_and_nothing_is_saved() {
         let fx = Fixture::new();
-        let mut runtime = MockAgentRuntime::new();
-        runtime
-            .expect_run_turn()
-            .returning(|_, _| Err(AgentError::Provider("model down".into())));
-        let err = fx
-            .service(runtime)
-            .send(Some(sid()), "hi".into())
-            .await
-            .unwrap_err();
+        let runtime = answering(|_, _| Err(AgentError::Provider("model down".into())));
+        let err = fx.send(runtime, "hi").await.unwrap_err();
         assert_eq!(
             err,
             ChatError::Provider {

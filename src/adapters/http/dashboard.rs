@@ -26,7 +26,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::ApiTags;
-use super::dto::ErrorBody;
+use super::dto::{ErrorBody, self_raw_value};
 use crate::adapters::approval_broadcast::{ApprovalBroadcast, ApprovalListener};
 use crate::adapters::control::{
     Answer, ControlTools, Envelope, ErrorKind, Failed, envelope_of, tools,
@@ -407,9 +407,7 @@ impl EncodedEnvelope {
 }
 
 impl Type for EncodedEnvelope {
-    const IS_REQUIRED: bool = true;
-    type RawValueType = Self;
-    type RawElementValueType = Self;
+    self_raw_value!();
 
     fn name() -> Cow<'static, str> {
         EnvelopeBody::name()
@@ -421,16 +419,6 @@ impl Type for EncodedEnvelope {
 
     fn register(registry: &mut Registry) {
         EnvelopeBody::register(registry);
-    }
-
-    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
-        Some(self)
-    }
-
-    fn raw_element_iter<'a>(
-        &'a self,
-    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
-        Box::new(self.as_raw_value().into_iter())
     }
 }
 

@@ -13,6 +13,30 @@ use serde_json::Value;
 
 use crate::domain::session::SessionInfo;
 
+/// The items of poem-openapi's `Type` for a type that is its own raw value:
+/// a required scalar-like value with no elements to iterate. The API's
+/// hand-written `Type`s ([`StrictString`], the pre-encoded SSE frames and
+/// envelopes) differ only in their name and schema; invoked inside their
+/// `impl Type` blocks, this writes the rest once.
+macro_rules! self_raw_value {
+    () => {
+        const IS_REQUIRED: bool = true;
+        type RawValueType = Self;
+        type RawElementValueType = Self;
+
+        fn as_raw_value(&self) -> Option<&Self::RawValueType> {
+            Some(self)
+        }
+
+        fn raw_element_iter<'a>(
+            &'a self,
+        ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
+            Box::new(self.as_raw_value().into_iter())
+        }
+    };
+}
+pub(crate) use self_raw_value;
+
 /// `GET /api/health`.
 #[derive(Debug, Object)]
 pub struct HealthResponse {
@@ -187,9 +211,7 @@ impl<R: TextRule> fmt::Debug for StrictString<R> {
 }
 
 impl<R: TextRule> Type for StrictString<R> {
-    const IS_REQUIRED: bool = true;
-    type RawValueType = Self;
-    type RawElementValueType = Self;
+    self_raw_value!();
 
     fn name() -> Cow<'static, str> {
         "string".into()
@@ -197,16 +219,6 @@ impl<R: TextRule> Type for StrictString<R> {
 
     fn schema_ref() -> MetaSchemaRef {
         pattern_schema(R::PATTERN, R::NULLABLE)
-    }
-
-    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
-        Some(self)
-    }
-
-    fn raw_element_iter<'a>(
-        &'a self,
-    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
-        Box::new(self.as_raw_value().into_iter())
     }
 }
 

@@ -130,36 +130,20 @@ enum EventsReply {
     Unavailable(Json<ErrorBody>),
 }
 
-/// The 400 for a malformed session id (or, on `events`, a malformed
-/// `after_seq`), in the API's `detail` shape; poem-openapi calls it when a
-/// parameter does not parse.
-fn bad_parameter(error: &poem::Error) -> Json<ErrorBody> {
-    Json(ErrorBody::new(error.to_string()))
+/// Each reply's `bad_request_handler`, which poem-openapi calls when a
+/// parameter does not parse: the 400 for a malformed session id (or, on
+/// `events`, a malformed `after_seq`), in the API's `detail` shape.
+macro_rules! bad_request_from_parameter {
+    ($($reply:ident),+) => {$(
+        impl $reply {
+            fn bad_request(error: poem::Error) -> Self {
+                Self::BadRequest(Json(ErrorBody::new(error.to_string())))
+            }
+        }
+    )+};
 }
 
-impl HistoryReply {
-    fn bad_request(error: poem::Error) -> Self {
-        Self::BadRequest(bad_parameter(&error))
-    }
-}
-
-impl DeleteReply {
-    fn bad_request(error: poem::Error) -> Self {
-        Self::BadRequest(bad_parameter(&error))
-    }
-}
-
-impl CancelReply {
-    fn bad_request(error: poem::Error) -> Self {
-        Self::BadRequest(bad_parameter(&error))
-    }
-}
-
-impl EventsReply {
-    fn bad_request(error: poem::Error) -> Self {
-        Self::BadRequest(bad_parameter(&error))
-    }
-}
+bad_request_from_parameter!(HistoryReply, DeleteReply, CancelReply, EventsReply);
 
 #[OpenApi]
 impl SessionsApi {

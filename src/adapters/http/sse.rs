@@ -12,6 +12,7 @@ use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
 use poem_openapi::types::{ToJSON, Type};
 use serde_json::Value;
 
+use super::dto::self_raw_value;
 use crate::adapters::metrics::LiveConnection;
 use crate::adapters::stream::{Frame, Subscription};
 
@@ -22,9 +23,7 @@ use crate::adapters::stream::{Frame, Subscription};
 pub struct SseFrame(pub Arc<Frame>);
 
 impl Type for SseFrame {
-    const IS_REQUIRED: bool = true;
-    type RawValueType = Self;
-    type RawElementValueType = Self;
+    self_raw_value!();
 
     fn name() -> Cow<'static, str> {
         "SessionEventFrame".into()
@@ -35,16 +34,6 @@ impl Type for SseFrame {
         schema.description =
             Some(r#"{"op", "data", "seq", "turn_id"}: see docs/websocket.md for every op"#);
         MetaSchemaRef::Inline(Box::new(schema))
-    }
-
-    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
-        Some(self)
-    }
-
-    fn raw_element_iter<'a>(
-        &'a self,
-    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
-        Box::new(self.as_raw_value().into_iter())
     }
 }
 
