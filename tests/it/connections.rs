@@ -210,7 +210,10 @@ async fn connections_beyond_the_cap_get_503_and_the_cap_frees_up() {
     assert_eq!(refused.status(), 503);
     let body: serde_json::Value = refused.json().await.unwrap();
     assert!(
-        body["detail"].as_str().unwrap().contains("too many open connections"),
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("too many open connections"),
         "{body}"
     );
     drop(held);

@@ -143,7 +143,8 @@ pub struct HostPolicy {
 
 /// Splits `name[:port]`, `[v6]:port` or a bare IPv6 address.
 fn split_host(host: &str) -> (&str, Option<&str>) {
-    if host.parse::<IpAddr>().is_ok() {
+    // Only a bare IPv6 address has more than one colon.
+    if host.matches(':').nth(1).is_some() && host.parse::<IpAddr>().is_ok() {
         return (host, None);
     }
     if let Some(rest) = host.strip_prefix('[')
@@ -164,8 +165,11 @@ impl HostPolicy {
             return true;
         };
         let (name, port) = split_host(host);
-        if name.parse::<IpAddr>().is_ok() {
-            return true;
+        if name.as_bytes().first().is_some_and(u8::is_ascii_digit) || name.contains(':') {
+            // Looks like an IP literal: the common case on loopback.
+            if name.parse::<IpAddr>().is_ok() {
+                return true;
+            }
         }
         self.allowed.iter().any(|allowed| {
             if allowed == "*" {

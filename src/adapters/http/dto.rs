@@ -46,16 +46,56 @@ pub struct HealthResponse {
     pub version: String,
 }
 
+// Also `Serialize`: the session list is written straight to JSON
+// ([`SerdeJson`]), with the same values poem-openapi would write.
 /// A session as listed.
-#[derive(Debug, Object)]
+#[derive(Debug, Object, serde::Serialize)]
 #[oai(rename = "SessionInfo")]
 pub struct SessionInfoBody {
     /// The session id.
     pub id: String,
     /// When the session was created (RFC 3339, UTC).
+    #[serde(serialize_with = "rfc3339")]
     pub created_at: DateTime<Utc>,
     /// Number of messages in the history.
     pub message_count: u64,
+}
+
+/// `DateTime<Utc>` as poem-openapi writes it (`+00:00`, not `Z`).
+fn rfc3339<S: serde::Serializer>(at: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&at.to_rfc3339())
+}
+
+/// A JSON response body written by serde in one pass, where poem-openapi's
+/// `Json` first builds a `serde_json::Value` tree and then writes that: on
+/// a list route, building and dropping the tree was a fifth of the
+/// request's CPU. The spec is the same as `Json<T>`'s.
+pub struct SerdeJson<T>(pub T);
+
+impl<T: Type> poem_openapi::payload::Payload for SerdeJson<T> {
+    const CONTENT_TYPE: &'static str = "application/json; charset=utf-8";
+
+    fn schema_ref() -> MetaSchemaRef {
+        T::schema_ref()
+    }
+
+    fn register(registry: &mut poem_openapi::registry::Registry) {
+        T::register(registry);
+    }
+}
+
+impl<T: serde::Serialize + Send> poem::IntoResponse for SerdeJson<T> {
+    fn into_response(self) -> poem::Response {
+        match serde_json::to_vec(&self.0) {
+            Ok(body) => poem::Response::builder()
+                .content_type("application/json; charset=utf-8")
+                .body(body),
+            Err(error) => {
+                tracing::error!(%error, "response not encoded");
+                poem::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
+            }
+        }
+    }
 }
 
 impl From<SessionInfo> for SessionInfoBody {

@@ -1,11 +1,12 @@
-//! A span per request (and a `debug` line when it ends), tied together by a
-//! request id that is kept from `x-request-id` or generated, and returned on
+//! A span per request (and a `debug` line with method, path and status when
+//! it ends), tied together by a request id that is kept from `x-request-id` or generated, and returned on
 //! every response; request counts and latencies go to `/metrics`.
 //!
 //! Only the path is logged: query strings may carry tickets.
 
 use std::collections::HashMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, PoisonError, RwLock};
 use std::time::Instant;
 
 use metrics::{Counter, Histogram};
@@ -93,10 +94,21 @@ fn request_id(req: &Request) -> HeaderValue {
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
         })
         .cloned()
-        .unwrap_or_else(|| {
-            HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string())
-                .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
-        })
+        .unwrap_or_else(generated_id)
+}
+
+/// 32 lowercase hex characters: a random prefix drawn once per process and
+/// a counter. Unique within the process and distinct across restarts, which
+/// is all an id that ties log lines together needs; it costs a counter
+/// increment, not a draw from the random generator per request.
+fn generated_id() -> HeaderValue {
+    static PREFIX: LazyLock<u64> = LazyLock::new(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut text = [0u8; 32];
+    hex::encode_to_slice([PREFIX.to_be_bytes(), n.to_be_bytes()].concat(), &mut text)
+        .unwrap_or_default();
+    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 impl<E: Endpoint> Endpoint for RequestLogEndpoint<E> {
@@ -104,13 +116,20 @@ impl<E: Endpoint> Endpoint for RequestLogEndpoint<E> {
 
     async fn call(&self, req: Request) -> Result<Self::Output> {
         let id = request_id(&req);
-        let span = tracing::info_span!(
-            "request",
-            request.id = id.to_str().unwrap_or_default(),
-            http.method = %req.method(),
-            http.path = req.uri().path(),
-        );
+        // One field: the subscriber formats every span field when the span
+        // opens, on every request, whether or not a line is ever logged in
+        // it; the request id alone ties the lines together. Method and path
+        // are on the `debug` line below.
+        // The health check logs nothing and is the route polled most (load
+        // balancers, orchestrators): it keeps its id and its metrics but
+        // opens no span.
+        let span = if req.uri().path() == "/api/health" {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!("request", request.id = id.to_str().unwrap_or_default())
+        };
         let method = method_label(req.method());
+        let path = tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_owned());
         async move {
             let started = Instant::now();
             let mut response = match self.inner.call(req).await {
@@ -129,6 +148,8 @@ impl<E: Endpoint> Endpoint for RequestLogEndpoint<E> {
             // at info or above where they are handled. The span above stays
             // at info so every line logged inside a request has its id.
             tracing::debug!(
+                http.method = method,
+                http.path = path.as_deref().unwrap_or_default(),
                 http.status = status,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 "request finished"

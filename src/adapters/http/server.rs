@@ -82,6 +82,21 @@ fn too_many_connections() -> Vec<u8> {
     .into_bytes()
 }
 
+/// Connections past the cap answered at once; the others are just closed.
+const REFUSERS: usize = 64;
+
+/// Reads (and drops) what the client sends for up to a second, answers 503
+/// and closes.
+async fn refuse(mut stream: TcpStream, refusal: Arc<[u8]>, _slot: OwnedSemaphorePermit) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = [0u8; 4096];
+    let limit = Duration::from_secs(1);
+    if matches!(tokio::time::timeout(limit, stream.read(&mut request)).await, Ok(Ok(n)) if n > 0) {
+        let _ = tokio::time::timeout(limit, stream.write_all(&refusal)).await;
+        let _ = stream.shutdown().await;
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then lets requests
 /// in flight finish for up to `settings.grace`.
 ///
@@ -103,7 +118,8 @@ pub async fn serve(
     // Cancelled after the grace period: connections still open are dropped.
     let abort = CancellationToken::new();
     let mut backoff = Backoff::default();
-    let refusal = too_many_connections();
+    let refusal: Arc<[u8]> = too_many_connections().into();
+    let refusers = Arc::new(Semaphore::new(REFUSERS));
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -126,10 +142,13 @@ pub async fn serve(
             }
         };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            // A best-effort answer; a socket that cannot take it now is
-            // simply closed.
-            let _ = stream.try_write(&refusal);
             metrics::counter!("autopoiesis_http_connections_refused_total").increment(1);
+            // Answered once the client has sent its request (an HTTP client
+            // takes an answer that comes first as a protocol error), by a
+            // few short-lived tasks at most; past them the socket is closed.
+            if let Ok(refuser) = Arc::clone(&refusers).try_acquire_owned() {
+                tokio::spawn(refuse(stream, Arc::clone(&refusal), refuser));
+            }
             continue;
         };
         if let Err(error) = stream.set_nodelay(true) {

@@ -11,7 +11,7 @@ use poem_openapi::payload::{EventStream, Json};
 use poem_openapi::{ApiResponse, OpenApi};
 
 use super::ApiTags;
-use super::dto::{CancelBody, ErrorBody, HistoryBody, SessionInfoBody};
+use super::dto::{CancelBody, ErrorBody, HistoryBody, SerdeJson, SessionInfoBody};
 use super::session_id;
 use super::sse::{SseFrame, frames};
 use crate::adapters::stream::SessionHub;
@@ -38,7 +38,7 @@ fn unavailable(error: &SessionStoreError) -> Json<ErrorBody> {
 enum ListReply {
     /// Every session, oldest first.
     #[oai(status = 200)]
-    Ok(Json<Vec<SessionInfoBody>>),
+    Ok(SerdeJson<Vec<SessionInfoBody>>),
     /// The session store is unavailable.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>),
@@ -156,7 +156,7 @@ impl SessionsApi {
     )]
     async fn list(&self) -> ListReply {
         match self.sessions.list().await {
-            Ok(list) => ListReply::Ok(Json(list.into_iter().map(Into::into).collect())),
+            Ok(list) => ListReply::Ok(SerdeJson(list.into_iter().map(Into::into).collect())),
             Err(e) => ListReply::Unavailable(unavailable(&e)),
         }
     }
