@@ -416,7 +416,9 @@ impl PageRequest {
         if !(1..=MAX_PAGE_SIZE).contains(&limit) {
             return Err(PageError::Limit);
         }
+        // An empty cursor (`?cursor=`) asks for the first page.
         let after = cursor
+            .filter(|text| !text.is_empty())
             .map(|text| ApprovalCursor::decode(text).ok_or(PageError::Cursor))
             .transpose()?;
         Ok(Self { limit, after })
@@ -1020,7 +1022,9 @@ mod tests {
         assert!(PageRequest::new(Some(500), None).is_ok());
         assert_eq!(PageRequest::new(Some(0), None), Err(PageError::Limit));
         assert_eq!(PageRequest::new(Some(501), None), Err(PageError::Limit));
-        for bad in ["", "zz", &hex::encode("no-colon"), &hex::encode("x:id")] {
+        // `?cursor=`: nothing to resume from, so the first page.
+        assert_eq!(PageRequest::new(None, Some("")), Ok(PageRequest::default()));
+        for bad in ["zz", &hex::encode("no-colon"), &hex::encode("x:id")] {
             assert_eq!(
                 PageRequest::new(None, Some(bad)),
                 Err(PageError::Cursor),

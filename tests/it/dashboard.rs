@@ -661,3 +661,18 @@ async fn deleting_the_sqlite_file_under_a_running_server_answers_503() {
         "the approval would have vanished"
     );
 }
+
+#[tokio::test]
+async fn approval_list_query_errors_are_envelopes_and_an_empty_cursor_is_the_first_page() {
+    let app = spawn_with(Options::default()).await;
+    let res = app.get("/api/approvals?limit=abc").await;
+    assert_eq!(res.status(), 400);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["type"], "error.invalid_arguments", "{body}");
+    let res = app.get("/api/approvals?cursor=").await;
+    let status = res.status();
+    let text = res.text().await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["type"], "approval.list", "{body}");
+}

@@ -84,6 +84,7 @@ pub struct ActionBody {
 }
 
 #[derive(ApiResponse)]
+#[oai(bad_request_handler = "bad_query")]
 enum EnvelopeReply {
     /// The envelope (an `error.*` one when the runtime is uninitialised).
     #[oai(status = 200)]
@@ -95,6 +96,12 @@ enum EnvelopeReply {
     /// `error.storage_unavailable`: the approval database is down.
     #[oai(status = 503)]
     Unavailable(Json<EnvelopeBody>),
+}
+
+/// A query parameter that does not parse (`?limit=abc`) is answered with the
+/// same `error.invalid_arguments` envelope as one out of range.
+fn bad_query(error: poem::Error) -> EnvelopeReply {
+    EnvelopeReply::BadRequest(invalid_body("approval.list", &error))
 }
 
 impl From<Answer> for EnvelopeReply {
