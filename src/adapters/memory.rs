@@ -25,6 +25,7 @@ impl Entry {
             created_at: self.created_at,
             message_count: self.messages.len(),
             history_bytes: self.bytes,
+            last_seq: 0,
         }
     }
 }
@@ -142,6 +143,10 @@ impl SessionStore for InMemorySessionStore {
             .collect();
         idle.sort();
         Ok(idle.into_iter().map(|(_, id)| id.clone()).collect())
+    }
+
+    fn is_durable(&self) -> bool {
+        false
     }
 }
 

@@ -1115,6 +1115,7 @@ mod tests {
             created_at: Utc::now(),
             message_count: 0,
             history_bytes: 0,
+            last_seq: 0,
         }
     }
 

@@ -91,6 +91,10 @@ pub struct SessionInfo {
     /// Size of the history's text ([`crate::domain::message::ModelMessage::size`]),
     /// checked against the history cap before a turn starts.
     pub history_bytes: usize,
+    /// The seq of the newest event of the session's stream (0: none yet).
+    /// Stores report what they keep; the session service overlays the live
+    /// figure of a stream open in this process.
+    pub last_seq: u64,
 }
 
 #[cfg(test)]

@@ -62,7 +62,8 @@ pub trait SessionStore: Send + Sync {
         now: DateTime<Utc>,
     ) -> Result<(), SessionStoreError>;
 
-    /// Deletes the session.
+    /// Deletes the session with everything stored for it: its history, its
+    /// stream's events and reserved seq, its turn records.
     ///
     /// # Errors
     /// [`SessionStoreError::NotFound`] for an unknown id.
@@ -76,4 +77,8 @@ pub trait SessionStore: Send + Sync {
         &self,
         idle_since: DateTime<Utc>,
     ) -> Result<Vec<SessionId>, SessionStoreError>;
+
+    /// True when sessions outlive the process: the idle sweeper then only
+    /// evicts them from memory, and deletes them after the retention time.
+    fn is_durable(&self) -> bool;
 }
