@@ -20,18 +20,33 @@ use crate::adapters::ed25519::Ed25519ApprovalKey;
 use crate::adapters::http::server::ServerSettings;
 use crate::adapters::http::{self, HttpSettings, Services};
 use crate::adapters::memory::InMemorySessionStore;
-use crate::adapters::persistence::{ConnectSettings, SeaOrmApprovalStore, connect, sqlite_url};
+use crate::adapters::persistence::{
+    ConnectSettings, SeaOrmApprovalStore, SeaOrmEventStore, SeaOrmSessionStore, SeaOrmTurnStore,
+    connect, sqlite_url,
+};
 use crate::adapters::stream::{SessionHub, StreamSettings};
 use crate::domain::agent::AgentConfig;
 use crate::domain::approvals::{ApprovalPolicy, ApprovalService};
-use crate::domain::chat::{ApprovalRecording, ChatService, DEFAULT_MAX_QUEUED_TURNS, RuntimeSlot};
+use crate::domain::chat::{
+    ApprovalRecording, ChatService, DEFAULT_MAX_QUEUED_TURNS, RuntimeSlot, TurnRecords,
+};
 use crate::domain::control::ControlPlane;
 use crate::domain::session_service::{SessionService, SweepPolicy};
-use crate::ports::{ApprovalSigner, ApprovalStore};
+use crate::ports::{ApprovalSigner, ApprovalStore, SessionStore};
 
 /// Wraps the approval store before the domain gets it (instrumentation:
 /// the tests count reads through it).
 pub type StoreLayer = Arc<dyn Fn(Arc<dyn ApprovalStore>) -> Arc<dyn ApprovalStore> + Send + Sync>;
+
+/// Where sessions, their history and their streams live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SessionStoreKind {
+    /// The `--database-url` database (SQLite in the data dir by default):
+    /// sessions survive restarts and crashes (SPEC B10).
+    Database,
+    /// The process's memory: gone when it ends.
+    Memory,
+}
 
 /// Everything a server is built from.
 #[derive(Clone)]
@@ -68,6 +83,9 @@ pub struct Settings {
     pub turn_timeout: Option<Duration>,
     /// `None`: idle sessions are never swept.
     pub sweep: Option<SweepPolicy>,
+    pub session_store: SessionStoreKind,
+    /// How long a running turn's record stays claimed without renewal.
+    pub instance_lease: Duration,
     pub http: HttpSettings,
     pub server: ServerSettings,
     /// At shutdown, how long running turns may finish before they are
@@ -100,6 +118,8 @@ impl Settings {
             max_queued_turns: DEFAULT_MAX_QUEUED_TURNS,
             turn_timeout: Some(Duration::from_secs(600)),
             sweep: Some(SweepPolicy::default()),
+            session_store: SessionStoreKind::Database,
+            instance_lease: Duration::from_secs(10),
             http: HttpSettings::default(),
             server: ServerSettings::default(),
             shutdown_grace: Duration::from_secs(10),
@@ -176,6 +196,50 @@ fn select_agent(
     Ok((agent, agents))
 }
 
+/// The session side of the server, as the settings and the database allow.
+struct SessionStores {
+    sessions: Arc<dyn SessionStore>,
+    hub: Arc<SessionHub>,
+    turns: Option<TurnRecords>,
+    /// Only one server uses the database (SQLite: the file is this
+    /// process's), so every turn record left by another owner is an
+    /// earlier life's and ends at start, without waiting for its lease.
+    one_server: bool,
+}
+
+/// Stored sessions on the database, or in memory when asked (or when the
+/// database could not be opened: the server then runs no turn anyway, see
+/// [`runtime_slot`], and says so at startup).
+fn session_stores(
+    settings: &Settings,
+    db: Option<&DatabaseConnection>,
+    database_url: &str,
+) -> SessionStores {
+    match (settings.session_store, db) {
+        (SessionStoreKind::Database, Some(db)) => SessionStores {
+            sessions: Arc::new(SeaOrmSessionStore::new(db.clone(), settings.max_sessions)),
+            hub: SessionHub::stored(settings.stream, Arc::new(SeaOrmEventStore::new(db.clone()))),
+            turns: Some(TurnRecords {
+                store: Arc::new(SeaOrmTurnStore::new(db.clone())),
+                owner: uuid::Uuid::new_v4().simple().to_string(),
+                lease: settings.instance_lease,
+            }),
+            one_server: database_url.starts_with("sqlite:"),
+        },
+        (kind, _) => {
+            if kind == SessionStoreKind::Database {
+                tracing::warn!("sessions are kept in memory until the database can be opened: they will not survive a restart");
+            }
+            SessionStores {
+                sessions: Arc::new(InMemorySessionStore::with_limit(settings.max_sessions)),
+                hub: SessionHub::new(settings.stream),
+                turns: None,
+                one_server: false,
+            }
+        }
+    }
+}
+
 /// A built server, bound and ready to [`run`](Self::run).
 pub struct App {
     /// The domain services, for tests that look behind the HTTP surface.
@@ -240,8 +304,8 @@ pub async fn build(settings: Settings) -> Result<App, BuildError> {
         },
     );
 
-    let hub = SessionHub::new(settings.stream);
-    let store = Arc::new(InMemorySessionStore::with_limit(settings.max_sessions));
+    let stores = session_stores(&settings, approval_db.as_ref().ok(), &database_url);
+    let (store, hub) = (stores.sessions, stores.hub);
     let approval_events = Arc::new(ApprovalBroadcast::new());
     let approvals = approval_db.as_ref().ok().map(|db| {
         let mut store: Arc<dyn ApprovalStore> =
@@ -266,7 +330,13 @@ pub async fn build(settings: Settings) -> Result<App, BuildError> {
             agent: agent.name.clone(),
         });
     }
+    if let Some(turns) = stores.turns {
+        chat = chat.with_turn_records(turns);
+    }
     let chat = Arc::new(chat);
+    // Before the listener: turns an earlier life left running end before
+    // any client can start a new one on their sessions.
+    chat.recover(stores.one_server).await;
     let sessions = Arc::new(SessionService::new(store, hub.clone(), chat.clone()));
     let control = Arc::new(ControlPlane::new(
         chat.clone(),
@@ -346,6 +416,10 @@ impl App {
             ..
         } = self;
         let shutdown = CancellationToken::new();
+        let leases = tokio::spawn({
+            let (chat, shutdown) = (services.chat.clone(), shutdown.clone());
+            async move { chat.run_leases(shutdown).await }
+        });
         let sweeper = tokio::spawn({
             let (sessions, shutdown) = (services.sessions.clone(), shutdown.clone());
             async move {
@@ -384,7 +458,7 @@ impl App {
         };
         let served = http::serve(listener, endpoint, server, signal).await;
         shutdown.cancel();
-        let _ = tokio::join!(sweeper, drain, pruner);
+        let _ = tokio::join!(leases, sweeper, drain, pruner);
         if let Some(db) = approval_db
             && let Err(error) = db.close().await
         {

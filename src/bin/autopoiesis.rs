@@ -14,7 +14,7 @@ use autopoiesis::adapters::http::auth::{ApiKey, OriginPolicy};
 use autopoiesis::adapters::http::server::ServerSettings;
 use autopoiesis::adapters::stream::StreamSettings;
 use autopoiesis::adapters::ws::endpoint::WsSettings;
-use autopoiesis::app::{self, Settings};
+use autopoiesis::app::{self, SessionStoreKind, Settings};
 use autopoiesis::domain::approvals::ApprovalPolicy;
 use autopoiesis::domain::chat::DEFAULT_MAX_QUEUED_TURNS;
 use autopoiesis::domain::session_service::SweepPolicy;
@@ -88,9 +88,24 @@ struct ServeArgs {
     /// Name of the agent that answers chats.
     #[arg(long, env = "AUTOPOIESIS_AGENT", default_value = "default")]
     agent: String,
-    /// Sessions unused for this long, with no live client, are removed.
+    /// Sessions unused for this long, with no live client, leave memory
+    /// (stored sessions load again on use; in-memory ones are removed).
     #[arg(long, env = "AUTOPOIESIS_SESSION_TTL", default_value = "30m", value_parser = duration)]
     session_ttl: Duration,
+    /// Where sessions, their history and their event streams live:
+    /// `database` (the --database-url database; they survive restarts) or
+    /// `memory` (gone when the process ends; for throwaway servers).
+    #[arg(long, env = "AUTOPOIESIS_SESSION_STORE", default_value = "database")]
+    session_store: SessionStoreKind,
+    /// Stored sessions unused for this long are deleted; 0 keeps them forever.
+    #[arg(long, env = "AUTOPOIESIS_SESSION_RETENTION", default_value = "30d", value_parser = duration)]
+    session_retention: Duration,
+    /// How long a running turn's record stays claimed by this process
+    /// without a renewal (renewed three times per lease). A turn whose
+    /// server died ends as `turn_interrupted` once its lease runs out (at
+    /// the next start with SQLite, where one server owns the file).
+    #[arg(long, env = "AUTOPOIESIS_INSTANCE_LEASE", default_value = "10s", value_parser = positive_duration)]
+    instance_lease: Duration,
     /// How often idle sessions are looked for.
     #[arg(long, env = "AUTOPOIESIS_SWEEP_INTERVAL", default_value = "5m", value_parser = positive_duration)]
     sweep_interval: Duration,
@@ -100,9 +115,11 @@ struct ServeArgs {
     /// Longest silence allowed from the model provider inside one answer.
     #[arg(long, env = "AUTOPOIESIS_PROVIDER_TIMEOUT", default_value = "120s", value_parser = duration)]
     provider_timeout: Duration,
-    /// Events kept per session for clients that resume with after_seq.
-    #[arg(long, env = "AUTOPOIESIS_EVENT_BUFFER", default_value_t = 1024)]
-    event_buffer: usize,
+    /// Events retained per session (stored and cached in memory): what a
+    /// client resuming with after_seq can get, and how far a slow reader
+    /// may fall behind before it is closed (1013).
+    #[arg(long, env = "AUTOPOIESIS_EVENT_BUFFER", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    event_buffer: u32,
     /// Bytes of events kept per session at most (the oldest go first).
     #[arg(long, env = "AUTOPOIESIS_EVENT_BUFFER_BYTES", default_value_t = 4 * 1024 * 1024)]
     event_buffer_bytes: usize,
@@ -155,9 +172,6 @@ struct ServeArgs {
     /// closes the connection.
     #[arg(long, env = "AUTOPOIESIS_WRITE_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
     write_timeout: Duration,
-    /// Frames queued per client before it counts as too slow (closed, 1013).
-    #[arg(long, env = "AUTOPOIESIS_CLIENT_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
-    client_queue: u32,
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "AUTOPOIESIS_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -271,9 +285,8 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
             ..ApprovalPolicy::default()
         },
         stream: StreamSettings {
-            ring_capacity: args.event_buffer,
+            ring_capacity: args.event_buffer as usize,
             ring_bytes: args.event_buffer_bytes,
-            client_queue: args.client_queue as usize,
             max_clients_per_session: args.max_clients_per_session,
             max_clients: args.max_clients,
         },
@@ -284,7 +297,10 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
         sweep: Some(SweepPolicy {
             idle_ttl: args.session_ttl,
             interval: args.sweep_interval,
+            retention: (!args.session_retention.is_zero()).then_some(args.session_retention),
         }),
+        session_store: args.session_store,
+        instance_lease: args.instance_lease,
         http: HttpSettings {
             api_key,
             origins: OriginPolicy {

@@ -37,7 +37,13 @@ use super::message::{ModelMessage, ResponsePart};
 use super::session::{SessionId, TurnId};
 use crate::ports::{
     AgentRuntime, EventSink, SessionEvents, SessionStore, SessionStoreError, TurnInput,
+    TurnRecord, TurnStore,
 };
+
+/// The code of the error that ends a turn cut short by a crash.
+pub const TURN_INTERRUPTED_CODE: &str = "turn_interrupted";
+/// The message that goes with [`TURN_INTERRUPTED_CODE`].
+pub const TURN_INTERRUPTED_MESSAGE: &str = "The server stopped while this turn ran; it was interrupted. Its prompt and the text streamed so far are in the history.";
 
 /// Queued turns a session takes by default, besides the running one.
 pub const DEFAULT_MAX_QUEUED_TURNS: usize = 8;
@@ -217,6 +223,19 @@ struct Core {
     closing: AtomicBool,
     /// Unset when the server keeps no approval store.
     approvals: OnceLock<ApprovalRecording>,
+    /// Where running turns are recorded; `None` with in-memory sessions.
+    turns: Option<TurnRecords>,
+    /// Orphaned turns claimed but not ended yet (storage failed meanwhile).
+    unrecovered: Mutex<Vec<TurnRecord>>,
+}
+
+/// The records of running turns, and who this instance is in them.
+pub struct TurnRecords {
+    pub store: Arc<dyn TurnStore>,
+    /// This process's name in the records (random per start).
+    pub owner: String,
+    /// How long a record stays claimed without a renewal.
+    pub lease: Duration,
 }
 
 /// Runs chat turns.
@@ -275,6 +294,8 @@ impl ChatService {
                 turn_timeout,
                 closing: AtomicBool::new(false),
                 approvals: OnceLock::new(),
+                turns: None,
+                unrecovered: Mutex::default(),
             }),
             max_queued_turns: DEFAULT_MAX_QUEUED_TURNS,
             max_history_bytes: usize::MAX,
@@ -295,6 +316,20 @@ impl ChatService {
     pub fn with_approvals(self, approvals: ApprovalRecording) -> Self {
         // Built once at startup, before any turn: the cell is empty.
         let _ = self.core.approvals.set(approvals);
+        self
+    }
+
+    /// Records every running turn with an owner and a lease, so that one a
+    /// crash cuts short is found and ended ([`Self::recover`]).
+    ///
+    /// # Panics
+    /// When called after the service was shared (it is built once, at
+    /// startup).
+    #[must_use]
+    pub fn with_turn_records(mut self, turns: TurnRecords) -> Self {
+        Arc::get_mut(&mut self.core)
+            .expect("turn records are set before the service is shared")
+            .turns = Some(turns);
         self
     }
 
@@ -343,8 +378,6 @@ impl ChatService {
             .sessions
             .get_or_create(&session_id, Utc::now())
             .await?;
-        // A session deleted before and used again is a live stream again.
-        self.core.events.opened(&session_id);
         self.admit(runtime, session_id, content)?.outcome().await
     }
 
@@ -440,6 +473,12 @@ impl ChatService {
                     limit: max_history_bytes,
                 });
             }
+            // A session deleted before and used again is a new stream; a
+            // stream that cannot be loaded cannot number the turn's events.
+            core.events
+                .open(&session_id)
+                .await
+                .map_err(|e| ChatError::Storage(SessionStoreError::Unavailable(e.to_string())))?;
             let result = core
                 .run_turn(runtime.as_ref(), &place.lane, &session_id, content)
                 .await;
@@ -529,6 +568,70 @@ impl ChatService {
         }
     }
 
+    /// Ends the turns left running by a server that is gone: an earlier
+    /// life of this one (`all`: every record not owned by this process, for
+    /// a database only one server uses) or, with several instances on one
+    /// database, one whose lease ran out. Each ends with a stored
+    /// `error` `{"code":"turn_interrupted"}` on its stream; its prompt, and
+    /// the text it had streamed as far as that was stored, go into the
+    /// history; its session takes new turns. Returns how many were ended.
+    /// A turn that cannot be ended now (storage failing) is retried by the
+    /// next call.
+    pub async fn recover(&self, all: bool) -> usize {
+        let Some(turns) = &self.core.turns else {
+            return 0;
+        };
+        let now = Utc::now();
+        let lease_until = now + chrono::Duration::from_std(turns.lease).unwrap_or_default();
+        let claimed = turns
+            .store
+            .claim_orphans(&turns.owner, (!all).then_some(now), lease_until)
+            .await;
+        let mut orphans = std::mem::take(&mut *lock(&self.core.unrecovered));
+        match claimed {
+            Ok(claimed) => orphans.extend(claimed),
+            Err(error) => tracing::warn!(%error, "orphaned turns not looked up"),
+        }
+        let mut ended = 0;
+        for record in orphans {
+            match self.core.interrupt(&record).await {
+                Ok(()) => ended += 1,
+                Err(error) => {
+                    tracing::warn!(turn.id = %record.turn_id, %error, "orphaned turn not ended yet");
+                    lock(&self.core.unrecovered).push(record);
+                }
+            }
+        }
+        if ended > 0 {
+            tracing::info!(turns = ended, "turns left running by a server that stopped were ended as interrupted");
+        }
+        ended
+    }
+
+    /// Keeps this process's turn records claimed (renewing their lease a
+    /// few times per lease) and ends orphaned ones whose lease ran out,
+    /// until `shutdown` fires.
+    pub async fn run_leases(&self, shutdown: CancellationToken) {
+        let Some(turns) = &self.core.turns else {
+            return;
+        };
+        let mut ticks = tokio::time::interval(turns.lease / 3);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            if !lock(&self.core.running).is_empty() {
+                let until = Utc::now() + chrono::Duration::from_std(turns.lease).unwrap_or_default();
+                if let Err(error) = turns.store.renew(&turns.owner, until).await {
+                    tracing::warn!(%error, "turn leases not renewed");
+                }
+            }
+            self.recover(false).await;
+        }
+    }
+
     /// Sessions with a turn running or queued; the sweeper spares them.
     #[must_use]
     pub fn busy_sessions(&self) -> HashSet<SessionId> {
@@ -539,6 +642,67 @@ impl ChatService {
 impl Core {
     fn is_closing(&self) -> bool {
         self.closing.load(Ordering::SeqCst)
+    }
+
+    /// Ends one orphaned turn: history first, then its stored `error`, then
+    /// its record (so a failure part way is retried whole, and a turn whose
+    /// ending is stored is never ended twice by the retry: the record goes
+    /// last, and a history already holding the prompt is not appended to).
+    async fn interrupt(&self, record: &TurnRecord) -> Result<(), String> {
+        let session = &record.session_id;
+        self.events.open(session).await.map_err(|e| e.to_string())?;
+        let text = self
+            .events
+            .turn_text(session, &record.turn_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        let model_name = match &self.runtime {
+            RuntimeSlot::Ready(runtime) => Some(runtime.model_name()),
+            RuntimeSlot::Unavailable(_) => None,
+        };
+        let mut messages = vec![ModelMessage::user_prompt(
+            record.prompt.clone(),
+            record.started_at,
+        )];
+        if let Some(parts) = text_parts(&text) {
+            messages.push(ModelMessage::Response {
+                parts,
+                model_name,
+                timestamp: Utc::now(),
+            });
+        }
+        let history = match self.sessions.history(session).await {
+            Ok(history) => Some(history),
+            Err(SessionStoreError::NotFound) => None,
+            Err(error) => return Err(error.to_string()),
+        };
+        let saved = history.as_ref().is_some_and(|history| {
+            history.iter().rev().take(2).any(|m| m == &messages[0])
+        });
+        if history.is_some() && !saved {
+            match self.sessions.append(session, messages, Utc::now()).await {
+                Ok(()) | Err(SessionStoreError::NotFound) => {}
+                Err(error) => return Err(error.to_string()),
+            }
+        }
+        if history.is_some() {
+            self.events
+                .publish_durable(
+                    session,
+                    Some(record.turn_id.clone()),
+                    SessionEvent::Error {
+                        code: Some(TURN_INTERRUPTED_CODE),
+                        message: TURN_INTERRUPTED_MESSAGE.into(),
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some(turns) = &self.turns {
+            turns.store.end(&record.turn_id).await.map_err(|e| e.to_string())?;
+        }
+        metrics::counter!("autopoiesis_turns_finished_total", "outcome" => "interrupted").increment(1);
+        Ok(())
     }
 
     /// Runs one turn on its session: start it, await the runtime's answer
@@ -576,6 +740,20 @@ impl Core {
             Err(error) => return Err(error.into()),
         };
         let turn_id = TurnId::generate();
+        if let Some(turns) = &self.turns {
+            let now = Utc::now();
+            let record = TurnRecord {
+                turn_id: turn_id.clone(),
+                session_id: session_id.clone(),
+                owner: turns.owner.clone(),
+                prompt: content.clone(),
+                started_at: now,
+                lease_until: now + chrono::Duration::from_std(turns.lease).unwrap_or_default(),
+            };
+            turns.store.begin(&record).await.map_err(|e| {
+                ChatError::Storage(SessionStoreError::Unavailable(e.to_string()))
+            })?;
+        }
         let cancel = CancellationToken::new();
         lock(&self.running).insert(
             session_id.clone(),
@@ -647,7 +825,28 @@ impl Core {
         outcome: Outcome,
         partial: String,
     ) -> Result<ChatReply, ChatError> {
-        let result = self.settle(&turn, request, outcome, partial).await;
+        let (mut result, terminal) = self.settle(&turn, request, outcome, partial).await;
+        if let Some(event) = terminal
+            && turn.lane.is_alive()
+        {
+            let stored = self
+                .events
+                .publish_durable(turn.session_id, Some(turn.id.clone()), event)
+                .await;
+            if let Err(error) = stored {
+                tracing::error!(session.id = %turn.session_id, turn.id = %turn.id, %error, "turn's ending not stored");
+                if result.is_ok() {
+                    result = Err(ChatError::Storage(SessionStoreError::Unavailable(
+                        error.to_string(),
+                    )));
+                }
+            }
+        }
+        if let Some(turns) = &self.turns
+            && let Err(error) = turns.store.end(&turn.id).await
+        {
+            tracing::error!(turn.id = %turn.id, %error, "turn record not removed");
+        }
         let outcome = result.as_ref().map_or_else(error_kind, |_| "done");
         metrics::counter!("autopoiesis_turns_finished_total", "outcome" => outcome).increment(1);
         metrics::histogram!("autopoiesis_turn_duration_seconds", "outcome" => outcome)
@@ -662,92 +861,108 @@ impl Core {
         result
     }
 
-    /// What each outcome keeps, publishes and answers.
+    /// What each outcome keeps and answers, and the terminal event its
+    /// clients get (`None` when the session is gone: nobody to tell). Only
+    /// events that do not end the turn are published here; the terminal one
+    /// goes out once stored ([`Self::finish`]).
     async fn settle(
         &self,
         turn: &Turn<'_>,
         request: ModelMessage,
         outcome: Outcome,
         partial: String,
-    ) -> Result<ChatReply, ChatError> {
+    ) -> (Result<ChatReply, ChatError>, Option<SessionEvent>) {
         let session = turn.session_id.clone();
         match outcome {
             Outcome::Finished(Ok(reply)) => self.answered(turn, request, reply).await,
             Outcome::Finished(Err(AgentError::DeferredApprovalLocked)) => {
-                self.save_partial(turn, request, &partial).await;
-                turn.publish(&*self.events, SessionEvent::approval_unsupported());
-                Err(ChatError::ApprovalUnsupported {
-                    session_id: session,
-                    approval_id: None,
-                })
+                if let Err(error) = self.save_partial(turn, request, &partial).await {
+                    return storage_failed(error);
+                }
+                (
+                    Err(ChatError::ApprovalUnsupported {
+                        session_id: session,
+                        approval_id: None,
+                    }),
+                    Some(SessionEvent::approval_unsupported()),
+                )
             }
             Outcome::Finished(Err(AgentError::Provider(message))) => {
                 // The failed exchange is not kept: the next turn starts from
                 // the last good state, as if this one had not been sent.
-                turn.publish(
-                    &*self.events,
-                    SessionEvent::Error {
-                        code: None,
-                        message: message.clone(),
-                    },
-                );
-                Err(ChatError::Provider {
-                    session_id: session,
-                    message,
-                })
+                let event = SessionEvent::Error {
+                    code: None,
+                    message: message.clone(),
+                };
+                (
+                    Err(ChatError::Provider {
+                        session_id: session,
+                        message,
+                    }),
+                    Some(event),
+                )
             }
             Outcome::Finished(Err(AgentError::InvalidRequest(message))) => {
                 // Not kept either: the prompt could not be carried out.
-                turn.publish(
-                    &*self.events,
-                    SessionEvent::Error {
-                        code: Some("invalid_request"),
-                        message: message.clone(),
-                    },
-                );
-                Err(ChatError::InvalidRequest {
-                    session_id: session,
-                    message,
-                })
+                let event = SessionEvent::Error {
+                    code: Some("invalid_request"),
+                    message: message.clone(),
+                };
+                (
+                    Err(ChatError::InvalidRequest {
+                        session_id: session,
+                        message,
+                    }),
+                    Some(event),
+                )
             }
             Outcome::Cancelled => {
-                self.save_partial(turn, request, &partial).await;
-                turn.publish(
-                    &*self.events,
-                    SessionEvent::Cancelled {
-                        partial: partial.clone(),
-                    },
-                );
-                Err(ChatError::Cancelled {
-                    session_id: session,
-                    partial,
-                })
+                if let Err(error) = self.save_partial(turn, request, &partial).await {
+                    return storage_failed(error);
+                }
+                let event = SessionEvent::Cancelled {
+                    partial: partial.clone(),
+                };
+                (
+                    Err(ChatError::Cancelled {
+                        session_id: session,
+                        partial,
+                    }),
+                    Some(event),
+                )
             }
             Outcome::TimedOut(after) => {
-                self.save_partial(turn, request, &partial).await;
+                if let Err(error) = self.save_partial(turn, request, &partial).await {
+                    return storage_failed(error);
+                }
                 let error = ChatError::TimedOut {
                     session_id: session,
                     after,
                 };
-                turn.publish(
-                    &*self.events,
-                    SessionEvent::Error {
-                        code: Some("turn_timeout"),
-                        message: error.to_string(),
-                    },
-                );
-                Err(error)
+                let event = SessionEvent::Error {
+                    code: Some("turn_timeout"),
+                    message: error.to_string(),
+                };
+                (Err(error), Some(event))
             }
             // The session is gone with its clients and history: there is no
             // one to tell and nowhere to save.
-            Outcome::Deleted => Err(ChatError::SessionDeleted {
-                session_id: session,
-            }),
+            Outcome::Deleted => (
+                Err(ChatError::SessionDeleted {
+                    session_id: session,
+                }),
+                None,
+            ),
         }
     }
 
     /// Saves the prompt with what was streamed of the answer.
-    async fn save_partial(&self, turn: &Turn<'_>, request: ModelMessage, partial: &str) {
+    async fn save_partial(
+        &self,
+        turn: &Turn<'_>,
+        request: ModelMessage,
+        partial: &str,
+    ) -> Result<(), SessionStoreError> {
         // Partial answers carry the name full ones would have.
         let model_name = Some(turn.runtime.model_name());
         self.save(
@@ -757,7 +972,7 @@ impl Core {
             text_parts(partial),
             model_name,
         )
-        .await;
+        .await
     }
 
     /// A complete answer: saved, then `done`, or, when it asks for tools,
@@ -768,29 +983,33 @@ impl Core {
         turn: &Turn<'_>,
         request: ModelMessage,
         reply: AgentReply,
-    ) -> Result<ChatReply, ChatError> {
+    ) -> (Result<ChatReply, ChatError>, Option<SessionEvent>) {
         let session = turn.session_id.clone();
         let requests = tool_requests(&reply);
         let text = reply_text(&reply);
-        self.save(
-            turn.lane,
-            turn.session_id,
-            request,
-            Some(reply.parts),
-            Some(reply.model_name),
-        )
-        .await;
+        if let Err(error) = self
+            .save(
+                turn.lane,
+                turn.session_id,
+                request,
+                Some(reply.parts),
+                Some(reply.model_name),
+            )
+            .await
+        {
+            return storage_failed(error);
+        }
         if requests.is_empty() {
-            turn.publish(
-                &*self.events,
-                SessionEvent::Done {
-                    content: text.clone(),
-                },
+            let event = SessionEvent::Done {
+                content: text.clone(),
+            };
+            return (
+                Ok(ChatReply {
+                    session_id: session,
+                    content: text,
+                }),
+                Some(event),
             );
-            return Ok(ChatReply {
-                session_id: session,
-                content: text,
-            });
         }
         for request in &requests {
             turn.publish(
@@ -804,31 +1023,28 @@ impl Core {
         }
         match self.record(turn.session_id, &turn.id, requests).await {
             Ok(approval_id) => {
-                turn.publish(
-                    &*self.events,
-                    approval_id
-                        .clone()
-                        .map_or_else(SessionEvent::approval_unsupported, |approval_id| {
-                            SessionEvent::ApprovalRecorded { approval_id }
-                        }),
-                );
-                Err(ChatError::ApprovalUnsupported {
-                    session_id: session,
-                    approval_id,
-                })
+                let event = approval_id
+                    .clone()
+                    .map_or_else(SessionEvent::approval_unsupported, |approval_id| {
+                        SessionEvent::ApprovalRecorded { approval_id }
+                    });
+                (
+                    Err(ChatError::ApprovalUnsupported {
+                        session_id: session,
+                        approval_id,
+                    }),
+                    Some(event),
+                )
             }
             Err(()) => {
                 let error = ChatError::ApprovalStorage {
                     session_id: session,
                 };
-                turn.publish(
-                    &*self.events,
-                    SessionEvent::Error {
-                        code: Some("approval_storage_unavailable"),
-                        message: error.to_string(),
-                    },
-                );
-                Err(error)
+                let event = SessionEvent::Error {
+                    code: Some("approval_storage_unavailable"),
+                    message: error.to_string(),
+                };
+                (Err(error), Some(event))
             }
         }
     }
@@ -876,6 +1092,9 @@ impl Core {
     /// unless the session was deleted meanwhile. (A delete racing past the
     /// check finds the store's session gone: appending to a missing session
     /// fails, it never creates one.)
+    ///
+    /// # Errors
+    /// The store failed: nothing of the turn is kept.
     async fn save(
         &self,
         lane: &Lane,
@@ -883,9 +1102,9 @@ impl Core {
         request: ModelMessage,
         response: Option<Vec<ResponsePart>>,
         model_name: Option<String>,
-    ) {
+    ) -> Result<(), SessionStoreError> {
         if !lane.is_alive() {
-            return;
+            return Ok(());
         }
         let mut messages = vec![request];
         if let Some(parts) = response {
@@ -895,10 +1114,27 @@ impl Core {
                 timestamp: Utc::now(),
             });
         }
-        if let Err(error) = self.sessions.append(session_id, messages, Utc::now()).await {
-            tracing::warn!(session.id = %session_id, %error, "turn history not saved");
+        match self.sessions.append(session_id, messages, Utc::now()).await {
+            // Deleted meanwhile: there is nowhere to keep it, as intended.
+            Ok(()) | Err(SessionStoreError::NotFound) => Ok(()),
+            Err(error) => {
+                tracing::error!(session.id = %session_id, %error, "turn history not saved");
+                Err(error)
+            }
         }
     }
+}
+
+/// A turn whose history could not be stored: it answers 503 and its clients
+/// read why, never a `done` a restart would take back.
+fn storage_failed(error: SessionStoreError) -> (Result<ChatReply, ChatError>, Option<SessionEvent>) {
+    (
+        Err(ChatError::Storage(error)),
+        Some(SessionEvent::Error {
+            code: Some("storage_unavailable"),
+            message: "Session storage is unavailable; this turn was not saved".into(),
+        }),
+    )
 }
 
 /// A turn's place in its session's queue, held by its task: dropping it
@@ -1135,10 +1371,17 @@ mod tests {
     /// Events published, as (op-ish name, event).
     fn recorder(published: Arc<Mutex<Vec<SessionEvent>>>) -> MockSessionEvents {
         let mut events = MockSessionEvents::new();
+        let durable = Arc::clone(&published);
         events.expect_publish().returning(move |_, _, event| {
             published.lock().unwrap().push(event);
         });
-        events.expect_opened().returning(|_| ());
+        events
+            .expect_publish_durable()
+            .returning(move |_, _, event| {
+                durable.lock().unwrap().push(event);
+                Ok(())
+            });
+        events.expect_open().returning(|_| Ok(()));
         events
     }
 
@@ -1357,7 +1600,8 @@ mod tests {
             .returning(|_, _| Ok(reply(vec![])));
         let mut events = MockSessionEvents::new();
         events.expect_publish().return_const(());
-        events.expect_opened().return_const(());
+        events.expect_publish_durable().returning(|_, _, _| Ok(()));
+        events.expect_open().returning(|_| Ok(()));
         let chat = ChatService::new(
             RuntimeSlot::Ready(Arc::new(runtime)),
             Arc::new(store),

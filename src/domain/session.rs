@@ -75,6 +75,13 @@ impl TurnId {
     }
 }
 
+impl From<&str> for TurnId {
+    /// A turn id read back from storage.
+    fn from(stored: &str) -> Self {
+        Self(stored.into())
+    }
+}
+
 impl fmt::Display for TurnId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

@@ -11,13 +11,17 @@ use super::message::History;
 use super::session::{SessionId, SessionInfo};
 use crate::ports::{SessionEvents, SessionStore, SessionStoreError};
 
-/// When idle sessions are removed.
+/// When idle sessions leave memory, and when they are deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SweepPolicy {
-    /// A session unused for this long is removed...
+    /// A session unused for this long leaves memory: a durable store keeps
+    /// it (it loads again on use), an in-memory store deletes it...
     pub idle_ttl: Duration,
     /// ...by a sweep that runs this often.
     pub interval: Duration,
+    /// A durable store deletes sessions unused for this long (`None`:
+    /// never; `--session-retention 0`).
+    pub retention: Option<Duration>,
 }
 
 impl Default for SweepPolicy {
@@ -25,8 +29,17 @@ impl Default for SweepPolicy {
         Self {
             idle_ttl: Duration::from_secs(30 * 60),
             interval: Duration::from_secs(5 * 60),
+            retention: Some(Duration::from_secs(30 * 24 * 60 * 60)),
         }
     }
+}
+
+/// The instant `age` before now (the distant past when `age` is huge).
+fn before_now(age: Duration) -> chrono::DateTime<Utc> {
+    let age = chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
+    Utc::now()
+        .checked_sub_signed(age)
+        .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC)
 }
 
 /// Session operations offered to every transport.
@@ -57,7 +70,15 @@ impl SessionService {
     /// # Errors
     /// [`SessionStoreError::Unavailable`] when storage fails.
     pub async fn list(&self) -> Result<Vec<SessionInfo>, SessionStoreError> {
-        self.store.list().await
+        let mut sessions = self.store.list().await?;
+        for info in &mut sessions {
+            // A stream open here is ahead of what storage says by the
+            // events still in the group commit queue.
+            if let Some(last) = self.events.last_seq(&info.id) {
+                info.last_seq = info.last_seq.max(last);
+            }
+        }
+        Ok(sessions)
     }
 
     /// A new, empty session with a server-chosen id.
@@ -101,27 +122,37 @@ impl SessionService {
         Ok(())
     }
 
-    /// Removes sessions idle for longer than `idle_ttl` that have neither a
-    /// live client nor a turn running or queued. Returns how many went.
+    /// Sessions idle for longer than `policy.idle_ttl` that have neither a
+    /// live client nor a turn running or queued leave memory: with a
+    /// durable store their streams are evicted (they load again on use) and
+    /// only sessions idle past `policy.retention` are deleted; with an
+    /// in-memory store, leaving memory is deletion. Returns how many
+    /// sessions were deleted.
     ///
     /// # Errors
     /// [`SessionStoreError::Unavailable`] when storage fails.
-    pub async fn sweep(&self, idle_ttl: Duration) -> Result<usize, SessionStoreError> {
-        let ttl = chrono::Duration::from_std(idle_ttl).unwrap_or(chrono::Duration::MAX);
-        let cutoff = Utc::now()
-            .checked_sub_signed(ttl)
-            .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
-        let idle = self.store.idle_since(cutoff).await?;
+    pub async fn sweep(&self, policy: &SweepPolicy) -> Result<usize, SessionStoreError> {
+        let durable = self.store.is_durable();
+        let idle = self.store.idle_since(before_now(policy.idle_ttl)).await?;
         if idle.is_empty() {
             return Ok(0);
         }
         let live = self.events.live_sessions();
         let busy = self.chat.busy_sessions();
+        let spared = |id: &SessionId| live.contains(id) || busy.contains(id);
+        let doomed = if durable {
+            for id in idle.iter().filter(|id| !spared(id)) {
+                self.events.evict(id);
+            }
+            match policy.retention {
+                Some(retention) => self.store.idle_since(before_now(retention)).await?,
+                None => Vec::new(),
+            }
+        } else {
+            idle
+        };
         let mut removed = 0;
-        for id in idle
-            .iter()
-            .filter(|id| !live.contains(*id) && !busy.contains(*id))
-        {
+        for id in doomed.iter().filter(|id| !spared(id)) {
             match self.delete(id).await {
                 Ok(()) => removed += 1,
                 // Deleted by a client meanwhile: nothing left to do.
@@ -146,7 +177,7 @@ impl SessionService {
                 () = shutdown.cancelled() => return,
                 _ = ticks.tick() => {}
             }
-            match self.sweep(policy.idle_ttl).await {
+            match self.sweep(&policy).await {
                 Ok(0) => {}
                 Ok(removed) => tracing::info!(sessions.removed = removed, "idle sessions swept"),
                 Err(error) => tracing::warn!(%error, "session sweep failed"),
@@ -171,6 +202,7 @@ mod tests {
     #[tokio::test]
     async fn sweep_removes_idle_sessions_but_spares_those_with_live_clients() {
         let mut store = MockSessionStore::new();
+        store.expect_is_durable().return_const(false);
         store
             .expect_idle_since()
             .returning(|_| Ok(vec![id("idle"), id("watched")]));
@@ -197,6 +229,10 @@ mod tests {
             None,
         ));
         let sessions = SessionService::new(store, events, chat);
-        assert_eq!(sessions.sweep(Duration::from_secs(60)).await, Ok(1));
+        let policy = SweepPolicy {
+            idle_ttl: Duration::from_secs(60),
+            ..SweepPolicy::default()
+        };
+        assert_eq!(sessions.sweep(&policy).await, Ok(1));
     }
 }

@@ -1,31 +1,69 @@
-//! The port turns publish their events to: whatever delivers a session's
-//! stream to its clients (WebSocket, SSE).
+//! The port turns publish their events to: whatever numbers, keeps and
+//! delivers a session's stream to its clients (WebSocket, SSE).
 
 use std::collections::HashSet;
 
+use async_trait::async_trait;
+
 use crate::domain::events::SessionEvent;
 use crate::domain::session::{SessionId, TurnId};
+use crate::ports::EventStoreError;
 
-/// Delivers session events to every client watching a session.
+/// Numbers, keeps and delivers the events of every session.
 #[cfg_attr(test, mockall::automock)]
+#[async_trait]
 pub trait SessionEvents: Send + Sync {
+    /// Makes the session's stream ready for events: loads what is stored of
+    /// it (its window, where its numbering continues) unless it is loaded
+    /// already. A session that was [forgotten](Self::forget) is a new stream
+    /// from here on. Turns call this before their first event.
+    ///
+    /// # Errors
+    /// [`EventStoreError`] when the stored stream cannot be read: no event
+    /// may be numbered then, so the turn must not start.
+    async fn open(&self, session: &SessionId) -> Result<(), EventStoreError>;
+
     /// Broadcasts `event` to every client of `session`. `turn` is `None` for
     /// events that belong to no turn (an `approve` answered on the session).
     ///
     /// Must not block and must not fail: a client that cannot keep up is the
-    /// adapter's problem, never the turn's.
+    /// adapter's problem, never the turn's. Storing the event is batched and
+    /// may lag it by a few milliseconds.
     fn publish(&self, session: &SessionId, turn: Option<TurnId>, event: SessionEvent);
+
+    /// Like [`publish`](Self::publish), but no client sees the event (nor
+    /// any later one of the session) before it is stored: for the terminal
+    /// event of a turn, whose history is already stored.
+    ///
+    /// # Errors
+    /// [`EventStoreError`] when it could not be stored; clients then see a
+    /// `storage_unavailable` error in its place.
+    async fn publish_durable(
+        &self,
+        session: &SessionId,
+        turn: Option<TurnId>,
+        event: SessionEvent,
+    ) -> Result<(), EventStoreError>;
+
+    /// The text a turn streamed (its `token` events) as far as it is stored:
+    /// what a turn cut short by a crash had said.
+    ///
+    /// # Errors
+    /// [`EventStoreError`] when storage fails.
+    async fn turn_text(&self, session: &SessionId, turn: &TurnId) -> Result<String, EventStoreError>;
+
+    /// The seq of the newest event of a stream loaded in this process.
+    fn last_seq(&self, session: &SessionId) -> Option<u64>;
 
     /// The sessions that have at least one live client; the sweeper spares them.
     fn live_sessions(&self) -> HashSet<SessionId>;
 
     /// The session is gone: drop what is kept for it and close its clients.
     /// Events published for it afterwards are dropped, until it is
-    /// [opened](Self::opened) again.
+    /// [opened](Self::open) again.
     fn forget(&self, session: &SessionId);
 
-    /// The session exists (again): events published for it from now on are
-    /// kept, even if it was forgotten before. Called when a turn creates or
-    /// reuses the session.
-    fn opened(&self, session: &SessionId);
+    /// The session is idle: let go of its stream's memory (it stays stored
+    /// and loads again on use). Does nothing while the stream has clients.
+    fn evict(&self, session: &SessionId);
 }

@@ -12,7 +12,7 @@ use autopoiesis::adapters::http::auth::ApiKey;
 use autopoiesis::adapters::http::server::ServerSettings;
 use autopoiesis::adapters::http::{HttpSettings, Services};
 use autopoiesis::adapters::stream::StreamSettings;
-use autopoiesis::app::{self, Settings, StoreLayer};
+use autopoiesis::app::{self, SessionStoreKind, Settings, StoreLayer};
 use autopoiesis::domain::agent::AgentConfig;
 use autopoiesis::domain::approvals::{ApprovalCursor, ApprovalDecision, ApprovalEnvelope};
 use autopoiesis::domain::chat::RuntimeSlot;
@@ -41,6 +41,7 @@ pub struct Options {
     pub approval_key: bool,
     /// The approval database; `None`: a SQLite file in the app's temp dir.
     pub database_url: Option<String>,
+    pub session_store: SessionStoreKind,
 }
 
 impl Default for Options {
@@ -60,6 +61,7 @@ impl Default for Options {
             max_history_bytes: usize::MAX,
             approval_key: false,
             database_url: None,
+            session_store: SessionStoreKind::Database,
         }
     }
 }
@@ -122,6 +124,7 @@ pub async fn spawn_with(options: Options) -> TestApp {
         max_history_bytes: options.max_history_bytes,
         turn_timeout: options.turn_timeout,
         sweep: options.sweep,
+        session_store: options.session_store,
         http: HttpSettings {
             api_key: options.api_key.map(|k| ApiKey::new(k).unwrap()),
             ..options.http

@@ -106,7 +106,7 @@ async fn a_kicked_sse_client_that_stopped_reading_is_disconnected_and_uncounted(
     let app = crate::helpers::spawn_with(crate::helpers::Options {
         runtime: RuntimeSlot::Ready(crate::helpers::echo(1)),
         stream: StreamSettings {
-            client_queue: 8,
+            ring_capacity: 64,
             ..StreamSettings::default()
         },
         http: HttpSettings {

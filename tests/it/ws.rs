@@ -238,7 +238,6 @@ async fn resuming_from_before_the_ring_gets_a_gap_first() {
     let app = spawn_with(Options {
         stream: StreamSettings {
             ring_capacity: 4,
-            client_queue: 64,
             ..StreamSettings::default()
         },
         ..Options::default()
@@ -304,8 +303,8 @@ async fn a_client_that_stops_reading_is_closed_while_a_reader_gets_every_event()
     let app = spawn_with(Options {
         runtime: RuntimeSlot::Ready(echo(1)),
         stream: StreamSettings {
-            ring_capacity: 16,
-            client_queue: 32,
+            // The stalled client is closed once this many events pass it.
+            ring_capacity: 256,
             ..StreamSettings::default()
         },
         http: HttpSettings {
@@ -398,11 +397,12 @@ async fn malformed_session_ids_are_refused_before_the_upgrade() {
 }
 
 #[tokio::test]
-async fn the_sweeper_removes_idle_sessions_and_spares_those_with_a_live_client() {
+async fn the_sweeper_removes_idle_sessions_past_retention_and_spares_those_with_a_live_client() {
     let app = spawn_with(Options {
         sweep: Some(SweepPolicy {
             idle_ttl: Duration::from_millis(300),
             interval: Duration::from_millis(100),
+            retention: Some(Duration::from_millis(300)),
         }),
         ..Options::default()
     })
@@ -424,6 +424,50 @@ async fn the_sweeper_removes_idle_sessions_and_spares_those_with_a_live_client()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the idle session was never swept");
+}
+
+#[tokio::test]
+async fn the_sweeper_only_evicts_idle_stored_sessions_from_memory_before_their_retention() {
+    let app = spawn_with(Options {
+        sweep: Some(SweepPolicy {
+            idle_ttl: Duration::from_millis(200),
+            interval: Duration::from_millis(50),
+            retention: Some(Duration::from_secs(3600)),
+        }),
+        ..Options::default()
+    })
+    .await;
+    let res = app
+        .chat(json!({"content": "keep me", "session_id": "kept"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let id = autopoiesis::domain::session::SessionId::parse("kept").unwrap();
+    let events = app.services.hub.clone() as std::sync::Arc<dyn autopoiesis::ports::SessionEvents>;
+    for _ in 0..100 {
+        if events.last_seq(&id).is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(events.last_seq(&id), None, "the stream was never evicted");
+    let history: Value = app
+        .client
+        .get(app.url("/api/sessions/kept/history"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(history["messages"].as_array().unwrap().len(), 2);
+    // Loaded again on use, its numbering goes on where it stopped.
+    let mut ws = app.ws_at("/api/ws/kept?after_seq=0").await;
+    let replayed = until_terminal(&mut ws).await;
+    assert_eq!(replayed.last().unwrap()["op"], "done");
+    message(&mut ws, "again").await;
+    let next_turn = until_terminal(&mut ws).await;
+    let last_before = replayed.last().unwrap()["seq"].as_u64().unwrap();
+    assert_eq!(next_turn[0]["seq"].as_u64().unwrap(), last_before + 1);
 }
 
 /// Opens a WebSocket over raw TCP, sends one raw (masked) frame and

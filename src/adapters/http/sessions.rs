@@ -14,7 +14,7 @@ use super::ApiTags;
 use super::dto::{CancelBody, ErrorBody, HistoryBody, SerdeJson, SessionInfoBody};
 use super::session_id;
 use super::sse::{SseFrame, frames};
-use crate::adapters::stream::SessionHub;
+use crate::adapters::stream::{SessionHub, SubscribeError};
 use crate::domain::chat::{CancelError, ChatService};
 use crate::domain::session_service::SessionService;
 use crate::ports::SessionStoreError;
@@ -286,8 +286,13 @@ impl SessionsApi {
             }
             Err(e) => return EventsReply::Unavailable(unavailable(&e)),
         }
-        let subscription = match self.hub.subscribe(&id, after) {
+        let subscription = match self.hub.subscribe(&id, after).await {
             Ok(subscription) => subscription,
+            Err(SubscribeError::Unavailable(error)) => {
+                return EventsReply::Unavailable(unavailable(&SessionStoreError::Unavailable(
+                    error.to_string(),
+                )));
+            }
             Err(e) => return EventsReply::TooManyClients(Json(ErrorBody::new(e.to_string()))),
         };
         EventsReply::Ok(

@@ -57,6 +57,25 @@ pub fn encode_event(event: &SessionEvent, turn: Option<&TurnId>) -> (&'static st
     }
 }
 
+/// The wire names of the events a stream stores, as the `'static` names
+/// frames carry; `None` for a name this version does not write.
+#[must_use]
+pub fn known_op(op: &str) -> Option<&'static str> {
+    const OPS: [&str; 10] = [
+        "token",
+        "thinking_start",
+        "thinking",
+        "thinking_done",
+        "tool_call",
+        "tool_result",
+        "done",
+        "error",
+        "cancelled",
+        "prompt",
+    ];
+    OPS.into_iter().find(|known| *known == op)
+}
+
 /// A frame for the whole session: carries its sequence number and turn.
 #[must_use]
 pub fn broadcast_frame(op: &str, data: Value, seq: u64, turn: Option<&TurnId>) -> String {

@@ -1,38 +1,57 @@
-//! The connection hub: implements [`SessionEvents`] by numbering each
-//! session's events, keeping the recent ones in a ring for resuming clients,
-//! and fanning them out to every subscribed client (WebSocket or SSE).
+//! The session hub: implements [`SessionEvents`] by numbering each
+//! session's events, keeping the retained window of the stream in memory,
+//! storing every event through the [`EventStore`] port (group commit, see
+//! [`super::writer`]), and letting each client read the window through its
+//! own cursor (SPEC B4, B11).
 //!
-//! Each client has a bounded queue. Publishing never waits: a client whose
-//! queue is full is kicked (its transport closes it with 1013) and may come
-//! back with `after_seq`. Frames are encoded once and shared by all clients.
+//! **Delivery by cursor.** A client holds no copy of the stream: it keeps the
+//! seq it wants next and reads the frames the window holds from there, a few
+//! at a time, then waits for the head to move. Replay and live delivery are
+//! the same loop, so a resume never misses or repeats an event, and a slow
+//! reader costs nothing until the window moves past its cursor; only then is
+//! it closed (1013), and it may come back with `after_seq` and a `gap`.
 //!
-//! A forgotten (deleted) session's log is gone for good: a late `publish`
-//! for it is dropped rather than opening a log nobody would remove, until a
-//! client subscribes to that id again.
+//! **Numbering that survives restarts.** A stream loaded from storage goes on
+//! above the highest seq any earlier life of the server reserved. Seqs are
+//! reserved in blocks ahead of use, so a token never waits for a disk; a
+//! graceful stop (and an eviction) gives back the unused part of the block,
+//! so numbering after a SIGTERM continues exactly. After a crash the unused
+//! part, and any event sent but not yet stored, is a hole: a client reading
+//! across it gets a `gap` frame, never silence and never a reused seq.
+//!
+//! **Durable endings.** A turn's terminal event is held back from clients
+//! (and every event after it) until it is stored: a `done` a client sees
+//! survives any crash.
+//!
+//! A forgotten (deleted) session's stream is gone for good: a late `publish`
+//! for it is dropped rather than opening a stream nobody would remove, until
+//! it is opened or subscribed to again; then it starts afresh from seq 1, and
+//! a client resuming from the old stream gets a `reset` first.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{OnceCell, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::frames::{broadcast_frame, direct_frame, encode_event};
+use super::frames::{broadcast_frame, direct_frame, encode_event, known_op};
+use super::writer::{self, Queued, Write};
 use crate::domain::events::SessionEvent;
 use crate::domain::session::{SessionId, TurnId};
-use crate::ports::SessionEvents;
+use crate::ports::{EventStore, EventStoreError, SessionEvents, StoredEvent};
 
-/// Sizes of the stream's buffers and how many clients it serves.
+/// Sizes of the stream's window and how many clients it serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamSettings {
-    /// Events kept per session for clients that resume (`after_seq`).
+    /// Events retained per session (`--event-buffer`): in memory, in
+    /// storage, and for clients that resume (`after_seq`). At least 1.
     pub ring_capacity: usize,
-    /// Bytes of encoded frames kept per session at most: the oldest events
-    /// leave the window first when a burst of big ones would pass it.
+    /// Bytes of encoded frames kept in memory per session at most: the
+    /// oldest events leave the window first when a burst of big ones would
+    /// pass it.
     pub ring_bytes: usize,
-    /// Frames queued per client before it counts as too slow and is closed.
-    pub client_queue: usize,
     /// Clients one session may have at once.
     pub max_clients_per_session: usize,
     /// Clients the whole server may have at once.
@@ -44,36 +63,59 @@ impl Default for StreamSettings {
         Self {
             ring_capacity: 1024,
             ring_bytes: 4 * 1024 * 1024,
-            client_queue: 256,
             max_clients_per_session: 2048,
             max_clients: 20_000,
         }
     }
 }
 
+/// Seqs reserved in storage ahead of use, per block.
+const RESERVE_BLOCK: u64 = 1024;
+/// Frames a cursor takes from the window per lock.
+const READ_BATCH: usize = 64;
+/// Stored events are trimmed to the window every this many events.
+const TRIM_EVERY: u64 = 64;
+
 /// Why a client was not subscribed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubscribeError {
     #[error("This session has too many live connections ({0}); try again later")]
     SessionFull(usize),
     #[error("The server has too many live connections ({0}); try again later")]
     ServerFull(usize),
+    /// The stored stream could not be read; the message is for logs.
+    #[error("{0}")]
+    Unavailable(EventStoreError),
 }
 
 /// One encoded frame of a session's stream.
 #[derive(Debug)]
 pub struct Frame {
-    /// `None` for frames that are not part of the log (a `gap` notice).
+    /// `None` for frames that are not part of the log (`gap`, `reset`).
     pub seq: Option<u64>,
     pub op: &'static str,
     /// The complete JSON text sent to clients.
     pub json: String,
 }
 
+impl Frame {
+    fn direct(op: &'static str, data: serde_json::Value) -> Arc<Self> {
+        Arc::new(Self {
+            seq: None,
+            op,
+            json: direct_frame(op, data),
+        })
+    }
+
+    fn gap(from: u64, to: u64) -> Arc<Self> {
+        Self::direct("gap", json!({"missed_from": from, "missed_to": to}))
+    }
+}
+
 /// Why the hub closed a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
-    /// Its queue filled up: it was not reading fast enough.
+    /// The window moved past its cursor: it was not reading fast enough.
     Lagged,
     /// Its session was deleted.
     SessionGone,
@@ -86,6 +128,9 @@ pub enum CloseReason {
 struct ClientState {
     reason: OnceLock<CloseReason>,
     kicked: CancellationToken,
+    /// The seq the client reads next, so the hub can tell, as the window
+    /// moves, whose unread events it just dropped.
+    cursor: AtomicU64,
 }
 
 impl ClientState {
@@ -96,29 +141,98 @@ impl ClientState {
     }
 }
 
-struct Client {
-    id: u64,
-    tx: mpsc::Sender<Arc<Frame>>,
-    state: Arc<ClientState>,
-}
-
 struct SessionLog {
+    /// The seq the next event gets.
     next_seq: u64,
+    /// The retained window, oldest first, in seq order (with holes only
+    /// where a crash lost events).
     ring: VecDeque<Arc<Frame>>,
     /// Sum of the ring's frame sizes.
     ring_bytes: usize,
-    clients: Vec<Client>,
+    /// Seqs of durable events not stored yet, oldest first: clients read
+    /// only up to the first of them.
+    held: VecDeque<u64>,
+    /// The highest seq reserved in storage (`u64::MAX` without storage).
+    reserved: u64,
+    /// A reservation of the next block is on its way to storage.
+    reserving: bool,
+    /// Whether a publish past the reservation was logged already.
+    overrun_logged: bool,
+    /// The highest seq clients may read; cursors wait on it.
+    head: watch::Sender<u64>,
+    clients: Vec<(u64, Arc<ClientState>)>,
 }
 
 impl SessionLog {
-    fn new() -> Self {
+    fn new(next_seq: u64, reserved: u64) -> Self {
         Self {
-            next_seq: 1,
+            next_seq,
             ring: VecDeque::new(),
             ring_bytes: 0,
+            held: VecDeque::new(),
+            reserved,
+            reserving: false,
+            overrun_logged: false,
+            head: watch::Sender::new(next_seq - 1),
             clients: Vec::new(),
         }
     }
+
+    /// The highest seq clients may read now.
+    fn visible(&self) -> u64 {
+        self.held.front().map_or(self.next_seq - 1, |held| held - 1)
+    }
+
+    fn first_retained(&self) -> u64 {
+        self.ring.front().and_then(|f| f.seq).unwrap_or(self.next_seq)
+    }
+
+    fn wake_readers(&self) {
+        let visible = self.visible();
+        self.head.send_if_modified(|head| {
+            let moved = *head != visible;
+            *head = visible;
+            moved
+        });
+    }
+
+    /// Adds a frame to the window, dropping the oldest past the caps. The
+    /// newest frame stays even when it alone is over the byte cap: a client
+    /// resuming right after it must still get it.
+    ///
+    /// A client whose unread events leave the window is closed at once
+    /// (not when it next reads: a client that stopped reading may never).
+    fn retain(&mut self, frame: Arc<Frame>, settings: &StreamSettings) {
+        self.ring_bytes += frame.json.len();
+        self.ring.push_back(frame);
+        let mut dropped = None;
+        while self.ring.len() > settings.ring_capacity
+            || (self.ring_bytes > settings.ring_bytes && self.ring.len() > 1)
+        {
+            if let Some(old) = self.ring.pop_front() {
+                self.ring_bytes -= old.json.len();
+                dropped = old.seq.or(dropped);
+            }
+        }
+        if let Some(dropped) = dropped {
+            self.clients.retain(|(_, client)| {
+                if client.cursor.load(Ordering::Acquire) <= dropped {
+                    kick_lagged(client);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+    }
+}
+
+type SharedLog = Arc<Mutex<SessionLog>>;
+
+/// A session's place in the hub: its log, once loaded.
+#[derive(Default)]
+struct Slot {
+    log: OnceCell<SharedLog>,
 }
 
 /// Forgotten sessions remembered at most, so a late `publish` does not open
@@ -129,9 +243,9 @@ const FORGOTTEN_KEPT: usize = 1024;
 
 #[derive(Default)]
 struct Sessions {
-    logs: HashMap<SessionId, Arc<Mutex<SessionLog>>>,
-    /// Sessions forgotten lately and not subscribed to since: `publish`
-    /// drops their events instead of opening a log nobody would remove.
+    slots: HashMap<SessionId, Arc<Slot>>,
+    /// Sessions forgotten lately and not opened since: `publish` drops
+    /// their events instead of opening a log nobody would remove.
     forgotten: HashSet<SessionId>,
     /// The same sessions, oldest first, to let go of past [`FORGOTTEN_KEPT`].
     forgotten_order: VecDeque<SessionId>,
@@ -154,24 +268,38 @@ impl Sessions {
             self.forgotten_order.retain(|s| s != session);
         }
     }
+
+    fn loaded(&self, session: &SessionId) -> Option<SharedLog> {
+        self.slots.get(session).and_then(|slot| slot.log.get().cloned())
+    }
+}
+
+/// Where the hub stores streams: the store (for reads) and the group
+/// commit queue in front of it (for writes).
+struct Storage {
+    store: Arc<dyn EventStore>,
+    queue: mpsc::Sender<Queued>,
 }
 
 /// The hub. Cheap to share: hold it in an `Arc`.
 pub struct SessionHub {
     settings: StreamSettings,
     sessions: Mutex<Sessions>,
+    storage: Option<Storage>,
     next_client: AtomicU64,
     /// Subscriptions alive now, across sessions.
     clients: AtomicUsize,
 }
 
-/// A client's view of a session's stream.
+/// A client's cursor over a session's stream.
 pub struct Subscription {
-    /// Retained events after the requested `after_seq` (preceded by a `gap`
-    /// frame when some were no longer retained), sent before `live`.
-    replay: VecDeque<Arc<Frame>>,
-    /// Events published after the subscription, in order.
-    live: mpsc::Receiver<Arc<Frame>>,
+    log: SharedLog,
+    head: watch::Receiver<u64>,
+    /// The seq this client reads next.
+    cursor: u64,
+    /// Frames taken from the window (and notices for this client: `reset`,
+    /// `gap`), not handed out yet: at most a read batch.
+    ready: VecDeque<Arc<Frame>>,
     state: Arc<ClientState>,
     hub: Arc<SessionHub>,
     session: SessionId,
@@ -179,17 +307,61 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// The next frame: replayed ones first, then live ones. `None` once the
+    /// The next frame, replayed or live: one loop for both. `None` once the
     /// hub has closed this client ([`Self::reason`] says why).
     pub async fn next(&mut self) -> Option<Arc<Frame>> {
-        if let Some(frame) = self.replay.pop_front() {
-            return Some(frame);
+        loop {
+            if self.state.kicked.is_cancelled() {
+                return None;
+            }
+            if let Some(frame) = self.ready.pop_front() {
+                return Some(frame);
+            }
+            self.head.borrow_and_update();
+            self.read_window();
+            if !self.ready.is_empty() || self.state.kicked.is_cancelled() {
+                continue;
+            }
+            tokio::select! {
+                biased;
+                () = self.state.kicked.cancelled() => return None,
+                changed = self.head.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
+            }
         }
-        tokio::select! {
-            biased;
-            () = self.state.kicked.cancelled() => None,
-            frame = self.live.recv() => frame,
+    }
+
+    /// Takes the next frames at the cursor, up to what clients may read.
+    fn read_window(&mut self) {
+        let log = lock(&self.log);
+        let visible = log.visible();
+        if self.cursor > visible {
+            return;
         }
+        if self.cursor < log.first_retained() {
+            drop(log);
+            kick_lagged(&self.state);
+            return;
+        }
+        let start = log
+            .ring
+            .partition_point(|f| f.seq.is_some_and(|seq| seq < self.cursor));
+        for frame in log.ring.range(start..) {
+            let Some(seq) = frame.seq else { continue };
+            if seq > visible || self.ready.len() >= READ_BATCH {
+                break;
+            }
+            if seq > self.cursor {
+                // Events a crash lost before they were stored.
+                self.ready.push_back(Frame::gap(self.cursor, seq - 1));
+            }
+            self.ready.push_back(Arc::clone(frame));
+            self.cursor = seq + 1;
+        }
+        self.state.cursor.store(self.cursor, Ordering::Release);
     }
 
     /// Fires when the hub closes this client, so a transport blocked on a
@@ -208,7 +380,8 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.hub.unsubscribe(&self.session, self.id);
+        self.hub.clients.fetch_sub(1, Ordering::SeqCst);
+        lock(&self.log).clients.retain(|(id, _)| *id != self.id);
     }
 }
 
@@ -224,6 +397,12 @@ impl Drop for ClientSlot {
     }
 }
 
+fn kick_lagged(client: &ClientState) {
+    tracing::info!("slow client closed");
+    metrics::counter!("autopoiesis_stream_slow_clients_closed_total").increment(1);
+    client.kick(CloseReason::Lagged);
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section here leaves the data consistent, so a lock
     // poisoned by a panic elsewhere is still safe to use.
@@ -231,59 +410,121 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl SessionHub {
+    /// A hub whose streams live in memory only (`--session-store memory`).
     #[must_use]
     pub fn new(settings: StreamSettings) -> Arc<Self> {
-        Arc::new(Self {
+        Self::build(settings, None)
+    }
+
+    /// A hub that stores every stream in `store` and loads them from it.
+    /// Spawns the group commit task: call from within a tokio runtime.
+    #[must_use]
+    pub fn stored(settings: StreamSettings, store: Arc<dyn EventStore>) -> Arc<Self> {
+        let (queue, receiver) = mpsc::channel(writer::QUEUE);
+        let hub = Self::build(
             settings,
+            Some(Storage {
+                store: Arc::clone(&store),
+                queue,
+            }),
+        );
+        tokio::spawn(writer::run(store, receiver, Arc::downgrade(&hub)));
+        hub
+    }
+
+    fn build(settings: StreamSettings, storage: Option<Storage>) -> Arc<Self> {
+        Arc::new(Self {
+            settings: StreamSettings {
+                ring_capacity: settings.ring_capacity.max(1),
+                ..settings
+            },
             sessions: Mutex::default(),
+            storage,
             next_client: AtomicU64::new(1),
             clients: AtomicUsize::new(0),
         })
     }
 
-    /// The session's log, opened when missing: a client subscribing means
-    /// the session exists (again, if it was forgotten).
-    fn log(&self, session: &SessionId) -> Arc<Mutex<SessionLog>> {
-        let mut sessions = lock(&self.sessions);
-        sessions.clear_forgotten(session);
-        Arc::clone(
-            sessions
-                .logs
-                .entry(session.clone())
-                .or_insert_with(|| Arc::new(Mutex::new(SessionLog::new()))),
-        )
+    /// The session's log, loaded from storage when it is not in memory. A
+    /// session opened is no longer forgotten.
+    async fn open_log(&self, session: &SessionId) -> Result<SharedLog, EventStoreError> {
+        let slot = {
+            let mut sessions = lock(&self.sessions);
+            sessions.clear_forgotten(session);
+            Arc::clone(sessions.slots.entry(session.clone()).or_default())
+        };
+        let log = slot.log.get_or_try_init(|| self.load(session)).await;
+        if log.is_err() {
+            // Nothing was loaded: the next open tries again.
+            let mut sessions = lock(&self.sessions);
+            if sessions
+                .slots
+                .get(session)
+                .is_some_and(|s| Arc::ptr_eq(s, &slot) && s.log.get().is_none())
+            {
+                sessions.slots.remove(session);
+            }
+        }
+        log.cloned()
     }
 
-    /// The log a `publish` goes to: opened when missing, unless the session
-    /// was forgotten and nobody subscribed since.
-    fn log_to_publish(&self, session: &SessionId) -> Option<Arc<Mutex<SessionLog>>> {
-        let mut sessions = lock(&self.sessions);
-        if let Some(log) = sessions.logs.get(session) {
-            return Some(Arc::clone(log));
+    /// Reads the stored window and reserves the first block of seqs above
+    /// everything handed out before, before any of them is used.
+    async fn load(&self, session: &SessionId) -> Result<SharedLog, EventStoreError> {
+        let Some(storage) = &self.storage else {
+            return Ok(Arc::new(Mutex::new(SessionLog::new(1, u64::MAX))));
+        };
+        let state = storage
+            .store
+            .load(session, self.settings.ring_capacity)
+            .await?;
+        let next_seq = state.reserved + 1;
+        let reserved = state.reserved + RESERVE_BLOCK;
+        storage
+            .store
+            .write(crate::ports::EventBatch {
+                reserve: vec![(session.clone(), reserved)],
+                ..Default::default()
+            })
+            .await?;
+        let mut log = SessionLog::new(next_seq, reserved);
+        for event in state.events {
+            let Some(op) = known_op(&event.op) else {
+                tracing::error!(session.id = %session, seq = event.seq, op = %event.op, "stored event of an unknown kind skipped");
+                continue;
+            };
+            log.retain(
+                Arc::new(Frame {
+                    seq: Some(event.seq),
+                    op,
+                    json: event.frame,
+                }),
+                &self.settings,
+            );
         }
-        if sessions.forgotten.contains(session) {
-            return None;
-        }
-        let log = Arc::new(Mutex::new(SessionLog::new()));
-        sessions.logs.insert(session.clone(), Arc::clone(&log));
-        Some(log)
+        Ok(Arc::new(Mutex::new(log)))
     }
 
     /// Subscribes a client to `session`. With `after_seq`, the retained
-    /// events after it are replayed first; replay and live events are taken
-    /// under one lock, so nothing is missed or sent twice.
+    /// events after it come first (after a `gap` notice for any that left
+    /// the window, or a `reset` when `after_seq` is beyond this stream's
+    /// head: it came from a deleted stream of the same id); without it, the
+    /// client reads from the next event on.
     ///
     /// # Errors
     /// [`SubscribeError`] when the session or the server has as many clients
-    /// as the settings allow.
-    pub fn subscribe(
+    /// as the settings allow, or the stored stream cannot be read.
+    pub async fn subscribe(
         self: &Arc<Self>,
         session: &SessionId,
         after_seq: Option<u64>,
     ) -> Result<Subscription, SubscribeError> {
-        let log = self.log(session);
-        let mut log = lock(&log);
-        if log.clients.len() >= self.settings.max_clients_per_session {
+        let log = self
+            .open_log(session)
+            .await
+            .map_err(SubscribeError::Unavailable)?;
+        let mut guard = lock(&log);
+        if guard.clients.len() >= self.settings.max_clients_per_session {
             return Err(SubscribeError::SessionFull(
                 self.settings.max_clients_per_session,
             ));
@@ -294,38 +535,34 @@ impl SessionHub {
                 (n < max).then_some(n + 1)
             })
             .map_err(|_| SubscribeError::ServerFull(max))?;
-        let (tx, live) = mpsc::channel(self.settings.client_queue);
-        let state = Arc::new(ClientState::default());
-        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
-        let mut replay = VecDeque::new();
-        if let Some(after) = after_seq {
-            let first_retained = log.ring.front().and_then(|f| f.seq).unwrap_or(log.next_seq);
-            let last_published = log.next_seq - 1;
-            if after.saturating_add(1) < first_retained && after < last_published {
-                replay.push_back(Arc::new(Frame {
-                    seq: None,
-                    op: "gap",
-                    json: direct_frame(
-                        "gap",
-                        json!({"missed_from": after + 1, "missed_to": first_retained - 1}),
-                    ),
-                }));
+        let head_seq = guard.next_seq - 1;
+        let mut ready = VecDeque::new();
+        let mut cursor = match after_seq {
+            None => guard.next_seq,
+            Some(after) if after > head_seq => {
+                ready.push_back(Frame::direct("reset", json!({ "head_seq": head_seq })));
+                1
             }
-            replay.extend(
-                log.ring
-                    .iter()
-                    .filter(|f| f.seq.is_some_and(|seq| seq > after))
-                    .cloned(),
-            );
+            Some(after) => after + 1,
+        };
+        let first = guard.first_retained();
+        if cursor < first {
+            ready.push_back(Frame::gap(cursor, first - 1));
+            cursor = first;
         }
-        log.clients.push(Client {
-            id,
-            tx,
-            state: Arc::clone(&state),
+        let state = Arc::new(ClientState {
+            cursor: AtomicU64::new(cursor),
+            ..ClientState::default()
         });
+        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
+        guard.clients.push((id, Arc::clone(&state)));
+        let head = guard.head.subscribe();
+        drop(guard);
         Ok(Subscription {
-            replay,
-            live,
+            log,
+            head,
+            cursor,
+            ready,
             state,
             hub: Arc::clone(self),
             session: session.clone(),
@@ -352,18 +589,10 @@ impl SessionHub {
         })
     }
 
-    fn unsubscribe(&self, session: &SessionId, id: u64) {
-        self.clients.fetch_sub(1, Ordering::SeqCst);
-        let log = lock(&self.sessions).logs.get(session).cloned();
-        if let Some(log) = log {
-            lock(&log).clients.retain(|c| c.id != id);
-        }
-    }
-
     /// Number of clients subscribed to `session`.
     #[must_use]
     pub fn client_count(&self, session: &SessionId) -> usize {
-        let log = lock(&self.sessions).logs.get(session).cloned();
+        let log = lock(&self.sessions).loaded(session);
         log.map_or(0, |log| lock(&log).clients.len())
     }
 
@@ -376,100 +605,291 @@ impl SessionHub {
 
     /// Closes every client (server shutdown) and waits, up to `limit`, for
     /// their transports to let go, so close frames go out before the process
-    /// ends.
+    /// ends. Then gives back every stream's unused reserved seqs and waits
+    /// for the event queue to be written, so numbering after a restart
+    /// continues exactly.
     pub async fn close_all_and_wait(&self, limit: std::time::Duration) {
         self.close_all();
         let deadline = tokio::time::Instant::now() + limit;
         while self.clients.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        let logs: Vec<_> = {
+            let sessions = lock(&self.sessions);
+            sessions
+                .slots
+                .iter()
+                .filter_map(|(id, slot)| slot.log.get().map(|log| (id.clone(), Arc::clone(log))))
+                .collect()
+        };
+        for (session, log) in logs {
+            self.release(&session, &lock(&log));
+        }
+        self.flush(limit).await;
+    }
+
+    /// Waits, up to `limit`, until every event queued so far is written.
+    pub async fn flush(&self, limit: std::time::Duration) {
+        let Some(storage) = &self.storage else { return };
+        let (done, written) = oneshot::channel();
+        let queued = Queued {
+            write: Write::Flush(done),
+            ack: None,
+        };
+        if storage.queue.send(queued).await.is_ok() {
+            let _ = tokio::time::timeout(limit, written).await;
+        }
     }
 
     /// Closes every client (server shutdown).
     pub fn close_all(&self) {
-        let logs: Vec<_> = lock(&self.sessions).logs.values().cloned().collect();
+        let logs: Vec<_> = {
+            let sessions = lock(&self.sessions);
+            sessions
+                .slots
+                .values()
+                .filter_map(|slot| slot.log.get().cloned())
+                .collect()
+        };
         for log in logs {
-            for client in lock(&log).clients.drain(..) {
-                client.state.kick(CloseReason::Shutdown);
+            for (_, client) in lock(&log).clients.drain(..) {
+                client.kick(CloseReason::Shutdown);
             }
         }
     }
-}
 
-impl SessionEvents for SessionHub {
-    fn publish(&self, session: &SessionId, turn: Option<TurnId>, event: SessionEvent) {
-        let turn = turn.as_ref();
-        let Some(log) = self.log_to_publish(session) else {
-            tracing::debug!(session.id = %session, "event for a forgotten session dropped");
+    /// Sets the stream's reservation down to what it handed out, so the
+    /// next life of the server continues right above it.
+    fn release(&self, session: &SessionId, log: &SessionLog) {
+        if self.storage.is_some() && log.reserved != u64::MAX {
+            self.enqueue(Write::Reserve(session.clone(), log.next_seq - 1), None);
+        }
+    }
+
+    /// Queues a write without waiting. A full queue means storage is far
+    /// behind: the write is dropped and counted (an event dropped so is a
+    /// hole after a crash, announced by `gap`).
+    fn enqueue(&self, write: Write, ack: Option<oneshot::Sender<Result<(), EventStoreError>>>) {
+        let Some(storage) = &self.storage else { return };
+        if let Err(error) = storage.queue.try_send(Queued { write, ack }) {
+            metrics::counter!("autopoiesis_stream_events_unstored_total").increment(1);
+            if let mpsc::error::TrySendError::Full(queued) = error
+                && let Some(ack) = queued.ack
+            {
+                let _ = ack.send(Err(EventStoreError("the event queue is full".into())));
+            }
+        }
+    }
+
+    /// The group commit task stored (or failed to store) a reservation.
+    pub(super) fn reservation_stored(&self, session: &SessionId, upto: u64, stored: bool) {
+        let Some(log) = lock(&self.sessions).loaded(session) else {
             return;
         };
-        let (op, data) = encode_event(&event, turn);
         let mut log = lock(&log);
-        let seq = log.next_seq;
-        log.next_seq += 1;
+        log.reserving = false;
+        if stored && upto >= log.next_seq - 1 {
+            log.reserved = upto;
+        }
+    }
+
+    /// Numbers `event`, adds it to the window and queues it for storage;
+    /// `durable` holds it back from readers until it is stored (the
+    /// returned receiver answers then). `None` when the session's stream
+    /// is not open (forgotten, or never opened with storage behind it).
+    fn append(
+        &self,
+        session: &SessionId,
+        turn: Option<&TurnId>,
+        event: &SessionEvent,
+        durable: bool,
+    ) -> Option<(SharedLog, u64, Option<oneshot::Receiver<Result<(), EventStoreError>>>)> {
+        let log = {
+            let mut sessions = lock(&self.sessions);
+            match sessions.loaded(session) {
+                Some(log) => log,
+                None if sessions.forgotten.contains(session) => {
+                    tracing::debug!(session.id = %session, "event for a forgotten session dropped");
+                    return None;
+                }
+                None if self.storage.is_none() => {
+                    // In memory, a stream needs no loading: open it here.
+                    let log: SharedLog = Arc::new(Mutex::new(SessionLog::new(1, u64::MAX)));
+                    let slot = sessions.slots.entry(session.clone()).or_default();
+                    let _ = slot.log.set(Arc::clone(&log));
+                    slot.log.get().cloned().unwrap_or(log)
+                }
+                None => {
+                    tracing::warn!(session.id = %session, "event for a stream that is not open dropped");
+                    return None;
+                }
+            }
+        };
+        let (op, data) = encode_event(event, turn);
+        let mut guard = lock(&log);
+        let seq = guard.next_seq;
+        guard.next_seq += 1;
         let frame = Arc::new(Frame {
             seq: Some(seq),
             op,
             json: broadcast_frame(op, data, seq, turn),
         });
-        if self.settings.ring_capacity > 0 {
-            log.ring_bytes += frame.json.len();
-            log.ring.push_back(Arc::clone(&frame));
-        }
-        // The newest frame stays even when it alone is over the byte cap:
-        // a client resuming right after it must still get it.
-        while log.ring.len() > self.settings.ring_capacity
-            || (log.ring_bytes > self.settings.ring_bytes && log.ring.len() > 1)
-        {
-            if let Some(old) = log.ring.pop_front() {
-                log.ring_bytes -= old.json.len();
+        let mut stored = None;
+        if self.storage.is_some() {
+            if seq > guard.reserved && !guard.overrun_logged {
+                guard.overrun_logged = true;
+                tracing::warn!(session.id = %session, seq, "seq handed out past its stored reservation: storage is behind");
+            }
+            if !guard.reserving && seq + RESERVE_BLOCK / 2 >= guard.reserved {
+                guard.reserving = true;
+                let upto = guard.reserved.max(seq) + RESERVE_BLOCK;
+                self.enqueue(Write::Reserve(session.clone(), upto), None);
+            }
+            let (ack, receiver) = if durable {
+                let (ack, receiver) = oneshot::channel();
+                guard.held.push_back(seq);
+                (Some(ack), Some(receiver))
+            } else {
+                (None, None)
+            };
+            stored = receiver;
+            self.enqueue(
+                Write::Event(
+                    session.clone(),
+                    StoredEvent {
+                        seq,
+                        turn_id: turn.map(|t| t.as_str().to_owned()),
+                        op: op.to_owned(),
+                        frame: frame.json.clone(),
+                    },
+                ),
+                ack,
+            );
+            let capacity = self.settings.ring_capacity as u64;
+            if seq % TRIM_EVERY == 0 && seq > capacity {
+                self.enqueue(Write::Trim(session.clone(), seq - capacity), None);
             }
         }
-        log.clients.retain(|client| match client.tx.try_send(Arc::clone(&frame)) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::info!(session.id = %session, client.id = client.id, "slow client closed");
-                metrics::counter!("autopoiesis_stream_slow_clients_closed_total").increment(1);
-                client.state.kick(CloseReason::Lagged);
-                false
+        guard.retain(frame, &self.settings);
+        guard.wake_readers();
+        drop(guard);
+        Some((log, seq, stored))
+    }
+}
+
+#[async_trait::async_trait]
+impl SessionEvents for SessionHub {
+    async fn open(&self, session: &SessionId) -> Result<(), EventStoreError> {
+        self.open_log(session).await.map(|_| ())
+    }
+
+    fn publish(&self, session: &SessionId, turn: Option<TurnId>, event: SessionEvent) {
+        self.append(session, turn.as_ref(), &event, false);
+    }
+
+    async fn publish_durable(
+        &self,
+        session: &SessionId,
+        turn: Option<TurnId>,
+        event: SessionEvent,
+    ) -> Result<(), EventStoreError> {
+        let Some((log, seq, stored)) = self.append(session, turn.as_ref(), &event, true) else {
+            return Ok(());
+        };
+        let Some(stored) = stored else { return Ok(()) };
+        let result = stored
+            .await
+            .unwrap_or_else(|_| Err(EventStoreError("the event writer stopped".into())));
+        let mut guard = lock(&log);
+        guard.held.retain(|held| *held != seq);
+        if result.is_err() {
+            // Not stored: clients must not read a `done` a crash could take
+            // back. They read that the turn's ending was not stored instead.
+            let (op, data) = encode_event(
+                &SessionEvent::Error {
+                    code: Some("storage_unavailable"),
+                    message: "Session storage is unavailable; this turn's ending was not stored"
+                        .into(),
+                },
+                turn.as_ref(),
+            );
+            let index = guard.ring.partition_point(|f| f.seq.is_some_and(|s| s < seq));
+            if guard.ring.get(index).is_some_and(|f| f.seq == Some(seq)) {
+                let replaced = Arc::new(Frame {
+                    seq: Some(seq),
+                    op,
+                    json: broadcast_frame(op, data, seq, turn.as_ref()),
+                });
+                guard.ring_bytes = guard.ring_bytes - guard.ring[index].json.len() + replaced.json.len();
+                guard.ring[index] = replaced;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        });
+        }
+        guard.wake_readers();
+        result
+    }
+
+    async fn turn_text(&self, session: &SessionId, turn: &TurnId) -> Result<String, EventStoreError> {
+        match &self.storage {
+            Some(storage) => storage.store.turn_text(session, turn.as_str()).await,
+            None => Ok(String::new()),
+        }
+    }
+
+    fn last_seq(&self, session: &SessionId) -> Option<u64> {
+        let log = lock(&self.sessions).loaded(session)?;
+        Some(lock(&log).next_seq - 1)
     }
 
     fn live_sessions(&self) -> HashSet<SessionId> {
-        let logs: Vec<_> = lock(&self.sessions)
-            .logs
-            .iter()
-            .map(|(id, log)| (id.clone(), Arc::clone(log)))
-            .collect();
+        let logs: Vec<_> = {
+            let sessions = lock(&self.sessions);
+            sessions
+                .slots
+                .iter()
+                .filter_map(|(id, slot)| slot.log.get().map(|log| (id.clone(), Arc::clone(log))))
+                .collect()
+        };
         logs.into_iter()
             .filter(|(_, log)| !lock(log).clients.is_empty())
             .map(|(id, _)| id)
             .collect()
     }
 
-    fn opened(&self, session: &SessionId) {
-        lock(&self.sessions).clear_forgotten(session);
-    }
-
     fn forget(&self, session: &SessionId) {
-        let log = {
+        let slot = {
             let mut sessions = lock(&self.sessions);
             sessions.remember_forgotten(session);
-            sessions.logs.remove(session)
+            sessions.slots.remove(session)
         };
-        if let Some(log) = log {
-            for client in lock(&log).clients.drain(..) {
-                client.state.kick(CloseReason::SessionGone);
+        if let Some(log) = slot.and_then(|slot| slot.log.get().cloned()) {
+            for (_, client) in lock(&log).clients.drain(..) {
+                client.kick(CloseReason::SessionGone);
             }
         }
+    }
+
+    fn evict(&self, session: &SessionId) {
+        let mut sessions = lock(&self.sessions);
+        let Some(log) = sessions.loaded(session) else {
+            return;
+        };
+        let guard = lock(&log);
+        if !guard.clients.is_empty() || !guard.held.is_empty() {
+            return;
+        }
+        self.release(session, &guard);
+        drop(guard);
+        sessions.slots.remove(session);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::ports::event_store::MockEventStore;
+    use crate::ports::{EventBatch, StreamState};
 
     fn sid() -> SessionId {
         SessionId::parse("s").unwrap()
@@ -481,66 +901,73 @@ mod tests {
         }
     }
 
-    fn hub(ring_capacity: usize, client_queue: usize) -> Arc<SessionHub> {
+    fn hub(ring_capacity: usize) -> Arc<SessionHub> {
         SessionHub::new(StreamSettings {
             ring_capacity,
-            client_queue,
             ..StreamSettings::default()
         })
     }
 
-    #[test]
-    fn subscriptions_beyond_the_limits_are_refused_and_freed_on_drop() {
+    /// The frames a subscription has ready now, without waiting.
+    async fn drain(sub: &mut Subscription) -> Vec<Arc<Frame>> {
+        let mut frames = Vec::new();
+        while let Ok(Some(frame)) = tokio::time::timeout(Duration::from_millis(20), sub.next()).await {
+            frames.push(frame);
+        }
+        frames
+    }
+
+    fn seqs(frames: &[Arc<Frame>]) -> Vec<Option<u64>> {
+        frames.iter().map(|f| f.seq).collect()
+    }
+
+    #[tokio::test]
+    async fn subscriptions_beyond_the_limits_are_refused_and_freed_on_drop() {
         let hub = SessionHub::new(StreamSettings {
             max_clients_per_session: 2,
             max_clients: 3,
             ..StreamSettings::default()
         });
         let other = SessionId::parse("other").unwrap();
-        let a = hub.subscribe(&sid(), None).unwrap();
-        let _b = hub.subscribe(&sid(), None).unwrap();
+        let a = hub.subscribe(&sid(), None).await.unwrap();
+        let _b = hub.subscribe(&sid(), None).await.unwrap();
         assert_eq!(
-            hub.subscribe(&sid(), None).err(),
+            hub.subscribe(&sid(), None).await.err(),
             Some(SubscribeError::SessionFull(2))
         );
-        let _c = hub.subscribe(&other, None).unwrap();
+        let _c = hub.subscribe(&other, None).await.unwrap();
         assert_eq!(
-            hub.subscribe(&other, None).err(),
+            hub.subscribe(&other, None).await.err(),
             Some(SubscribeError::ServerFull(3))
         );
         drop(a);
-        assert!(hub.subscribe(&sid(), None).is_ok());
+        assert!(hub.subscribe(&sid(), None).await.is_ok());
     }
 
-    fn seqs(frames: &VecDeque<Arc<Frame>>) -> Vec<Option<u64>> {
-        frames.iter().map(|f| f.seq).collect()
-    }
-
-    #[test]
-    fn events_are_numbered_from_one_without_gaps() {
-        let hub = hub(8, 8);
-        let mut sub = hub.subscribe(&sid(), None).unwrap();
+    #[tokio::test]
+    async fn events_are_numbered_from_one_without_gaps() {
+        let hub = hub(8);
+        let mut sub = hub.subscribe(&sid(), None).await.unwrap();
         for n in 0..3 {
             hub.publish(&sid(), None, token(n));
         }
-        let got: Vec<_> = (0..3).map(|_| sub.live.try_recv().unwrap().seq).collect();
-        assert_eq!(got, vec![Some(1), Some(2), Some(3)]);
+        assert_eq!(seqs(&drain(&mut sub).await), vec![Some(1), Some(2), Some(3)]);
     }
 
-    #[test]
-    fn resuming_replays_exactly_the_retained_events_after_the_seq() {
-        let hub = hub(8, 8);
+    #[tokio::test]
+    async fn resuming_replays_exactly_the_retained_events_after_the_seq_then_live_ones() {
+        let hub = hub(8);
         for n in 0..5 {
             hub.publish(&sid(), None, token(n));
         }
-        let mut sub = hub.subscribe(&sid(), Some(3)).unwrap();
-        assert_eq!(seqs(&sub.replay), vec![Some(4), Some(5)]);
+        let mut sub = hub.subscribe(&sid(), Some(3)).await.unwrap();
+        assert_eq!(seqs(&drain(&mut sub).await), vec![Some(4), Some(5)]);
         hub.publish(&sid(), None, token(5));
-        assert_eq!(sub.live.try_recv().unwrap().seq, Some(6));
+        assert_eq!(seqs(&drain(&mut sub).await), vec![Some(6)]);
     }
 
-    #[test]
-    fn the_window_drops_its_oldest_events_past_its_byte_cap() {
+    #[tokio::test]
+    async fn the_window_drops_its_oldest_events_past_its_byte_cap() {
         let hub = SessionHub::new(StreamSettings {
             ring_capacity: 100,
             ring_bytes: 1000,
@@ -552,12 +979,11 @@ mod tests {
         for _ in 0..10 {
             hub.publish(&sid(), None, big.clone());
         }
-        let sub = hub.subscribe(&sid(), Some(0)).unwrap();
-        let seqs = seqs(&sub.replay);
+        let mut sub = hub.subscribe(&sid(), Some(0)).await.unwrap();
         // A gap notice, then the newest that fit in 1000 bytes (each frame
         // is the 300 bytes of text plus its JSON).
-        assert_eq!(seqs, vec![None, Some(9), Some(10)]);
-        let log = hub.log(&sid());
+        assert_eq!(seqs(&drain(&mut sub).await), vec![None, Some(9), Some(10)]);
+        let log = lock(&hub.sessions).loaded(&sid()).unwrap();
         let log = lock(&log);
         assert!(log.ring_bytes <= 1000);
         assert_eq!(
@@ -566,74 +992,96 @@ mod tests {
         );
     }
 
-    #[test]
-    fn resuming_from_before_the_ring_starts_with_a_gap() {
-        let hub = hub(2, 8);
+    #[tokio::test]
+    async fn resuming_from_before_the_window_starts_with_a_gap() {
+        let hub = hub(2);
         for n in 0..5 {
             hub.publish(&sid(), None, token(n));
         }
-        let sub = hub.subscribe(&sid(), Some(1)).unwrap();
-        assert_eq!(seqs(&sub.replay), vec![None, Some(4), Some(5)]);
-        assert!(sub.replay[0].json.contains(r#""missed_from":2"#));
-        assert!(sub.replay[0].json.contains(r#""missed_to":3"#));
+        let mut sub = hub.subscribe(&sid(), Some(1)).await.unwrap();
+        let frames = drain(&mut sub).await;
+        assert_eq!(seqs(&frames), vec![None, Some(4), Some(5)]);
+        assert!(frames[0].json.contains(r#""missed_from":2"#));
+        assert!(frames[0].json.contains(r#""missed_to":3"#));
     }
 
-    #[test]
-    fn resuming_when_up_to_date_replays_nothing() {
-        let hub = hub(2, 8);
+    #[tokio::test]
+    async fn resuming_when_up_to_date_replays_nothing() {
+        let hub = hub(2);
         for n in 0..5 {
             hub.publish(&sid(), None, token(n));
         }
-        assert!(hub.subscribe(&sid(), Some(5)).unwrap().replay.is_empty());
+        let mut sub = hub.subscribe(&sid(), Some(5)).await.unwrap();
+        assert!(drain(&mut sub).await.is_empty());
     }
 
-    #[test]
-    fn a_client_whose_queue_fills_is_kicked_and_the_others_keep_receiving() {
-        let hub = hub(8, 2);
-        let slow = hub.subscribe(&sid(), None).unwrap();
-        let mut fast = hub.subscribe(&sid(), None).unwrap();
-        for n in 0..3 {
+    #[tokio::test]
+    async fn a_reader_slower_than_a_burst_but_within_the_window_gets_every_event() {
+        let hub = hub(1024);
+        let mut slow = hub.subscribe(&sid(), None).await.unwrap();
+        for n in 0..900 {
             hub.publish(&sid(), None, token(n));
-            fast.live.try_recv().unwrap();
         }
+        let got = drain(&mut slow).await;
+        assert_eq!(got.len(), 900);
+        assert_eq!(slow.reason(), None);
+    }
+
+    #[tokio::test]
+    async fn a_reader_the_window_moved_past_is_closed_and_the_others_keep_reading() {
+        let hub = hub(4);
+        let mut slow = hub.subscribe(&sid(), None).await.unwrap();
+        let mut fast = hub.subscribe(&sid(), None).await.unwrap();
+        for n in 0..6 {
+            hub.publish(&sid(), None, token(n));
+            assert_eq!(fast.next().await.unwrap().seq, Some(n as u64 + 1));
+        }
+        assert!(slow.next().await.is_none());
         assert_eq!(slow.reason(), Some(CloseReason::Lagged));
-        assert_eq!(hub.client_count(&sid()), 1);
+        assert_eq!(fast.reason(), None);
     }
 
-    #[test]
-    fn dropped_subscriptions_leave_the_session_and_its_live_set() {
-        let hub = hub(8, 8);
-        let sub = hub.subscribe(&sid(), None).unwrap();
+    #[tokio::test]
+    async fn dropped_subscriptions_leave_the_session_and_its_live_set() {
+        let hub = hub(8);
+        let sub = hub.subscribe(&sid(), None).await.unwrap();
         assert!(hub.live_sessions().contains(&sid()));
         drop(sub);
         assert!(hub.live_sessions().is_empty());
+        assert_eq!(hub.clients_total(), 0);
     }
 
-    #[test]
-    fn forgetting_a_session_closes_its_clients() {
-        let hub = hub(8, 8);
-        let sub = hub.subscribe(&sid(), None).unwrap();
+    #[tokio::test]
+    async fn forgetting_a_session_closes_its_clients() {
+        let hub = hub(8);
+        let mut sub = hub.subscribe(&sid(), None).await.unwrap();
         hub.forget(&sid());
+        assert!(sub.next().await.is_none());
         assert_eq!(sub.reason(), Some(CloseReason::SessionGone));
     }
 
-    #[test]
-    fn a_publish_after_forget_keeps_nothing_and_a_new_subscriber_starts_afresh() {
-        let hub = hub(8, 8);
-        hub.publish(&sid(), None, token(0));
+    #[tokio::test]
+    async fn a_publish_after_forget_keeps_nothing_and_a_stale_cursor_gets_a_reset() {
+        let hub = hub(8);
+        for n in 0..3 {
+            hub.publish(&sid(), None, token(n));
+        }
         hub.forget(&sid());
         // A turn that outlived its session's deletion.
-        hub.publish(&sid(), None, token(1));
-        assert!(lock(&hub.sessions).logs.is_empty());
-        let mut sub = hub.subscribe(&sid(), Some(0)).unwrap();
-        assert!(sub.replay.is_empty());
-        hub.publish(&sid(), None, token(2));
-        assert_eq!(sub.live.try_recv().unwrap().seq, Some(1));
+        hub.publish(&sid(), None, token(9));
+        assert!(lock(&hub.sessions).slots.is_empty());
+        hub.open(&sid()).await.unwrap();
+        hub.publish(&sid(), None, token(0));
+        let mut sub = hub.subscribe(&sid(), Some(3)).await.unwrap();
+        let frames = drain(&mut sub).await;
+        assert_eq!(frames[0].op, "reset");
+        assert!(frames[0].json.contains(r#""head_seq":1"#));
+        assert_eq!(seqs(&frames[1..]), vec![Some(1)]);
     }
 
-    #[test]
-    fn forgotten_sessions_are_remembered_only_up_to_a_bound() {
-        let hub = hub(8, 8);
+    #[tokio::test]
+    async fn forgotten_sessions_are_remembered_only_up_to_a_bound() {
+        let hub = hub(8);
         let ids: Vec<_> = (0..=FORGOTTEN_KEPT)
             .map(|n| SessionId::parse(&format!("s{n}")).unwrap())
             .collect();
@@ -644,6 +1092,129 @@ mod tests {
         assert_eq!(sessions.forgotten.len(), FORGOTTEN_KEPT);
         assert_eq!(sessions.forgotten_order.len(), FORGOTTEN_KEPT);
         assert!(!sessions.forgotten.contains(&ids[0]));
-        assert!(sessions.logs.is_empty());
+        assert!(sessions.slots.is_empty());
+    }
+
+    fn stored(seq: u64) -> StoredEvent {
+        StoredEvent {
+            seq,
+            turn_id: None,
+            op: "token".into(),
+            frame: format!(r#"{{"op":"token","data":{{"content":"{seq}"}},"seq":{seq},"turn_id":null}}"#),
+        }
+    }
+
+    /// A store holding events 1-3 of a stream whose earlier life reserved
+    /// up to 10, recording every batch written.
+    fn store_after_a_crash(batches: Arc<Mutex<Vec<EventBatch>>>) -> MockEventStore {
+        let mut store = MockEventStore::new();
+        store.expect_load().returning(|_, _| {
+            Ok(StreamState {
+                events: (1..=3).map(stored).collect(),
+                reserved: 10,
+            })
+        });
+        store.expect_write().returning(move |batch| {
+            batches.lock().unwrap().push(batch);
+            Ok(())
+        });
+        store
+    }
+
+    #[tokio::test]
+    async fn a_stream_loaded_after_a_crash_goes_on_above_its_reservation_and_announces_the_hole() {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let hub = SessionHub::stored(
+            StreamSettings::default(),
+            Arc::new(store_after_a_crash(batches.clone())),
+        );
+        let mut sub = hub.subscribe(&sid(), Some(2)).await.unwrap();
+        // Reserved before any seq above 10 is handed out.
+        assert_eq!(
+            batches.lock().unwrap()[0].reserve,
+            vec![(sid(), 10 + RESERVE_BLOCK)]
+        );
+        hub.publish(&sid(), None, token(0));
+        let frames = drain(&mut sub).await;
+        assert_eq!(seqs(&frames), vec![Some(3), None, Some(11)]);
+        assert!(frames[1].json.contains(r#""missed_from":4"#));
+        assert!(frames[1].json.contains(r#""missed_to":10"#));
+    }
+
+    // The store's write blocks a worker until released: two workers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_durable_event_and_those_after_it_wait_until_it_is_stored() {
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let released = Arc::new(tokio::sync::Mutex::new(Some(released)));
+        let mut store = MockEventStore::new();
+        store
+            .expect_load()
+            .returning(|_, _| Ok(StreamState::default()));
+        store.expect_write().returning(move |batch| {
+            // Batches with the `done` wait for the test's signal.
+            if batch.events.iter().any(|(_, e)| e.op == "done")
+                && let Ok(mut slot) = released.try_lock()
+                && let Some(released) = slot.take()
+            {
+                futures::executor::block_on(async { released.await.ok() });
+            }
+            Ok(())
+        });
+        let hub = SessionHub::stored(StreamSettings::default(), Arc::new(store));
+        let mut sub = hub.subscribe(&sid(), None).await.unwrap();
+        hub.publish(&sid(), None, token(0));
+        let durable = tokio::spawn({
+            let hub = Arc::clone(&hub);
+            async move {
+                hub.publish_durable(&sid(), None, SessionEvent::Done { content: "0".into() })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        hub.publish(&sid(), None, token(1));
+        assert_eq!(seqs(&drain(&mut sub).await), vec![Some(1)]);
+        release.send(()).unwrap();
+        durable.await.unwrap().unwrap();
+        assert_eq!(seqs(&drain(&mut sub).await), vec![Some(2), Some(3)]);
+    }
+
+    #[tokio::test]
+    async fn a_durable_event_that_cannot_be_stored_reads_as_a_storage_error() {
+        let mut store = MockEventStore::new();
+        store
+            .expect_load()
+            .returning(|_, _| Ok(StreamState::default()));
+        store.expect_write().returning(|batch| {
+            if batch.events.is_empty() {
+                Ok(())
+            } else {
+                Err(EventStoreError("disk full".into()))
+            }
+        });
+        let hub = SessionHub::stored(StreamSettings::default(), Arc::new(store));
+        let mut sub = hub.subscribe(&sid(), None).await.unwrap();
+        let result = hub
+            .publish_durable(&sid(), None, SessionEvent::Done { content: "x".into() })
+            .await;
+        assert!(result.is_err());
+        let frames = drain(&mut sub).await;
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].op, "error");
+        assert!(frames[0].json.contains("storage_unavailable"), "{}", frames[0].json);
+    }
+
+    #[tokio::test]
+    async fn a_graceful_stop_gives_back_the_unused_reservation() {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let hub = SessionHub::stored(
+            StreamSettings::default(),
+            Arc::new(store_after_a_crash(batches.clone())),
+        );
+        hub.open(&sid()).await.unwrap();
+        hub.publish(&sid(), None, token(0));
+        hub.close_all_and_wait(Duration::from_secs(1)).await;
+        let batches = batches.lock().unwrap();
+        let last = batches.iter().flat_map(|b| b.reserve.clone()).last();
+        assert_eq!(last, Some((sid(), 11)));
     }
 }

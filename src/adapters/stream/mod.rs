@@ -12,6 +12,7 @@
 
 pub mod frames;
 pub mod hub;
+pub mod writer;
 
 pub use hub::{
     ClientSlot, CloseReason, Frame, SessionHub, StreamSettings, SubscribeError, Subscription,

@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use super::protocol::{Incoming, IncomingError, direct_error, parse_incoming};
 use crate::adapters::metrics::LiveConnection;
-use crate::adapters::stream::{CloseReason, SessionHub, Subscription};
+use crate::adapters::stream::{CloseReason, SessionHub, SubscribeError, Subscription};
 use crate::domain::chat::{CancelError, ChatError, ChatService};
 use crate::domain::session::SessionId;
 use crate::domain::session_service::SessionService;
@@ -95,8 +95,15 @@ pub async fn session_socket(
     }
     // Subscribed before the upgrade so a refusal is a plain HTTP answer; a
     // failed upgrade drops the subscription with the closure.
-    let subscription = match state.hub.subscribe(&session_id, query.after_seq) {
+    let subscription = match state.hub.subscribe(&session_id, query.after_seq).await {
         Ok(subscription) => subscription,
+        Err(SubscribeError::Unavailable(error)) => {
+            tracing::error!(%error, "session stream unavailable on WebSocket connect");
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Session storage is unavailable",
+            );
+        }
         Err(e) => return refuse(StatusCode::TOO_MANY_REQUESTS, &e.to_string()),
     };
     let state = Arc::clone(&state);
