@@ -4,6 +4,7 @@
 
 mod approval_store;
 mod entity;
+mod file;
 pub mod migrations;
 
 use std::path::Path;
