@@ -6,6 +6,7 @@ mod approval_store;
 mod entity;
 mod file;
 pub mod migrations;
+mod schema;
 
 use std::path::Path;
 use std::time::Duration;
