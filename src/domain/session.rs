@@ -75,6 +75,14 @@ impl TurnId {
     }
 }
 
+/// A turn id as stored or sent before (a turn record, an event's
+/// `turn_id`): ids are opaque, so any text the server wrote is one.
+impl From<&str> for TurnId {
+    fn from(id: &str) -> Self {
+        Self(id.into())
+    }
+}
+
 impl fmt::Display for TurnId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
