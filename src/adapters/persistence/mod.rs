@@ -1,12 +1,19 @@
 //! Persistence adapter: sea-orm over SQLite (the default, a file in the data
 //! dir) or PostgreSQL (a `postgres://` URL), one code path for both.
-//! Implements the [`crate::ports::ApprovalStore`] port.
+//! Implements the [`crate::ports::ApprovalStore`], [`crate::ports::SessionStore`],
+//! [`crate::ports::EventStore`] and [`crate::ports::TurnStore`] ports, all
+//! over one database and one pool.
 
 mod approval_store;
 mod entity;
+mod event_store;
 mod file;
 pub mod migrations;
 mod schema;
+mod session_store;
+#[cfg(test)]
+mod test_support;
+mod turn_store;
 
 use std::path::Path;
 use std::time::Duration;
@@ -16,6 +23,9 @@ use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 use sea_orm_migration::MigratorTrait;
 
 pub use approval_store::SeaOrmApprovalStore;
+pub use event_store::SeaOrmEventStore;
+pub use session_store::SeaOrmSessionStore;
+pub use turn_store::SeaOrmTurnStore;
 
 /// How connections to the database are made and pooled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
