@@ -75,10 +75,11 @@ impl TurnId {
     }
 }
 
+/// A turn id as stored or sent before (a turn record, an event's
+/// `turn_id`): ids are opaque, so any text the server wrote is one.
 impl From<&str> for TurnId {
-    /// A turn id read back from storage.
-    fn from(stored: &str) -> Self {
-        Self(stored.into())
+    fn from(id: &str) -> Self {
+        Self(id.into())
     }
 }
 

@@ -66,7 +66,8 @@ pub trait EventStore: Send + Sync {
     /// # Errors
     /// [`EventStoreError`] when storage fails. A stored row that cannot be
     /// read is left out and logged, never an error for the whole stream.
-    async fn load(&self, session: &SessionId, limit: usize) -> Result<StreamState, EventStoreError>;
+    async fn load(&self, session: &SessionId, limit: usize)
+    -> Result<StreamState, EventStoreError>;
 
     /// Writes a batch in one transaction: all of it or nothing.
     ///
@@ -79,7 +80,11 @@ pub trait EventStore: Send + Sync {
     ///
     /// # Errors
     /// [`EventStoreError`] when storage fails.
-    async fn turn_text(&self, session: &SessionId, turn_id: &str) -> Result<String, EventStoreError>;
+    async fn turn_text(
+        &self,
+        session: &SessionId,
+        turn_id: &str,
+    ) -> Result<String, EventStoreError>;
 
     /// True when events outlive the process (false for the in-memory log).
     fn is_durable(&self) -> bool;

@@ -1,8 +1,5 @@
 //! [`ApprovalStore`] over sea-orm: one table, `approval_envelopes`.
 
-use std::path::PathBuf;
-use std::str::FromStr;
-
 use async_trait::async_trait;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
@@ -11,6 +8,7 @@ use sea_orm::{
 };
 
 use super::entity::{ActiveModel, Column, Entity, Model};
+use super::file::{self, DatabaseFile};
 use super::{ConnectError, ConnectSettings, connect};
 use crate::domain::approvals::{
     ApprovalCursor, ApprovalDecision, ApprovalEnvelope, ApprovalState, ToolCallRequest,
@@ -21,63 +19,9 @@ use crate::ports::{ApprovalStore, ApprovalStoreError};
 #[derive(Clone)]
 pub struct SeaOrmApprovalStore {
     db: DatabaseConnection,
-    /// The SQLite file, as it was when the store opened. SQLite keeps
-    /// writing to a file deleted under it (the open descriptor holds the
-    /// inode) and every write then "succeeds" and vanishes at the next
-    /// start, so each operation first checks that the file is still there.
+    /// The SQLite file, as it was when the store opened: each operation
+    /// first checks that it is still there (see [`super::file`]).
     file: Option<DatabaseFile>,
-}
-
-/// A database file and the inode it had.
-#[derive(Debug, Clone)]
-struct DatabaseFile {
-    path: PathBuf,
-    identity: FileIdentity,
-}
-
-/// Device and inode: what tells the file apart from another one created
-/// later at the same path.
-type FileIdentity = (u64, u64);
-
-fn identity(path: &std::path::Path) -> Option<FileIdentity> {
-    let metadata = std::fs::metadata(path).ok()?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        Some((metadata.dev(), metadata.ino()))
-    }
-    #[cfg(not(unix))]
-    {
-        // Existence only: deletion is what happens in practice.
-        let _ = metadata;
-        Some((0, 0))
-    }
-}
-
-impl DatabaseFile {
-    /// The file behind a `sqlite:` URL, when there is one on disk now
-    /// (in-memory databases and PostgreSQL have none).
-    fn of(url: &str) -> Option<Self> {
-        if !url.starts_with("sqlite:") {
-            return None;
-        }
-        let options = sea_orm::sqlx::sqlite::SqliteConnectOptions::from_str(url).ok()?;
-        let path = options.get_filename().to_path_buf();
-        let identity = identity(&path)?;
-        Some(Self { path, identity })
-    }
-
-    fn check(&self) -> Result<(), ApprovalStoreError> {
-        if identity(&self.path) == Some(self.identity) {
-            Ok(())
-        } else {
-            Err(ApprovalStoreError::Unavailable(format!(
-                "the SQLite database {} was deleted or replaced while the server ran; \
-                 restore it and restart the server",
-                self.path.display()
-            )))
-        }
-    }
 }
 
 impl SeaOrmApprovalStore {
@@ -101,7 +45,7 @@ impl SeaOrmApprovalStore {
 
     /// Fails when the SQLite file is gone (see [`Self::file`]).
     fn check_file(&self) -> Result<(), ApprovalStoreError> {
-        self.file.as_ref().map_or(Ok(()), DatabaseFile::check)
+        file::check(self.file.as_ref()).map_err(ApprovalStoreError::Unavailable)
     }
 }
 

@@ -5,8 +5,14 @@
 //! a database written by the Python original already has it, with the same
 //! columns, and is adopted unchanged (sea-orm-migration adds its own
 //! `seaql_migrations` bookkeeping table beside it).
+//!
+//! Later migrations only add tables and indexes beside it, each `IF NOT
+//! EXISTS`: the original can still read its table, and a start cut short
+//! between two statements of a migration migrates again cleanly.
 
 use sea_orm_migration::prelude::*;
+
+use super::schema::{SessionEvents, SessionMessages, SessionStreams, Sessions, Turns};
 
 /// Every migration, oldest first.
 pub struct Migrator;
@@ -16,6 +22,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(CreateApprovalEnvelopes),
             Box::new(IndexPendingApprovals),
+            Box::new(CreateDurableSessions),
         ]
     }
 }
@@ -101,6 +108,158 @@ impl MigrationTrait for IndexPendingApprovals {
                     .col(T::State)
                     .col(T::IssuedAt)
                     .col(T::EnvelopeId)
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// The tables of durable sessions (SPEC B10): `sessions`, their
+/// `session_messages`, the `session_events` of their streams with the
+/// `session_streams` high-water marks, and the `turns` running. No foreign
+/// keys: SQLite enforces them only with a pragma per connection, and
+/// deleting a session clears its rows from every table in one transaction
+/// anyway.
+struct CreateDurableSessions;
+
+impl MigrationName for CreateDurableSessions {
+    fn name(&self) -> &str {
+        "m20261202_000003_create_durable_sessions"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateDurableSessions {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(Sessions::Table)
+                    .if_not_exists()
+                    .col(ColumnDef::new(Sessions::Id).text().not_null().primary_key())
+                    .col(ColumnDef::new(Sessions::CreatedAt).big_integer().not_null())
+                    .col(
+                        ColumnDef::new(Sessions::LastActive)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(Sessions::MessageCount)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(Sessions::HistoryBytes)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        // The idle sweeper asks for sessions by last use.
+        manager
+            .create_index(
+                Index::create()
+                    .name("idx_sessions_last_active")
+                    .table(Sessions::Table)
+                    .if_not_exists()
+                    .col(Sessions::LastActive)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(SessionMessages::Table)
+                    .if_not_exists()
+                    .col(ColumnDef::new(SessionMessages::SessionId).text().not_null())
+                    .col(
+                        ColumnDef::new(SessionMessages::Idx)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(SessionMessages::MessageJson)
+                            .text()
+                            .not_null(),
+                    )
+                    .primary_key(
+                        Index::create()
+                            .col(SessionMessages::SessionId)
+                            .col(SessionMessages::Idx),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(SessionStreams::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(SessionStreams::SessionId)
+                            .text()
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(
+                        ColumnDef::new(SessionStreams::LastSeq)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(SessionStreams::ReservedSeq)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(SessionEvents::Table)
+                    .if_not_exists()
+                    .col(ColumnDef::new(SessionEvents::SessionId).text().not_null())
+                    .col(ColumnDef::new(SessionEvents::Seq).big_integer().not_null())
+                    .col(ColumnDef::new(SessionEvents::TurnId).text().null())
+                    .col(ColumnDef::new(SessionEvents::Op).text().not_null())
+                    .col(ColumnDef::new(SessionEvents::Frame).text().not_null())
+                    .primary_key(
+                        Index::create()
+                            .col(SessionEvents::SessionId)
+                            .col(SessionEvents::Seq),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(Turns::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(Turns::TurnId)
+                            .text()
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(Turns::SessionId).text().not_null())
+                    .col(ColumnDef::new(Turns::Owner).text().not_null())
+                    .col(ColumnDef::new(Turns::Prompt).text().not_null())
+                    .col(ColumnDef::new(Turns::StartedAt).big_integer().not_null())
+                    .col(ColumnDef::new(Turns::LeaseUntil).big_integer().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        // Finding orphans asks for turns by lease.
+        manager
+            .create_index(
+                Index::create()
+                    .name("idx_turns_lease_until")
+                    .table(Turns::Table)
+                    .if_not_exists()
+                    .col(Turns::LeaseUntil)
                     .to_owned(),
             )
             .await

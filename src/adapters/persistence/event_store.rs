@@ -1,0 +1,575 @@
+//! [`EventStore`] over sea-orm: tables `session_events` (the retained
+//! window of each stream) and `session_streams` (its high-water marks).
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use sea_orm::sea_query::{
+    Alias, CaseStatement, Condition, Expr, ExprTrait, Func, OnConflict, Order, Query,
+};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, QueryResult, TransactionTrait};
+
+use super::file::{self, DatabaseFile};
+use super::schema::{MAX_BIND_PARAMETERS, SessionEvents, SessionStreams};
+use crate::domain::session::SessionId;
+use crate::ports::{EventBatch, EventStore, EventStoreError, StoredEvent, StreamState};
+
+/// Session streams in a SQLite or PostgreSQL database.
+#[derive(Clone)]
+pub struct SeaOrmEventStore {
+    db: DatabaseConnection,
+    /// The SQLite file, as it was when the store opened: each operation
+    /// first checks that it is still there (see [`super::file`]).
+    file: Option<DatabaseFile>,
+}
+
+impl SeaOrmEventStore {
+    /// A store over an open, migrated connection to `url` (see
+    /// [`super::connect`]).
+    #[must_use]
+    pub fn new(db: DatabaseConnection, url: &str) -> Self {
+        Self {
+            db,
+            file: DatabaseFile::of(url),
+        }
+    }
+
+    fn check_file(&self) -> Result<(), EventStoreError> {
+        file::check(self.file.as_ref()).map_err(EventStoreError)
+    }
+}
+
+fn unavailable(error: DbErr) -> EventStoreError {
+    EventStoreError(error.to_string())
+}
+
+/// A seq as stored: `bigint` holds every seq a stream reaches in practice;
+/// one past `i64::MAX` is refused rather than wrapped.
+fn stored_seq(seq: u64) -> Result<i64, EventStoreError> {
+    i64::try_from(seq).map_err(|_| EventStoreError(format!("seq {seq} is out of range")))
+}
+
+/// A row of `seq, turn_id, op, frame`.
+fn to_event(row: &QueryResult) -> Result<StoredEvent, String> {
+    let seq: i64 = row.try_get_by_index(0).map_err(|e| e.to_string())?;
+    Ok(StoredEvent {
+        seq: u64::try_from(seq).map_err(|_| format!("seq {seq} is negative"))?,
+        turn_id: row.try_get_by_index(1).map_err(|e| e.to_string())?,
+        op: row.try_get_by_index(2).map_err(|e| e.to_string())?,
+        frame: row.try_get_by_index(3).map_err(|e| e.to_string())?,
+    })
+}
+
+/// `session_streams.column` raised to the value the upsert offers, never
+/// lowered: `CASE WHEN old < excluded THEN excluded ELSE old END`, which
+/// both backends run (SQLite spells `GREATEST` as a two-argument `MAX`).
+fn raised(column: SessionStreams) -> CaseStatement {
+    let old = Expr::col((SessionStreams::Table, column));
+    let offered = Expr::col((Alias::new("excluded"), column));
+    Expr::case(old.clone().lt(offered.clone()), offered).finally(old)
+}
+
+/// The text of a stored `token` frame: its `data.content`.
+fn token_text(frame: &str) -> Option<String> {
+    let frame: serde_json::Value = serde_json::from_str(frame).ok()?;
+    Some(frame.get("data")?.get("content")?.as_str()?.to_owned())
+}
+
+#[async_trait]
+impl EventStore for SeaOrmEventStore {
+    async fn load(
+        &self,
+        session: &SessionId,
+        limit: usize,
+    ) -> Result<StreamState, EventStoreError> {
+        self.check_file()?;
+        let newest = Query::select()
+            .columns([
+                SessionEvents::Seq,
+                SessionEvents::TurnId,
+                SessionEvents::Op,
+                SessionEvents::Frame,
+            ])
+            .from(SessionEvents::Table)
+            .and_where(Expr::col(SessionEvents::SessionId).eq(session.as_str()))
+            .order_by(SessionEvents::Seq, Order::Desc)
+            .limit(u64::try_from(limit).unwrap_or(u64::MAX))
+            .to_owned();
+        let rows = self.db.query_all(&newest).await.map_err(unavailable)?;
+        let mut events: Vec<StoredEvent> = rows
+            .iter()
+            .filter_map(|row| {
+                to_event(row)
+                    .inspect_err(|why| {
+                        tracing::error!(session.id = %session, error = %why, "stored event unreadable; left out");
+                    })
+                    .ok()
+            })
+            .collect();
+        events.reverse();
+
+        // Every mark the stream has, in one row that exists even for a
+        // stream never written: its own two and the newest stored event's
+        // seq (written with them, but counted in case a row outlived them).
+        let mark = |column| {
+            Expr::from(
+                Query::select()
+                    .column(column)
+                    .from(SessionStreams::Table)
+                    .and_where(Expr::col(SessionStreams::SessionId).eq(session.as_str()))
+                    .to_owned(),
+            )
+        };
+        let marks = Query::select()
+            .expr(Expr::from(
+                Query::select()
+                    .expr(Func::max(Expr::col(SessionEvents::Seq)))
+                    .from(SessionEvents::Table)
+                    .and_where(Expr::col(SessionEvents::SessionId).eq(session.as_str()))
+                    .to_owned(),
+            ))
+            .expr(mark(SessionStreams::LastSeq))
+            .expr(mark(SessionStreams::ReservedSeq))
+            .to_owned();
+        let reserved = match self.db.query_one(&marks).await.map_err(unavailable)? {
+            Some(row) => (0..3)
+                .filter_map(|index| row.try_get_by_index::<Option<i64>>(index).ok().flatten())
+                .max()
+                .unwrap_or(0),
+            None => 0,
+        };
+        Ok(StreamState {
+            events,
+            reserved: u64::try_from(reserved).unwrap_or(0),
+        })
+    }
+
+    async fn write(&self, batch: EventBatch) -> Result<(), EventStoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.check_file()?;
+        // Each session's new marks: (last_seq, reserved_seq), 0 for "no
+        // change" (the upsert never lowers a mark). One row per session, as
+        // PostgreSQL refuses an upsert that touches a row twice.
+        let mut marks: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+        let mut rows = Vec::with_capacity(batch.events.len());
+        for (session, event) in &batch.events {
+            let seq = stored_seq(event.seq)?;
+            let mark = marks.entry(session.as_str()).or_default();
+            mark.0 = Ord::max(mark.0, seq);
+            rows.push([
+                Expr::val(session.as_str()),
+                Expr::val(seq),
+                Expr::val(event.turn_id.as_deref()),
+                Expr::val(event.op.as_str()),
+                Expr::val(event.frame.as_str()),
+            ]);
+        }
+        for (session, reserve) in &batch.reserve {
+            let reserve = stored_seq(*reserve)?;
+            let mark = marks.entry(session.as_str()).or_default();
+            mark.1 = Ord::max(mark.1, reserve);
+        }
+
+        let txn = self.db.begin().await.map_err(unavailable)?;
+        // Multi-row inserts: a batch of a hundred tokens is one statement.
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            let mut insert = Query::insert()
+                .into_table(SessionEvents::Table)
+                .columns([
+                    SessionEvents::SessionId,
+                    SessionEvents::Seq,
+                    SessionEvents::TurnId,
+                    SessionEvents::Op,
+                    SessionEvents::Frame,
+                ])
+                .to_owned();
+            for row in rows.by_ref().take(MAX_BIND_PARAMETERS / 5) {
+                insert.values_panic(row);
+            }
+            txn.execute(&insert).await.map_err(unavailable)?;
+        }
+        let marks: Vec<_> = marks.into_iter().collect();
+        for chunk in marks.chunks(MAX_BIND_PARAMETERS / 3) {
+            let mut upsert = Query::insert()
+                .into_table(SessionStreams::Table)
+                .columns([
+                    SessionStreams::SessionId,
+                    SessionStreams::LastSeq,
+                    SessionStreams::ReservedSeq,
+                ])
+                .on_conflict(
+                    OnConflict::column(SessionStreams::SessionId)
+                        .value(SessionStreams::LastSeq, raised(SessionStreams::LastSeq))
+                        .value(
+                            SessionStreams::ReservedSeq,
+                            raised(SessionStreams::ReservedSeq),
+                        )
+                        .to_owned(),
+                )
+                .to_owned();
+            for (session, (last, reserved)) in chunk {
+                upsert.values_panic([Expr::val(*session), Expr::val(*last), Expr::val(*reserved)]);
+            }
+            txn.execute(&upsert).await.map_err(unavailable)?;
+        }
+        // Trims after the inserts: a batch may add events and already push
+        // some of them out of the window.
+        for chunk in batch.trim.chunks(MAX_BIND_PARAMETERS / 2) {
+            let mut which = Condition::any();
+            for (session, up_to) in chunk {
+                which = which.add(
+                    Expr::col(SessionEvents::SessionId)
+                        .eq(session.as_str())
+                        .and(Expr::col(SessionEvents::Seq).lte(stored_seq(*up_to)?)),
+                );
+            }
+            let delete = Query::delete()
+                .from_table(SessionEvents::Table)
+                .cond_where(which)
+                .to_owned();
+            txn.execute(&delete).await.map_err(unavailable)?;
+        }
+        txn.commit().await.map_err(unavailable)
+    }
+
+    async fn turn_text(
+        &self,
+        session: &SessionId,
+        turn_id: &str,
+    ) -> Result<String, EventStoreError> {
+        self.check_file()?;
+        let select = Query::select()
+            .column(SessionEvents::Frame)
+            .from(SessionEvents::Table)
+            .and_where(Expr::col(SessionEvents::SessionId).eq(session.as_str()))
+            .and_where(Expr::col(SessionEvents::TurnId).eq(turn_id))
+            .and_where(Expr::col(SessionEvents::Op).eq("token"))
+            .order_by(SessionEvents::Seq, Order::Asc)
+            .to_owned();
+        let rows = self.db.query_all(&select).await.map_err(unavailable)?;
+        let mut text = String::new();
+        for row in rows {
+            match row
+                .try_get_by_index::<String>(0)
+                .ok()
+                .as_deref()
+                .and_then(token_text)
+            {
+                Some(token) => text.push_str(&token),
+                None => tracing::error!(
+                    session.id = %session,
+                    turn.id = %turn_id,
+                    "stored token frame unreadable; its text is left out"
+                ),
+            }
+        }
+        Ok(text)
+    }
+
+    fn is_durable(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::adapters::persistence::test_support::{backends, count, exec};
+
+    fn id(s: &str) -> SessionId {
+        SessionId::parse(s).unwrap()
+    }
+
+    fn token(seq: u64, turn: &str, content: &str) -> StoredEvent {
+        let frame = serde_json::json!({
+            "op": "token", "data": {"content": content}, "seq": seq, "turn_id": turn,
+        });
+        StoredEvent {
+            seq,
+            turn_id: Some(turn.into()),
+            op: "token".into(),
+            frame: frame.to_string(),
+        }
+    }
+
+    fn events(session: &str, seqs: impl IntoIterator<Item = u64>) -> Vec<(SessionId, StoredEvent)> {
+        seqs.into_iter()
+            .map(|seq| (id(session), token(seq, "t1", &seq.to_string())))
+            .collect()
+    }
+
+    fn seqs(state: &StreamState) -> Vec<u64> {
+        state.events.iter().map(|e| e.seq).collect()
+    }
+
+    #[tokio::test]
+    async fn load_answers_the_newest_events_oldest_first_and_the_reserved_mark() {
+        for backend in backends().await {
+            let store = SeaOrmEventStore::new(backend.connect().await, &backend.url);
+            store
+                .write(EventBatch {
+                    events: [events("a", 1..=10), events("b", 1..=3)].concat(),
+                    reserve: vec![(id("a"), 15)],
+                    trim: vec![],
+                })
+                .await
+                .unwrap();
+            let a = store.load(&id("a"), 4).await.unwrap();
+            assert_eq!(seqs(&a), vec![7, 8, 9, 10]);
+            assert_eq!(a.events[0], token(7, "t1", "7"));
+            assert_eq!(a.reserved, 15);
+            assert_eq!(
+                seqs(&store.load(&id("a"), 100).await.unwrap()),
+                (1..=10).collect::<Vec<_>>()
+            );
+            // Nothing reserved for b: its newest event is the mark.
+            assert_eq!(
+                store.load(&id("b"), 0).await.unwrap(),
+                StreamState {
+                    events: vec![],
+                    reserved: 3
+                }
+            );
+            assert_eq!(
+                store.load(&id("c"), 10).await.unwrap(),
+                StreamState::default()
+            );
+
+            // Marks only rise: a lower reservation keeps 15, events above it
+            // raise it.
+            store
+                .write(EventBatch {
+                    reserve: vec![(id("a"), 12)],
+                    ..EventBatch::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(store.load(&id("a"), 1).await.unwrap().reserved, 15);
+            store
+                .write(EventBatch {
+                    events: events("a", [20]),
+                    ..EventBatch::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(store.load(&id("a"), 1).await.unwrap().reserved, 20);
+            assert!(store.is_durable());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_fails_keeps_nothing_of_itself() {
+        for backend in backends().await {
+            let db = backend.connect().await;
+            let store = SeaOrmEventStore::new(db.clone(), &backend.url);
+            store
+                .write(EventBatch {
+                    events: events("a", [1]),
+                    ..EventBatch::default()
+                })
+                .await
+                .unwrap();
+            // Seq 1 of a is stored already: the batch fails at its last event.
+            let failed = store
+                .write(EventBatch {
+                    events: [events("b", [1]), events("a", [2, 3]), events("a", [1])].concat(),
+                    reserve: vec![(id("a"), 50), (id("c"), 9)],
+                    trim: vec![(id("a"), 1)],
+                })
+                .await;
+            assert!(failed.is_err(), "{}: {failed:?}", backend.name);
+            assert_eq!(
+                store.load(&id("a"), 10).await.unwrap(),
+                StreamState {
+                    events: vec![token(1, "t1", "1")],
+                    reserved: 1
+                }
+            );
+            assert_eq!(
+                store.load(&id("b"), 10).await.unwrap(),
+                StreamState::default()
+            );
+            assert_eq!(
+                count(&db, "SELECT COUNT(*) AS n FROM session_streams").await,
+                1
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn trims_drop_the_events_at_or_below_the_mark_of_their_session_only() {
+        for backend in backends().await {
+            let store = SeaOrmEventStore::new(backend.connect().await, &backend.url);
+            store
+                .write(EventBatch {
+                    events: [events("a", 1..=10), events("b", 1..=10)].concat(),
+                    ..EventBatch::default()
+                })
+                .await
+                .unwrap();
+            // New events and the trim they cause, in one batch.
+            store
+                .write(EventBatch {
+                    events: events("a", [11, 12]),
+                    reserve: vec![],
+                    trim: vec![(id("a"), 6)],
+                })
+                .await
+                .unwrap();
+            let a = store.load(&id("a"), 100).await.unwrap();
+            assert_eq!(seqs(&a), (7..=12).collect::<Vec<_>>());
+            assert_eq!(a.reserved, 12);
+            assert_eq!(
+                seqs(&store.load(&id("b"), 100).await.unwrap()),
+                (1..=10).collect::<Vec<_>>()
+            );
+            // Trimming everything keeps the mark: seqs are never reused.
+            store
+                .write(EventBatch {
+                    trim: vec![(id("a"), 12), (id("b"), 3)],
+                    ..EventBatch::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(
+                store.load(&id("a"), 100).await.unwrap(),
+                StreamState {
+                    events: vec![],
+                    reserved: 12
+                }
+            );
+            assert_eq!(
+                seqs(&store.load(&id("b"), 100).await.unwrap()),
+                (4..=10).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_larger_than_one_statement_is_stored_whole() {
+        for backend in backends().await {
+            let store = SeaOrmEventStore::new(backend.connect().await, &backend.url);
+            // Past the rows one insert holds, and past the sessions one
+            // upsert holds.
+            let many_sessions: Vec<_> = (0..400)
+                .map(|i| (id(&format!("s{i}")), token(1, "t1", "x")))
+                .collect();
+            store
+                .write(EventBatch {
+                    events: [events("a", 1..=1000), many_sessions].concat(),
+                    reserve: (0..400).map(|i| (id(&format!("s{i}")), 5)).collect(),
+                    trim: (0..400).map(|i| (id(&format!("s{i}")), 0)).collect(),
+                })
+                .await
+                .unwrap();
+            let a = store.load(&id("a"), 2000).await.unwrap();
+            assert_eq!(seqs(&a), (1..=1000).collect::<Vec<_>>());
+            let s399 = store.load(&id("s399"), 10).await.unwrap();
+            assert_eq!((seqs(&s399), s399.reserved), (vec![1], 5));
+        }
+    }
+
+    #[tokio::test]
+    async fn turn_text_joins_the_tokens_of_one_turn_in_seq_order() {
+        for backend in backends().await {
+            let db = backend.connect().await;
+            let store = SeaOrmEventStore::new(db.clone(), &backend.url);
+            let tool = StoredEvent {
+                seq: 3,
+                turn_id: Some("t1".into()),
+                op: "tool_call".into(),
+                frame: r#"{"op":"tool_call","data":{"content":"not a token"},"seq":3}"#.into(),
+            };
+            let unreadable = StoredEvent {
+                seq: 5,
+                turn_id: Some("t1".into()),
+                op: "token".into(),
+                frame: "{".into(),
+            };
+            store
+                .write(EventBatch {
+                    events: vec![
+                        (id("a"), token(1, "t1", "Hel")),
+                        (id("a"), token(2, "t2", "other turn")),
+                        (id("a"), tool),
+                        (id("a"), token(4, "t1", "lo")),
+                        (id("a"), unreadable),
+                        (id("a"), token(6, "t1", " wörld")),
+                        (id("b"), token(7, "t1", "other session")),
+                    ],
+                    ..EventBatch::default()
+                })
+                .await
+                .unwrap();
+            // Stored out of order, read in seq order.
+            exec(
+                &db,
+                "UPDATE session_events SET seq = 10 WHERE session_id = 'a' AND seq = 1",
+            )
+            .await;
+            assert_eq!(
+                store.turn_text(&id("a"), "t1").await.unwrap(),
+                "lo wörldHel"
+            );
+            assert_eq!(store.turn_text(&id("a"), "t2").await.unwrap(), "other turn");
+            assert_eq!(store.turn_text(&id("a"), "t3").await.unwrap(), "");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_event_row_is_left_out_of_the_load() {
+        for backend in backends().await {
+            let db = backend.connect().await;
+            let store = SeaOrmEventStore::new(db.clone(), &backend.url);
+            store
+                .write(EventBatch {
+                    events: events("a", 1..=3),
+                    ..EventBatch::default()
+                })
+                .await
+                .unwrap();
+            exec(
+                &db,
+                "UPDATE session_events SET seq = -2 WHERE session_id = 'a' AND seq = 2",
+            )
+            .await;
+            let a = store.load(&id("a"), 10).await.unwrap();
+            assert_eq!((seqs(&a), a.reserved), (vec![1, 3], 3));
+        }
+    }
+
+    /// Group commit writes a batch per flush of streamed tokens: a batch of
+    /// a hundred must cost milliseconds, not a disk flush each.
+    #[tokio::test]
+    async fn a_batch_of_a_hundred_tokens_commits_in_milliseconds() {
+        for backend in backends().await {
+            let store = SeaOrmEventStore::new(backend.connect().await, &backend.url);
+            let rounds = 50_u64;
+            let started = Instant::now();
+            for round in 0..rounds {
+                let first = round * 100 + 1;
+                store
+                    .write(EventBatch {
+                        events: events("a", first..first + 100),
+                        reserve: vec![(id("a"), first + 199)],
+                        trim: vec![(id("a"), (first + 99).saturating_sub(1024))],
+                    })
+                    .await
+                    .unwrap();
+            }
+            let per_batch = started.elapsed() / u32::try_from(rounds).unwrap();
+            eprintln!("{}: a batch of 100 events took {per_batch:?}", backend.name);
+            assert_eq!(store.load(&id("a"), 2000).await.unwrap().events.len(), 1024);
+            assert!(
+                per_batch < Duration::from_millis(100),
+                "{}: {per_batch:?}",
+                backend.name
+            );
+        }
+    }
+}
