@@ -217,10 +217,17 @@ fn session_stores(
 ) -> SessionStores {
     match (settings.session_store, db) {
         (SessionStoreKind::Database, Some(db)) => SessionStores {
-            sessions: Arc::new(SeaOrmSessionStore::new(db.clone(), settings.max_sessions)),
-            hub: SessionHub::stored(settings.stream, Arc::new(SeaOrmEventStore::new(db.clone()))),
+            sessions: Arc::new(SeaOrmSessionStore::new(
+                db.clone(),
+                database_url,
+                settings.max_sessions,
+            )),
+            hub: SessionHub::stored(
+                settings.stream,
+                Arc::new(SeaOrmEventStore::new(db.clone(), database_url)),
+            ),
             turns: Some(TurnRecords {
-                store: Arc::new(SeaOrmTurnStore::new(db.clone())),
+                store: Arc::new(SeaOrmTurnStore::new(db.clone(), database_url)),
                 owner: uuid::Uuid::new_v4().simple().to_string(),
                 lease: settings.instance_lease,
             }),
@@ -228,7 +235,9 @@ fn session_stores(
         },
         (kind, _) => {
             if kind == SessionStoreKind::Database {
-                tracing::warn!("sessions are kept in memory until the database can be opened: they will not survive a restart");
+                tracing::warn!(
+                    "sessions are kept in memory until the database can be opened: they will not survive a restart"
+                );
             }
             SessionStores {
                 sessions: Arc::new(InMemorySessionStore::with_limit(settings.max_sessions)),

@@ -36,8 +36,8 @@ use super::events::SessionEvent;
 use super::message::{ModelMessage, ResponsePart};
 use super::session::{SessionId, TurnId};
 use crate::ports::{
-    AgentRuntime, EventSink, SessionEvents, SessionStore, SessionStoreError, TurnInput,
-    TurnRecord, TurnStore,
+    AgentRuntime, EventSink, SessionEvents, SessionStore, SessionStoreError, TurnInput, TurnRecord,
+    TurnStore,
 };
 
 /// The code of the error that ends a turn cut short by a crash.
@@ -603,7 +603,10 @@ impl ChatService {
             }
         }
         if ended > 0 {
-            tracing::info!(turns = ended, "turns left running by a server that stopped were ended as interrupted");
+            tracing::info!(
+                turns = ended,
+                "turns left running by a server that stopped were ended as interrupted"
+            );
         }
         ended
     }
@@ -623,7 +626,8 @@ impl ChatService {
                 _ = ticks.tick() => {}
             }
             if !lock(&self.core.running).is_empty() {
-                let until = Utc::now() + chrono::Duration::from_std(turns.lease).unwrap_or_default();
+                let until =
+                    Utc::now() + chrono::Duration::from_std(turns.lease).unwrap_or_default();
                 if let Err(error) = turns.store.renew(&turns.owner, until).await {
                     tracing::warn!(%error, "turn leases not renewed");
                 }
@@ -676,9 +680,9 @@ impl Core {
             Err(SessionStoreError::NotFound) => None,
             Err(error) => return Err(error.to_string()),
         };
-        let saved = history.as_ref().is_some_and(|history| {
-            history.iter().rev().take(2).any(|m| m == &messages[0])
-        });
+        let saved = history
+            .as_ref()
+            .is_some_and(|history| history.iter().rev().take(2).any(|m| m == &messages[0]));
         if history.is_some() && !saved {
             match self.sessions.append(session, messages, Utc::now()).await {
                 Ok(()) | Err(SessionStoreError::NotFound) => {}
@@ -699,9 +703,14 @@ impl Core {
                 .map_err(|e| e.to_string())?;
         }
         if let Some(turns) = &self.turns {
-            turns.store.end(&record.turn_id).await.map_err(|e| e.to_string())?;
+            turns
+                .store
+                .end(&record.turn_id)
+                .await
+                .map_err(|e| e.to_string())?;
         }
-        metrics::counter!("autopoiesis_turns_finished_total", "outcome" => "interrupted").increment(1);
+        metrics::counter!("autopoiesis_turns_finished_total", "outcome" => "interrupted")
+            .increment(1);
         Ok(())
     }
 
@@ -750,9 +759,11 @@ impl Core {
                 started_at: now,
                 lease_until: now + chrono::Duration::from_std(turns.lease).unwrap_or_default(),
             };
-            turns.store.begin(&record).await.map_err(|e| {
-                ChatError::Storage(SessionStoreError::Unavailable(e.to_string()))
-            })?;
+            turns
+                .store
+                .begin(&record)
+                .await
+                .map_err(|e| ChatError::Storage(SessionStoreError::Unavailable(e.to_string())))?;
         }
         let cancel = CancellationToken::new();
         lock(&self.running).insert(
@@ -1127,7 +1138,9 @@ impl Core {
 
 /// A turn whose history could not be stored: it answers 503 and its clients
 /// read why, never a `done` a restart would take back.
-fn storage_failed(error: SessionStoreError) -> (Result<ChatReply, ChatError>, Option<SessionEvent>) {
+fn storage_failed(
+    error: SessionStoreError,
+) -> (Result<ChatReply, ChatError>, Option<SessionEvent>) {
     (
         Err(ChatError::Storage(error)),
         Some(SessionEvent::Error {

@@ -114,12 +114,12 @@ impl SessionService {
     /// # Errors
     /// [`SessionStoreError::NotFound`] for an unknown id.
     pub async fn delete(&self, id: &SessionId) -> Result<(), SessionStoreError> {
-        self.store.delete(id).await?;
-        // Before `forget`: a turn event published after it would open the
-        // session's log again.
+        // Its turns end first (nothing of theirs is published or saved from
+        // here on), then its stream is let go of and the last of its events
+        // written, so the store's delete leaves no row of it behind.
         self.chat.end_session(id);
-        self.events.forget(id);
-        Ok(())
+        self.events.forget(id).await;
+        self.store.delete(id).await
     }
 
     /// Sessions idle for longer than `policy.idle_ttl` that have neither a
@@ -220,6 +220,7 @@ mod tests {
             .withf(|s| s == &id("idle"))
             .times(1)
             .return_const(());
+        events.expect_evict().never();
         let store: Arc<dyn SessionStore> = Arc::new(store);
         let events: Arc<dyn SessionEvents> = Arc::new(events);
         let chat = Arc::new(ChatService::new(

@@ -42,7 +42,9 @@ pub struct StreamState {
 pub struct EventBatch {
     /// Events to insert, per session, in seq order.
     pub events: Vec<(SessionId, StoredEvent)>,
-    /// Raise a session's reserved high-water mark to at least this seq.
+    /// Set a session's reserved high-water mark to this seq (the batch's
+    /// last one for a session wins): raised ahead of use, lowered to what
+    /// was handed out when a stream stops gracefully.
     pub reserve: Vec<(SessionId, u64)>,
     /// Delete a session's events with a seq at or below this one (they left
     /// the retained window).

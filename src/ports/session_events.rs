@@ -50,7 +50,11 @@ pub trait SessionEvents: Send + Sync {
     ///
     /// # Errors
     /// [`EventStoreError`] when storage fails.
-    async fn turn_text(&self, session: &SessionId, turn: &TurnId) -> Result<String, EventStoreError>;
+    async fn turn_text(
+        &self,
+        session: &SessionId,
+        turn: &TurnId,
+    ) -> Result<String, EventStoreError>;
 
     /// The seq of the newest event of a stream loaded in this process.
     fn last_seq(&self, session: &SessionId) -> Option<u64>;
@@ -58,10 +62,11 @@ pub trait SessionEvents: Send + Sync {
     /// The sessions that have at least one live client; the sweeper spares them.
     fn live_sessions(&self) -> HashSet<SessionId>;
 
-    /// The session is gone: drop what is kept for it and close its clients.
-    /// Events published for it afterwards are dropped, until it is
-    /// [opened](Self::open) again.
-    fn forget(&self, session: &SessionId);
+    /// The session is going: drop what is kept for it, close its clients,
+    /// and return once nothing of it is left to store (so deleting its
+    /// stored rows afterwards deletes them all). Events published for it
+    /// afterwards are dropped, until it is [opened](Self::open) again.
+    async fn forget(&self, session: &SessionId);
 
     /// The session is idle: let go of its stream's memory (it stays stored
     /// and loads again on use). Does nothing while the stream has clients.

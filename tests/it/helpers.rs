@@ -272,6 +272,15 @@ impl TestApp {
     }
 }
 
+/// The `message` frame that runs a turn with `content`.
+pub fn message_frame(content: &str) -> Message {
+    Message::Text(
+        serde_json::json!({"op": "message", "data": {"content": content}})
+            .to_string()
+            .into(),
+    )
+}
+
 /// Sends one JSON text frame.
 pub async fn send(ws: &mut Ws, frame: Value) {
     ws.send(Message::Text(frame.to_string().into()))

@@ -7,6 +7,7 @@ mod auth;
 mod cli;
 mod connections;
 mod dashboard;
+mod durable;
 mod edges;
 mod fake_openai;
 mod helpers;

@@ -290,6 +290,7 @@ pub(super) fn sessions(list: &[SessionInfo]) -> Envelope {
                 "id": s.id.as_str(),
                 "created_at": s.created_at.to_rfc3339(),
                 "message_count": s.message_count,
+                "last_seq": s.last_seq,
             })
         })
         .collect();

@@ -59,6 +59,9 @@ pub struct SessionInfoBody {
     pub created_at: DateTime<Utc>,
     /// Number of messages in the history.
     pub message_count: u64,
+    /// The `seq` of the newest event of the session's stream (0: none yet):
+    /// a client that has read up to it is up to date.
+    pub last_seq: u64,
 }
 
 /// `DateTime<Utc>` as poem-openapi writes it (`+00:00`, not `Z`).
@@ -104,6 +107,7 @@ impl From<SessionInfo> for SessionInfoBody {
             id: info.id.to_string(),
             created_at: info.created_at,
             message_count: u64::try_from(info.message_count).unwrap_or(u64::MAX),
+            last_seq: info.last_seq,
         }
     }
 }

@@ -63,6 +63,16 @@ fn to_event(row: &QueryResult) -> Result<StoredEvent, String> {
 /// `session_streams.column` raised to the value the upsert offers, never
 /// lowered: `CASE WHEN old < excluded THEN excluded ELSE old END`, which
 /// both backends run (SQLite spells `GREATEST` as a two-argument `MAX`).
+/// The reserved mark a batch sets: the offered value where the batch
+/// reserves (`-1` offered: it does not, the old mark stays). Set, not
+/// raised: a stream that stops gracefully gives back the unused part of its
+/// block, so the next life numbers right above what was handed out.
+fn reserved_set() -> CaseStatement {
+    let old = Expr::col((SessionStreams::Table, SessionStreams::ReservedSeq));
+    let offered = Expr::col((Alias::new("excluded"), SessionStreams::ReservedSeq));
+    Expr::case(offered.clone().gte(0), offered).finally(old)
+}
+
 fn raised(column: SessionStreams) -> CaseStatement {
     let old = Expr::col((SessionStreams::Table, column));
     let offered = Expr::col((Alias::new("excluded"), column));
@@ -149,14 +159,15 @@ impl EventStore for SeaOrmEventStore {
             return Ok(());
         }
         self.check_file()?;
-        // Each session's new marks: (last_seq, reserved_seq), 0 for "no
-        // change" (the upsert never lowers a mark). One row per session, as
-        // PostgreSQL refuses an upsert that touches a row twice.
+        // Each session's new marks: (last_seq, reserved_seq); last_seq 0 and
+        // reserved_seq -1 mean "no change" (last_seq only rises; the
+        // reservation is set by the batch's last one). One row per session,
+        // as PostgreSQL refuses an upsert that touches a row twice.
         let mut marks: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
         let mut rows = Vec::with_capacity(batch.events.len());
         for (session, event) in &batch.events {
             let seq = stored_seq(event.seq)?;
-            let mark = marks.entry(session.as_str()).or_default();
+            let mark = marks.entry(session.as_str()).or_insert((0, -1));
             mark.0 = Ord::max(mark.0, seq);
             rows.push([
                 Expr::val(session.as_str()),
@@ -168,8 +179,8 @@ impl EventStore for SeaOrmEventStore {
         }
         for (session, reserve) in &batch.reserve {
             let reserve = stored_seq(*reserve)?;
-            let mark = marks.entry(session.as_str()).or_default();
-            mark.1 = Ord::max(mark.1, reserve);
+            let mark = marks.entry(session.as_str()).or_insert((0, -1));
+            mark.1 = reserve;
         }
 
         let txn = self.db.begin().await.map_err(unavailable)?;
@@ -203,10 +214,7 @@ impl EventStore for SeaOrmEventStore {
                 .on_conflict(
                     OnConflict::column(SessionStreams::SessionId)
                         .value(SessionStreams::LastSeq, raised(SessionStreams::LastSeq))
-                        .value(
-                            SessionStreams::ReservedSeq,
-                            raised(SessionStreams::ReservedSeq),
-                        )
+                        .value(SessionStreams::ReservedSeq, reserved_set())
                         .to_owned(),
                 )
                 .to_owned();
@@ -340,11 +348,27 @@ mod tests {
                 StreamState::default()
             );
 
-            // Marks only rise: a lower reservation keeps 15, events above it
-            // raise it.
+            // A reservation is set (a graceful stop gives back what it did
+            // not use), never below what was stored; events above it count.
             store
                 .write(EventBatch {
                     reserve: vec![(id("a"), 12)],
+                    ..EventBatch::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(store.load(&id("a"), 1).await.unwrap().reserved, 12);
+            store
+                .write(EventBatch {
+                    reserve: vec![(id("a"), 3)],
+                    ..EventBatch::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(store.load(&id("a"), 1).await.unwrap().reserved, 10);
+            store
+                .write(EventBatch {
+                    reserve: vec![(id("a"), 15)],
                     ..EventBatch::default()
                 })
                 .await

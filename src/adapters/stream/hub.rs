@@ -184,7 +184,10 @@ impl SessionLog {
     }
 
     fn first_retained(&self) -> u64 {
-        self.ring.front().and_then(|f| f.seq).unwrap_or(self.next_seq)
+        self.ring
+            .front()
+            .and_then(|f| f.seq)
+            .unwrap_or(self.next_seq)
     }
 
     fn wake_readers(&self) {
@@ -229,6 +232,14 @@ impl SessionLog {
 
 type SharedLog = Arc<Mutex<SessionLog>>;
 
+/// An event [`SessionHub::append`]ed: its stream, its seq, and for a
+/// durable one, the answer of its storage.
+type Appended = (
+    SharedLog,
+    u64,
+    Option<oneshot::Receiver<Result<(), EventStoreError>>>,
+);
+
 /// A session's place in the hub: its log, once loaded.
 #[derive(Default)]
 struct Slot {
@@ -270,7 +281,9 @@ impl Sessions {
     }
 
     fn loaded(&self, session: &SessionId) -> Option<SharedLog> {
-        self.slots.get(session).and_then(|slot| slot.log.get().cloned())
+        self.slots
+            .get(session)
+            .and_then(|slot| slot.log.get().cloned())
     }
 }
 
@@ -302,7 +315,6 @@ pub struct Subscription {
     ready: VecDeque<Arc<Frame>>,
     state: Arc<ClientState>,
     hub: Arc<SessionHub>,
-    session: SessionId,
     id: u64,
 }
 
@@ -565,7 +577,6 @@ impl SessionHub {
             ready,
             state,
             hub: Arc::clone(self),
-            session: session.clone(),
             id,
         })
     }
@@ -703,7 +714,7 @@ impl SessionHub {
         turn: Option<&TurnId>,
         event: &SessionEvent,
         durable: bool,
-    ) -> Option<(SharedLog, u64, Option<oneshot::Receiver<Result<(), EventStoreError>>>)> {
+    ) -> Option<Appended> {
         let log = {
             let mut sessions = lock(&self.sessions);
             match sessions.loaded(session) {
@@ -813,14 +824,17 @@ impl SessionEvents for SessionHub {
                 },
                 turn.as_ref(),
             );
-            let index = guard.ring.partition_point(|f| f.seq.is_some_and(|s| s < seq));
+            let index = guard
+                .ring
+                .partition_point(|f| f.seq.is_some_and(|s| s < seq));
             if guard.ring.get(index).is_some_and(|f| f.seq == Some(seq)) {
                 let replaced = Arc::new(Frame {
                     seq: Some(seq),
                     op,
                     json: broadcast_frame(op, data, seq, turn.as_ref()),
                 });
-                guard.ring_bytes = guard.ring_bytes - guard.ring[index].json.len() + replaced.json.len();
+                guard.ring_bytes =
+                    guard.ring_bytes - guard.ring[index].json.len() + replaced.json.len();
                 guard.ring[index] = replaced;
             }
         }
@@ -828,7 +842,11 @@ impl SessionEvents for SessionHub {
         result
     }
 
-    async fn turn_text(&self, session: &SessionId, turn: &TurnId) -> Result<String, EventStoreError> {
+    async fn turn_text(
+        &self,
+        session: &SessionId,
+        turn: &TurnId,
+    ) -> Result<String, EventStoreError> {
         match &self.storage {
             Some(storage) => storage.store.turn_text(session, turn.as_str()).await,
             None => Ok(String::new()),
@@ -855,7 +873,7 @@ impl SessionEvents for SessionHub {
             .collect()
     }
 
-    fn forget(&self, session: &SessionId) {
+    async fn forget(&self, session: &SessionId) {
         let slot = {
             let mut sessions = lock(&self.sessions);
             sessions.remember_forgotten(session);
@@ -865,6 +883,8 @@ impl SessionEvents for SessionHub {
             for (_, client) in lock(&log).clients.drain(..) {
                 client.kick(CloseReason::SessionGone);
             }
+            // Its events still queued must land before its rows go.
+            self.flush(std::time::Duration::from_secs(5)).await;
         }
     }
 
@@ -911,7 +931,9 @@ mod tests {
     /// The frames a subscription has ready now, without waiting.
     async fn drain(sub: &mut Subscription) -> Vec<Arc<Frame>> {
         let mut frames = Vec::new();
-        while let Ok(Some(frame)) = tokio::time::timeout(Duration::from_millis(20), sub.next()).await {
+        while let Ok(Some(frame)) =
+            tokio::time::timeout(Duration::from_millis(20), sub.next()).await
+        {
             frames.push(frame);
         }
         frames
@@ -951,7 +973,10 @@ mod tests {
         for n in 0..3 {
             hub.publish(&sid(), None, token(n));
         }
-        assert_eq!(seqs(&drain(&mut sub).await), vec![Some(1), Some(2), Some(3)]);
+        assert_eq!(
+            seqs(&drain(&mut sub).await),
+            vec![Some(1), Some(2), Some(3)]
+        );
     }
 
     #[tokio::test]
@@ -1055,7 +1080,7 @@ mod tests {
     async fn forgetting_a_session_closes_its_clients() {
         let hub = hub(8);
         let mut sub = hub.subscribe(&sid(), None).await.unwrap();
-        hub.forget(&sid());
+        hub.forget(&sid()).await;
         assert!(sub.next().await.is_none());
         assert_eq!(sub.reason(), Some(CloseReason::SessionGone));
     }
@@ -1066,7 +1091,7 @@ mod tests {
         for n in 0..3 {
             hub.publish(&sid(), None, token(n));
         }
-        hub.forget(&sid());
+        hub.forget(&sid()).await;
         // A turn that outlived its session's deletion.
         hub.publish(&sid(), None, token(9));
         assert!(lock(&hub.sessions).slots.is_empty());
@@ -1086,7 +1111,7 @@ mod tests {
             .map(|n| SessionId::parse(&format!("s{n}")).unwrap())
             .collect();
         for id in &ids {
-            hub.forget(id);
+            hub.forget(id).await;
         }
         let sessions = lock(&hub.sessions);
         assert_eq!(sessions.forgotten.len(), FORGOTTEN_KEPT);
@@ -1100,7 +1125,9 @@ mod tests {
             seq,
             turn_id: None,
             op: "token".into(),
-            frame: format!(r#"{{"op":"token","data":{{"content":"{seq}"}},"seq":{seq},"turn_id":null}}"#),
+            frame: format!(
+                r#"{{"op":"token","data":{{"content":"{seq}"}},"seq":{seq},"turn_id":null}}"#
+            ),
         }
     }
 
@@ -1166,8 +1193,14 @@ mod tests {
         let durable = tokio::spawn({
             let hub = Arc::clone(&hub);
             async move {
-                hub.publish_durable(&sid(), None, SessionEvent::Done { content: "0".into() })
-                    .await
+                hub.publish_durable(
+                    &sid(),
+                    None,
+                    SessionEvent::Done {
+                        content: "0".into(),
+                    },
+                )
+                .await
             }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1194,13 +1227,23 @@ mod tests {
         let hub = SessionHub::stored(StreamSettings::default(), Arc::new(store));
         let mut sub = hub.subscribe(&sid(), None).await.unwrap();
         let result = hub
-            .publish_durable(&sid(), None, SessionEvent::Done { content: "x".into() })
+            .publish_durable(
+                &sid(),
+                None,
+                SessionEvent::Done {
+                    content: "x".into(),
+                },
+            )
             .await;
         assert!(result.is_err());
         let frames = drain(&mut sub).await;
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].op, "error");
-        assert!(frames[0].json.contains("storage_unavailable"), "{}", frames[0].json);
+        assert!(
+            frames[0].json.contains("storage_unavailable"),
+            "{}",
+            frames[0].json
+        );
     }
 
     #[tokio::test]

@@ -37,7 +37,11 @@ pub struct Queued {
 }
 
 /// Runs until every sender is gone.
-pub async fn run(store: Arc<dyn EventStore>, mut queue: mpsc::Receiver<Queued>, hub: Weak<SessionHub>) {
+pub async fn run(
+    store: Arc<dyn EventStore>,
+    mut queue: mpsc::Receiver<Queued>,
+    hub: Weak<SessionHub>,
+) {
     let mut items = Vec::with_capacity(BATCH);
     while queue.recv_many(&mut items, BATCH).await > 0 {
         let mut batch = EventBatch::default();

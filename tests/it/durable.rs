@@ -1,0 +1,444 @@
+//! Durable sessions (SPEC B10, B11): real server processes stopped with
+//! SIGTERM or killed with SIGKILL and started again on the same data, on
+//! SQLite and (when `AUTOPOIESIS_TEST_DATABASE_URL` is set) PostgreSQL; and
+//! delivery by cursor, resets, faults and stored rows gone bad, in process.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use reqwest::StatusCode;
+use sea_orm::{ConnectionTrait, Database};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::helpers::{Options, Ws, echo, message_frame, next, spawn_with, until_terminal};
+use autopoiesis::domain::chat::RuntimeSlot;
+
+/// Where a test's servers keep their data: a data dir, and a database URL
+/// (`None`: the SQLite file in the data dir).
+struct Data {
+    name: &'static str,
+    dir: tempfile::TempDir,
+    database_url: Option<String>,
+}
+
+/// SQLite, and PostgreSQL in a schema of the test's own when configured.
+async fn data_stores() -> Vec<Data> {
+    let mut stores = vec![Data {
+        name: "sqlite",
+        dir: tempfile::tempdir().unwrap(),
+        database_url: None,
+    }];
+    if let Ok(url) = std::env::var("AUTOPOIESIS_TEST_DATABASE_URL") {
+        let schema = format!("durable_{}", uuid::Uuid::new_v4().simple());
+        let admin = Database::connect(url.as_str()).await.unwrap();
+        admin
+            .execute_unprepared(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .unwrap();
+        admin.close().await.unwrap();
+        let separator = if url.contains('?') { '&' } else { '?' };
+        stores.push(Data {
+            name: "postgres",
+            dir: tempfile::tempdir().unwrap(),
+            database_url: Some(format!("{url}{separator}options=-csearch_path%3D{schema}")),
+        });
+    }
+    stores
+}
+
+/// A `serve` process on port 0 with the echo agent streaming a token every
+/// `delay_ms`.
+struct Server {
+    child: Child,
+    base: String,
+    ws_base: String,
+}
+
+impl Server {
+    fn start(data: &Data, delay_ms: u64, extra: &[&str]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let config = data.dir.path().join("agents.toml");
+        std::fs::write(
+            &config,
+            format!("[agents.default]\nmodel = \"echo:delay_ms={delay_ms}\"\n"),
+        )
+        .unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_autopoiesis"));
+        for var in [
+            "AUTOPOIESIS_API_KEY",
+            "AUTOPOIESIS_PORT",
+            "AUTOPOIESIS_AGENT",
+        ] {
+            command.env_remove(var);
+        }
+        command
+            .args(["serve", "--port", "0", "--data-dir"])
+            .arg(data.dir.path())
+            .arg("--config")
+            .arg(&config)
+            .args(["--instance-lease", "1s"])
+            .args(extra);
+        if let Some(url) = &data.database_url {
+            command.args(["--database-url", url]);
+        }
+        let mut child = command
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let address = loop {
+            assert!(Instant::now() < deadline, "no listening line");
+            let line = lines.next().expect("server exited").unwrap();
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Self {
+            child,
+            base: format!("http://{address}"),
+            ws_base: format!("ws://{address}"),
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    fn stop(mut self) {
+        self.signal("-TERM");
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "exit status {status}");
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    fn kill(mut self) {
+        self.signal("-KILL");
+        self.child.wait().unwrap();
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let res = reqwest::get(format!("{}{path}", self.base)).await.unwrap();
+        let status = res.status();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn chat(&self, session: &str, content: &str) -> Value {
+        let res = reqwest::Client::new()
+            .post(format!("{}/api/chat", self.base))
+            .json(&json!({"content": content, "session_id": session}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        res.json().await.unwrap()
+    }
+
+    async fn ws(&self, path: &str) -> Ws {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("{}{path}", self.ws_base))
+            .await
+            .unwrap();
+        ws
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What clients can see of every session: id, created_at, message_count.
+fn listing(list: &Value) -> Vec<(String, String, u64)> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_owned(),
+                s["created_at"].as_str().unwrap().to_owned(),
+                s["message_count"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Every frame a client resuming after `after` gets until the socket has
+/// been silent for `quiet`.
+async fn frames_after(server: &Server, session: &str, after: u64, quiet: Duration) -> Vec<Value> {
+    let mut ws = server
+        .ws(&format!("/api/ws/{session}?after_seq={after}"))
+        .await;
+    let mut frames = Vec::new();
+    while let Ok(Some(Ok(Message::Text(text)))) = tokio::time::timeout(quiet, ws.next()).await {
+        frames.push(serde_json::from_str(&text).unwrap());
+    }
+    frames
+}
+
+fn seq(frame: &Value) -> u64 {
+    frame["seq"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn after_a_sigterm_restart_sessions_history_and_the_stream_are_the_same_and_seq_continues() {
+    for data in data_stores().await {
+        let server = Server::start(&data, 0, &[]);
+        server.chat("a", "one two three").await;
+        server.chat("a", "four five").await;
+        server.chat("b", "six").await;
+        let (_, before) = server.get("/api/sessions").await;
+        let (_, history_a) = server.get("/api/sessions/a/history").await;
+        let (_, history_b) = server.get("/api/sessions/b/history").await;
+        let stream = frames_after(&server, "a", 0, Duration::from_millis(300)).await;
+        let last = seq(stream.last().unwrap());
+        assert_eq!(stream.last().unwrap()["op"], "done");
+        let middle = last / 2;
+        server.stop();
+
+        let server = Server::start(&data, 0, &[]);
+        let (status, after) = server.get("/api/sessions").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(listing(&after), listing(&before), "{}", data.name);
+        assert_eq!(server.get("/api/sessions/a/history").await.1, history_a);
+        assert_eq!(server.get("/api/sessions/b/history").await.1, history_b);
+        // Exactly the missed events, the same frames as before the restart.
+        let resumed = frames_after(&server, "a", middle, Duration::from_millis(300)).await;
+        let expected: Vec<Value> = stream.iter().filter(|f| seq(f) > middle).cloned().collect();
+        assert_eq!(resumed, expected, "{}", data.name);
+        // The next turn's numbering continues right above it.
+        let mut ws = server.ws(&format!("/api/ws/a?after_seq={last}")).await;
+        futures::SinkExt::send(&mut ws, message_frame("seven"))
+            .await
+            .unwrap();
+        let turn = until_terminal(&mut ws).await;
+        assert_eq!(seq(&turn[0]), last + 1, "{}", data.name);
+        assert_eq!(turn.last().unwrap()["op"], "done");
+        server.stop();
+    }
+}
+
+#[tokio::test]
+async fn a_turn_cut_short_by_sigkill_ends_interrupted_at_the_next_start_and_no_seq_is_reused() {
+    for data in data_stores().await {
+        let server = Server::start(&data, 20, &[]);
+        let mut ws = server.ws("/api/ws/k").await;
+        let prompt = "word ".repeat(300);
+        futures::SinkExt::send(&mut ws, message_frame(&prompt))
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < 30 {
+            seen.push(next(&mut ws).await);
+        }
+        let turn_id = seen[0]["turn_id"].as_str().unwrap().to_owned();
+        let highest = seen.iter().map(seq).max().unwrap();
+        // Let the group commit store some of what was sent.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        server.kill();
+
+        let server = Server::start(&data, 0, &[]);
+        let mut frames = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !frames.iter().any(|f: &Value| f["op"] == "error") {
+            assert!(Instant::now() < deadline, "no turn_interrupted: {frames:?}");
+            frames.extend(frames_after(&server, "k", highest, Duration::from_millis(300)).await);
+            if frames.iter().any(|f| f["op"] == "error") {
+                break;
+            }
+            frames.clear();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let ending = frames.iter().find(|f| f["op"] == "error").unwrap();
+        assert_eq!(ending["data"]["code"], "turn_interrupted", "{}", data.name);
+        assert_eq!(ending["turn_id"], turn_id.as_str());
+        for frame in frames.iter().filter(|f| f["seq"].is_u64()) {
+            assert!(
+                seq(frame) > highest,
+                "seq {} reused: {}",
+                seq(frame),
+                data.name
+            );
+        }
+        let (_, history) = server.get("/api/sessions/k/history").await;
+        let messages = history["messages"].as_array().unwrap();
+        assert_eq!(messages[0]["parts"][0]["content"], prompt.as_str());
+        if let Some(answer) = messages.get(1) {
+            let text = answer["parts"][0]["content"].as_str().unwrap();
+            assert!(prompt.starts_with(text), "stored text is what was streamed");
+        }
+        // The session takes new turns.
+        let reply = server.chat("k", "again").await;
+        assert_eq!(reply["content"], "again");
+        server.stop();
+    }
+}
+
+#[tokio::test]
+async fn two_thousand_stored_sessions_are_listed_after_a_restart() {
+    let data = data_stores().await.remove(0);
+    let server = Server::start(&data, 0, &[]);
+    let client = reqwest::Client::new();
+    for _ in 0..2000 {
+        let res = client
+            .post(format!("{}/api/sessions", server.base))
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_success());
+    }
+    let (_, before) = server.get("/api/sessions").await;
+    server.stop();
+    let server = Server::start(&data, 0, &[]);
+    let (_, after) = server.get("/api/sessions").await;
+    assert_eq!(after.as_array().unwrap().len(), 2000);
+    assert_eq!(listing(&after), listing(&before));
+    server.stop();
+}
+
+#[tokio::test]
+async fn a_burst_of_900_tokens_reaches_a_reader_that_sleeps_between_frames_whole() {
+    let app = spawn_with(Options::default()).await;
+    let mut ws = app.ws("burst").await;
+    app.wait_for_clients("burst", 1).await;
+    let res = app
+        .chat(json!({"content": "t ".repeat(900), "session_id": "burst"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut frames = Vec::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let frame = next(&mut ws).await;
+        let done = frame["op"] == "done";
+        frames.push(frame);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(frames.len(), 901);
+    let seqs: Vec<u64> = frames.iter().map(seq).collect();
+    assert_eq!(seqs, (1..=901).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_stale_cursor_after_delete_and_re_create_gets_a_reset_then_the_new_stream() {
+    let app = spawn_with(Options::default()).await;
+    app.chat(json!({"content": "a b c d e", "session_id": "re"}))
+        .await;
+    let res = app
+        .client
+        .delete(app.url("/api/sessions/re"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    app.chat(json!({"content": "x", "session_id": "re"})).await;
+    let mut ws = app.ws_at("/api/ws/re?after_seq=6").await;
+    let reset = next(&mut ws).await;
+    assert_eq!(reset, json!({"op": "reset", "data": {"head_seq": 2}}));
+    let stream = until_terminal(&mut ws).await;
+    assert_eq!(stream.iter().map(seq).collect::<Vec<_>>(), [1, 2]);
+    let list: Value = app
+        .client
+        .get(app.url("/api/sessions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list[0]["last_seq"], 2);
+}
+
+#[tokio::test]
+async fn a_database_that_fails_while_running_answers_503_within_a_second_and_runs_no_turn() {
+    let app = spawn_with(Options {
+        runtime: RuntimeSlot::Ready(echo(0)),
+        ..Options::default()
+    })
+    .await;
+    app.chat(json!({"content": "before", "session_id": "f"}))
+        .await;
+    let url =
+        autopoiesis::adapters::persistence::sqlite_url(&app.data_path().join("approvals.sqlite"));
+    let intruder = Database::connect(url.as_str()).await.unwrap();
+    intruder
+        .execute_unprepared("BEGIN EXCLUSIVE")
+        .await
+        .unwrap();
+    intruder
+        .execute_unprepared("UPDATE sessions SET last_active = last_active")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let res = app
+        .chat(json!({"content": "during", "session_id": "f"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "took {:?}",
+        started.elapsed()
+    );
+    intruder.execute_unprepared("ROLLBACK").await.unwrap();
+    let history: Value = app
+        .client
+        .get(app.url("/api/sessions/f/history"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        history["messages"].as_array().unwrap().len(),
+        2,
+        "nothing half written"
+    );
+    let res = app
+        .chat(json!({"content": "after", "session_id": "f"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_malformed_stored_message_is_an_error_for_its_session_only() {
+    let app = spawn_with(Options::default()).await;
+    app.chat(json!({"content": "fine", "session_id": "good"}))
+        .await;
+    app.chat(json!({"content": "soon broken", "session_id": "bad"}))
+        .await;
+    let url =
+        autopoiesis::adapters::persistence::sqlite_url(&app.data_path().join("approvals.sqlite"));
+    let db = Database::connect(url.as_str()).await.unwrap();
+    db.execute_unprepared(
+        "UPDATE session_messages SET message_json = '{\"kind\": 7' WHERE session_id = 'bad'",
+    )
+    .await
+    .unwrap();
+    let status = |id: &'static str| {
+        let url = app.url(&format!("/api/sessions/{id}/history"));
+        let client = app.client.clone();
+        async move { client.get(url).send().await.unwrap().status() }
+    };
+    assert_eq!(status("bad").await, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(status("good").await, StatusCode::OK);
+    let res = app
+        .client
+        .get(app.url("/api/sessions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
