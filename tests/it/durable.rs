@@ -442,3 +442,160 @@ async fn a_malformed_stored_message_is_an_error_for_its_session_only() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
 }
+
+/// A small tmpfs of the test's own (needs root, as CI has), unmounted when
+/// dropped.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(Self(dir))
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+
+    fn remount(&self, mode: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(self.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.path()).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_answers_503_and_loses_nothing_acknowledged() {
+    let Some(disk) = Tmpfs::mount("4m") else {
+        // Mounting needs root; CI runs as root, so there this always runs.
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI must be able to mount a tmpfs"
+        );
+        eprintln!("skipped: cannot mount a tmpfs (not root)");
+        return;
+    };
+    let app = spawn_with(Options {
+        database_url: Some(autopoiesis::adapters::persistence::sqlite_url(
+            &disk.path().join("approvals.sqlite"),
+        )),
+        http: autopoiesis::adapters::http::HttpSettings {
+            max_body_bytes: 8 * 1024 * 1024,
+            ..autopoiesis::adapters::http::HttpSettings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let history = || async {
+        app.client
+            .get(app.url("/api/sessions/kept/history"))
+            .send()
+            .await
+            .unwrap()
+    };
+    for word in ["one", "two"] {
+        let res = app
+            .chat(json!({"content": word, "session_id": "kept"}))
+            .await;
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+
+    // Full: a filler takes every free byte; a big turn cannot be stored.
+    let filler = disk.path().join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 8 * 1024 * 1024]);
+    let big = "x".repeat(1024 * 1024);
+    let res = app
+        .chat(json!({"content": big, "session_id": "kept"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "disk full");
+    std::fs::remove_file(&filler).unwrap();
+    let res = app
+        .chat(json!({"content": "three", "session_id": "kept"}))
+        .await;
+    assert_eq!(
+        res.status(),
+        StatusCode::OK,
+        "works again once there is room"
+    );
+
+    let body: Value = history().await.json().await.unwrap();
+    let prompts: Vec<&str> = body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["kind"] == "request")
+        .map(|m| m["parts"][0]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(prompts, ["one", "two", "three"]);
+    drop(app);
+}
+
+/// Sets or clears the immutable attribute of the database's files: not
+/// even root may write to them then, through descriptors already open too.
+fn immutable(dir: &std::path::Path, on: bool) -> bool {
+    ["approvals.sqlite", "approvals.sqlite-wal"]
+        .iter()
+        .all(|name| {
+            Command::new("chattr")
+                .arg(if on { "+i" } else { "-i" })
+                .arg(dir.join(name))
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+}
+
+#[tokio::test]
+async fn a_read_only_database_file_answers_503_and_loses_nothing_acknowledged() {
+    let app = spawn_with(Options::default()).await;
+    for word in ["one", "two"] {
+        let res = app.chat(json!({"content": word, "session_id": "ro"})).await;
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    if !immutable(app.data_path(), true) {
+        immutable(app.data_path(), false);
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI must be able to make a file immutable"
+        );
+        eprintln!("skipped: chattr +i is not available here");
+        return;
+    }
+    let res = app
+        .chat(json!({"content": "three", "session_id": "ro"}))
+        .await;
+    let status = res.status();
+    let history = app
+        .client
+        .get(app.url("/api/sessions/ro/history"))
+        .send()
+        .await
+        .unwrap();
+    let history_status = history.status();
+    let body: Value = history.json().await.unwrap_or(Value::Null);
+    immutable(app.data_path(), false);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "read-only");
+    assert_eq!(history_status, StatusCode::OK, "reads still work");
+    assert_eq!(body["messages"].as_array().unwrap().len(), 4, "{body}");
+    let res = app
+        .chat(json!({"content": "four", "session_id": "ro"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::OK, "writable again");
+}
