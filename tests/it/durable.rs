@@ -462,15 +462,6 @@ impl Tmpfs {
     fn path(&self) -> &std::path::Path {
         self.0.path()
     }
-
-    fn remount(&self, mode: &str) {
-        let status = Command::new("mount")
-            .args(["-o", &format!("remount,{mode}")])
-            .arg(self.path())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
 }
 
 impl Drop for Tmpfs {
