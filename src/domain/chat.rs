@@ -1853,4 +1853,226 @@ mod tests {
             "a storage outage is not a missing session"
         );
     }
+
+    fn records(store: crate::ports::turn_store::MockTurnStore) -> TurnRecords {
+        TurnRecords {
+            store: Arc::new(store),
+            owner: "me".into(),
+            lease: Duration::from_secs(10),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_turn_is_recorded_before_it_runs_and_its_record_removed_after_its_ending_is_stored() {
+        let fx = Fixture::new();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut turns = crate::ports::turn_store::MockTurnStore::new();
+        let begun = Arc::clone(&order);
+        turns.expect_begin().times(1).returning(move |record| {
+            assert_eq!(
+                (record.owner.as_str(), record.prompt.as_str()),
+                ("me", "hi")
+            );
+            begun.lock().unwrap().push("begin");
+            Ok(())
+        });
+        let ended = Arc::clone(&order);
+        let published = Arc::clone(&fx.published);
+        turns.expect_end().times(1).returning(move |_| {
+            // The terminal event went out (stored) before the record goes.
+            assert!(
+                published
+                    .lock()
+                    .unwrap()
+                    .last()
+                    .is_some_and(SessionEvent::is_terminal)
+            );
+            ended.lock().unwrap().push("end");
+            Ok(())
+        });
+        let ran = Arc::clone(&order);
+        let runtime = answering(move |_, _| {
+            ran.lock().unwrap().push("run");
+            Ok(reply(vec![ResponsePart::Text {
+                content: "hello".into(),
+            }]))
+        });
+        let chat = fx.service(runtime).with_turn_records(records(turns));
+        assert!(chat.send(Some(sid()), "hi".into()).await.is_ok());
+        assert_eq!(*order.lock().unwrap(), ["begin", "run", "end"]);
+    }
+
+    #[tokio::test]
+    async fn a_turn_whose_record_cannot_be_stored_does_not_run_and_answers_storage() {
+        let fx = Fixture::new();
+        let mut turns = crate::ports::turn_store::MockTurnStore::new();
+        turns
+            .expect_begin()
+            .returning(|_| Err(crate::ports::TurnStoreError("disk full".into())));
+        turns.expect_end().never();
+        let mut runtime = MockAgentRuntime::new();
+        runtime.expect_run_turn().never();
+        let chat = fx.service(runtime).with_turn_records(records(turns));
+        assert!(matches!(
+            chat.send(Some(sid()), "hi".into()).await,
+            Err(ChatError::Storage(SessionStoreError::Unavailable(_)))
+        ));
+        assert!(fx.published().is_empty());
+        assert!(fx.appended().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_answer_whose_ending_cannot_be_stored_is_a_storage_error_not_a_reply() {
+        let appended = Arc::new(Mutex::new(Vec::new()));
+        let mut events = MockSessionEvents::new();
+        events.expect_open().returning(|_| Ok(()));
+        events.expect_publish().return_const(());
+        events
+            .expect_publish_durable()
+            .returning(|_, _, _| Err(crate::ports::EventStoreError("disk full".into())));
+        let runtime = answering(|_, _| {
+            Ok(reply(vec![ResponsePart::Text {
+                content: "hello".into(),
+            }]))
+        });
+        let chat = ChatService::new(
+            RuntimeSlot::Ready(Arc::new(runtime)),
+            Arc::new(store(appended)),
+            Arc::new(events),
+            None,
+        );
+        assert!(matches!(
+            chat.send(Some(sid()), "hi".into()).await,
+            Err(ChatError::Storage(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_history_that_cannot_be_stored_ends_the_turn_with_storage_unavailable() {
+        let published = Arc::new(Mutex::new(Vec::new()));
+        let mut store = MockSessionStore::new();
+        store.expect_get_or_create().returning(|_, _| Ok(info()));
+        store.expect_history().returning(|_| Ok(Arc::default()));
+        store
+            .expect_append()
+            .returning(|_, _, _| Err(SessionStoreError::Unavailable("disk full".into())));
+        let runtime = answering(|_, _| {
+            Ok(reply(vec![ResponsePart::Text {
+                content: "hello".into(),
+            }]))
+        });
+        let chat = ChatService::new(
+            RuntimeSlot::Ready(Arc::new(runtime)),
+            Arc::new(store),
+            Arc::new(recorder(published.clone())),
+            None,
+        );
+        assert!(matches!(
+            chat.send(Some(sid()), "hi".into()).await,
+            Err(ChatError::Storage(_))
+        ));
+        let last = published.lock().unwrap().last().cloned();
+        assert!(
+            matches!(
+                last,
+                Some(SessionEvent::Error {
+                    code: Some("storage_unavailable"),
+                    ..
+                })
+            ),
+            "{last:?}"
+        );
+    }
+
+    fn orphan() -> TurnRecord {
+        TurnRecord {
+            turn_id: TurnId::from("t-dead"),
+            session_id: sid(),
+            owner: "earlier".into(),
+            prompt: "unfinished".into(),
+            started_at: Utc::now(),
+            lease_until: Utc::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn recovery_ends_an_orphaned_turn_with_its_prompt_and_stored_text_in_the_history() {
+        let fx = Fixture::new();
+        let mut turns = crate::ports::turn_store::MockTurnStore::new();
+        turns
+            .expect_claim_orphans()
+            .withf(|owner, now, _| owner == "me" && now.is_none())
+            .returning(|_, _, _| Ok(vec![orphan()]));
+        turns
+            .expect_end()
+            .withf(|turn| turn.as_str() == "t-dead")
+            .times(1)
+            .returning(|_| Ok(()));
+        let published = Arc::clone(&fx.published);
+        let mut events = recorder(published);
+        events
+            .expect_turn_text()
+            .returning(|_, _| Ok("half an ans".into()));
+        let mut runtime = MockAgentRuntime::new();
+        runtime.expect_model_name().return_const("mock".to_owned());
+        let chat = ChatService::new(
+            RuntimeSlot::Ready(Arc::new(runtime)),
+            Arc::new(store(fx.appended.clone())),
+            Arc::new(events),
+            None,
+        )
+        .with_turn_records(records(turns));
+        assert_eq!(chat.recover(true).await, 1);
+        let appended = fx.appended();
+        assert!(matches!(&appended[0], ModelMessage::Request { parts }
+            if matches!(&parts[0], RequestPart::UserPrompt { content, .. } if content == "unfinished")));
+        assert!(matches!(&appended[1], ModelMessage::Response { parts, .. }
+            if parts == &[ResponsePart::Text { content: "half an ans".into() }]));
+        assert_eq!(
+            fx.published(),
+            [SessionEvent::Error {
+                code: Some(TURN_INTERRUPTED_CODE),
+                message: TURN_INTERRUPTED_MESSAGE.into(),
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_orphan_that_cannot_be_ended_now_is_retried_by_the_next_recovery() {
+        let fx = Fixture::new();
+        let mut turns = crate::ports::turn_store::MockTurnStore::new();
+        let claims = AtomicUsize::new(0);
+        turns.expect_claim_orphans().returning(move |_, _, _| {
+            // Claimed once: the second call finds it only in memory.
+            Ok(if claims.fetch_add(1, Ordering::SeqCst) == 0 {
+                vec![orphan()]
+            } else {
+                vec![]
+            })
+        });
+        turns.expect_end().times(1).returning(|_| Ok(()));
+        let mut events = recorder(Arc::clone(&fx.published));
+        let failures = AtomicUsize::new(0);
+        events.expect_turn_text().returning(move |_, _| {
+            if failures.fetch_add(1, Ordering::SeqCst) == 0 {
+                Err(crate::ports::EventStoreError("down".into()))
+            } else {
+                Ok(String::new())
+            }
+        });
+        let chat = ChatService::new(
+            RuntimeSlot::Unavailable("none".into()),
+            Arc::new(store(fx.appended.clone())),
+            Arc::new(events),
+            None,
+        )
+        .with_turn_records(records(turns));
+        assert_eq!(chat.recover(false).await, 0);
+        assert_eq!(chat.recover(false).await, 1);
+        assert_eq!(
+            fx.appended().len(),
+            1,
+            "the prompt alone: nothing was streamed"
+        );
+    }
 }

@@ -236,4 +236,53 @@ mod tests {
         };
         assert_eq!(sessions.sweep(&policy).await, Ok(1));
     }
+
+    #[tokio::test]
+    async fn with_a_durable_store_the_sweep_evicts_idle_sessions_and_deletes_only_those_past_retention()
+     {
+        let mut store = MockSessionStore::new();
+        store.expect_is_durable().return_const(true);
+        store.expect_idle_since().returning(|cutoff| {
+            // The retention cutoff is an hour back, the idle one a minute.
+            if cutoff < Utc::now() - chrono::Duration::minutes(30) {
+                Ok(vec![id("ancient")])
+            } else {
+                Ok(vec![id("ancient"), id("idle"), id("watched")])
+            }
+        });
+        store
+            .expect_delete()
+            .withf(|s| s == &id("ancient"))
+            .times(1)
+            .returning(|_| Ok(()));
+        let mut events = MockSessionEvents::new();
+        events
+            .expect_live_sessions()
+            .returning(|| HashSet::from([id("watched")]));
+        events
+            .expect_evict()
+            .withf(|s| s == &id("idle") || s == &id("ancient"))
+            .times(2)
+            .return_const(());
+        events
+            .expect_forget()
+            .withf(|s| s == &id("ancient"))
+            .times(1)
+            .return_const(());
+        let store: Arc<dyn SessionStore> = Arc::new(store);
+        let events: Arc<dyn SessionEvents> = Arc::new(events);
+        let chat = Arc::new(ChatService::new(
+            RuntimeSlot::Unavailable("unused".into()),
+            store.clone(),
+            events.clone(),
+            None,
+        ));
+        let sessions = SessionService::new(store, events, chat);
+        let policy = SweepPolicy {
+            idle_ttl: Duration::from_secs(60),
+            interval: Duration::from_secs(1),
+            retention: Some(Duration::from_secs(3600)),
+        };
+        assert_eq!(sessions.sweep(&policy).await, Ok(1));
+    }
 }
