@@ -34,7 +34,7 @@ use super::agent::{AgentError, AgentEvent, AgentReply};
 use super::approvals::{ApprovalScope, ApprovalService, RecordError, ToolCallRequest};
 use super::events::SessionEvent;
 use super::message::{ModelMessage, ResponsePart};
-use super::session::{SessionId, TurnId};
+use super::session::{SessionId, SessionInfo, TurnId};
 use crate::ports::{
     AgentRuntime, EventSink, SessionEvents, SessionStore, SessionStoreError, TurnInput, TurnRecord,
     TurnStore,
@@ -374,11 +374,14 @@ impl ChatService {
             }
         };
         let session_id = session_id.unwrap_or_else(SessionId::generate);
-        self.core
+        let info = self
+            .core
             .sessions
             .get_or_create(&session_id, Utc::now())
             .await?;
-        self.admit(runtime, session_id, content)?.outcome().await
+        self.admit(runtime, session_id, content, Some(info))?
+            .outcome()
+            .await
     }
 
     /// Queues a turn on an open session (a WebSocket's) and returns at once.
@@ -398,7 +401,7 @@ impl ChatService {
         }
         match &self.core.runtime {
             RuntimeSlot::Ready(runtime) => {
-                self.admit(Arc::clone(runtime), session_id.clone(), content)
+                self.admit(Arc::clone(runtime), session_id.clone(), content, None)
             }
             RuntimeSlot::Unavailable(why) => {
                 self.core.events.publish(
@@ -416,11 +419,16 @@ impl ChatService {
 
     /// Takes the turn into the session's queue, or refuses it when the
     /// queue is full, and starts its task.
+    ///
+    /// `known` is the session as the caller just read it: a turn that runs
+    /// at once (nothing queued before it) checks its history cap on that,
+    /// instead of reading the session again.
     fn admit(
         &self,
         runtime: Arc<dyn AgentRuntime>,
         session_id: SessionId,
         content: String,
+        known: Option<SessionInfo>,
     ) -> Result<TurnHandle, ChatError> {
         let (done, wait, lane) = {
             let mut lanes = lock(&self.core.lanes);
@@ -453,7 +461,10 @@ impl ChatService {
         let max_history_bytes = self.max_history_bytes;
         Ok(TurnHandle(tokio::spawn(async move {
             let place = place;
+            let mut known = known;
             if let Some(before) = wait {
+                // Whatever the caller read is stale once other turns ran.
+                known = None;
                 tokio::select! {
                     _ = before => {}
                     () = lane.ended.cancelled() => {}
@@ -467,7 +478,10 @@ impl ChatService {
             }
             // Checked when the turn's time comes, so turns queued before the
             // history filled up are refused too.
-            let info = core.sessions.get_or_create(&session_id, Utc::now()).await?;
+            let info = match known {
+                Some(info) => info,
+                None => core.sessions.get_or_create(&session_id, Utc::now()).await?,
+            };
             if info.history_bytes >= max_history_bytes {
                 return Err(ChatError::HistoryFull {
                     limit: max_history_bytes,
