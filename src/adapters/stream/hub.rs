@@ -486,19 +486,21 @@ impl SessionHub {
         let Some(storage) = &self.storage else {
             return Ok(Arc::new(Mutex::new(SessionLog::new(1, u64::MAX))));
         };
+        // Whatever is queued for this stream (the release of an eviction
+        // a moment ago) lands before it is read, and the new reservation
+        // goes through the same queue, so no older write overtakes it.
+        self.flush(std::time::Duration::from_secs(5)).await;
         let state = storage
             .store
             .load(session, self.settings.ring_capacity)
             .await?;
         let next_seq = state.reserved + 1;
         let reserved = state.reserved + RESERVE_BLOCK;
-        storage
-            .store
-            .write(crate::ports::EventBatch {
-                reserve: vec![(session.clone(), reserved)],
-                ..Default::default()
-            })
-            .await?;
+        let (ack, stored) = oneshot::channel();
+        self.enqueue(Write::Reserve(session.clone(), reserved), Some(ack));
+        stored
+            .await
+            .unwrap_or_else(|_| Err(EventStoreError("the event writer stopped".into())))?;
         let mut log = SessionLog::new(next_seq, reserved);
         for event in state.events {
             let Some(op) = known_op(&event.op) else {
