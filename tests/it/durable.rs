@@ -413,34 +413,35 @@ async fn a_database_that_fails_while_running_answers_503_within_a_second_and_run
 }
 
 #[tokio::test]
-async fn a_malformed_stored_message_is_an_error_for_its_session_only() {
-    let app = spawn_with(Options::default()).await;
-    app.chat(json!({"content": "fine", "session_id": "good"}))
-        .await;
-    app.chat(json!({"content": "soon broken", "session_id": "bad"}))
-        .await;
+async fn a_malformed_stored_message_is_an_error_for_its_session_only_and_the_server_starts() {
+    let data = data_stores().await.remove(0);
+    let server = Server::start(&data, 0, &[]);
+    server.chat("good", "fine").await;
+    server.chat("bad", "soon broken").await;
+    server.stop();
     let url =
-        autopoiesis::adapters::persistence::sqlite_url(&app.data_path().join("approvals.sqlite"));
+        autopoiesis::adapters::persistence::sqlite_url(&data.dir.path().join("approvals.sqlite"));
     let db = Database::connect(url.as_str()).await.unwrap();
     db.execute_unprepared(
         "UPDATE session_messages SET message_json = '{\"kind\": 7' WHERE session_id = 'bad'",
     )
     .await
     .unwrap();
-    let status = |id: &'static str| {
-        let url = app.url(&format!("/api/sessions/{id}/history"));
-        let client = app.client.clone();
-        async move { client.get(url).send().await.unwrap().status() }
-    };
-    assert_eq!(status("bad").await, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(status("good").await, StatusCode::OK);
-    let res = app
-        .client
-        .get(app.url("/api/sessions"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
+    db.close().await.unwrap();
+
+    let server = Server::start(&data, 0, &[]);
+    assert_eq!(
+        server.get("/api/sessions/bad/history").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        server.get("/api/sessions/good/history").await.0,
+        StatusCode::OK
+    );
+    let (status, list) = server.get("/api/sessions").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    server.stop();
 }
 
 /// A small tmpfs of the test's own (needs root, as CI has), unmounted when

@@ -8,6 +8,7 @@ mod approval_store;
 mod entity;
 mod event_store;
 mod file;
+mod history_cache;
 pub mod migrations;
 mod schema;
 mod session_store;

