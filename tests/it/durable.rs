@@ -287,24 +287,25 @@ async fn a_turn_cut_short_by_sigkill_ends_interrupted_at_the_next_start_and_no_s
 
 #[tokio::test]
 async fn two_thousand_stored_sessions_are_listed_after_a_restart() {
-    let data = data_stores().await.remove(0);
-    let server = Server::start(&data, 0, &[]);
-    let client = reqwest::Client::new();
-    for _ in 0..2000 {
-        let res = client
-            .post(format!("{}/api/sessions", server.base))
-            .send()
-            .await
-            .unwrap();
-        assert!(res.status().is_success());
+    for data in data_stores().await {
+        let server = Server::start(&data, 0, &[]);
+        let client = reqwest::Client::new();
+        for _ in 0..2000 {
+            let res = client
+                .post(format!("{}/api/sessions", server.base))
+                .send()
+                .await
+                .unwrap();
+            assert!(res.status().is_success());
+        }
+        let (_, before) = server.get("/api/sessions").await;
+        server.stop();
+        let server = Server::start(&data, 0, &[]);
+        let (_, after) = server.get("/api/sessions").await;
+        assert_eq!(after.as_array().unwrap().len(), 2000, "{}", data.name);
+        assert_eq!(listing(&after), listing(&before), "{}", data.name);
+        server.stop();
     }
-    let (_, before) = server.get("/api/sessions").await;
-    server.stop();
-    let server = Server::start(&data, 0, &[]);
-    let (_, after) = server.get("/api/sessions").await;
-    assert_eq!(after.as_array().unwrap().len(), 2000);
-    assert_eq!(listing(&after), listing(&before));
-    server.stop();
 }
 
 #[tokio::test]
