@@ -568,11 +568,12 @@ impl ChatService {
         }
     }
 
-    /// Waits up to `limit` for no turn to be running; true if none is.
+    /// Waits up to `limit` for no turn to be running or winding up (its
+    /// ending and record still being stored); true if none is.
     async fn wait_idle(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            if lock(&self.core.running).is_empty() {
+            if lock(&self.core.running).is_empty() && lock(&self.core.lanes).is_empty() {
                 return true;
             }
             if tokio::time::Instant::now() >= deadline {
@@ -808,7 +809,7 @@ impl Core {
             id: turn_id,
             cancel,
             started,
-            _running: running,
+            running: Some(running),
         };
         Ok((turn, input, request))
     }
@@ -851,6 +852,8 @@ impl Core {
         partial: String,
     ) -> Result<ChatReply, ChatError> {
         let (mut result, terminal) = self.settle(&turn, request, outcome, partial).await;
+        let mut turn = turn;
+        turn.running = None;
         if let Some(event) = terminal
             && turn.lane.is_alive()
         {
@@ -1287,8 +1290,10 @@ struct Turn<'a> {
     /// Fired by [`ChatService::cancel`] and at the end of a shutdown's grace.
     cancel: CancellationToken,
     started: std::time::Instant,
-    /// Keeps the turn the session's running one until the turn is dropped.
-    _running: RunningGuard<'a>,
+    /// Keeps the turn the session's running one until it ends: dropped
+    /// before its terminal event goes out (a client that sees the ending
+    /// and cancels hears that nothing runs), or with the turn.
+    running: Option<RunningGuard<'a>>,
 }
 
 impl Turn<'_> {
