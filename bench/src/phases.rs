@@ -373,16 +373,17 @@ async fn fan_out(plan: &Plan, outcome: &mut Outcome) -> anyhow::Result<()> {
     } else {
         format!("echo:delay_ms={}", plan.fanout_token_ms)
     };
-    // Each turn's frames must fit every client's queue even when the bench
-    // reads late, and the session must take all the clients.
-    let queue = (plan.fanout_words + 64).max(256);
+    // Each turn's frames must fit the session's retained window (a client
+    // further behind is closed), even when the bench reads late, and the
+    // session must take all the clients.
+    let window = (plan.fanout_words + 64).max(1024);
     let server = server::start_server(
         plan,
         &[
             "--config".into(),
             "{dir}/agents.toml".into(),
-            "--client-queue".into(),
-            queue.to_string(),
+            "--event-buffer".into(),
+            window.to_string(),
             "--max-clients-per-session".into(),
             (clients + 16).max(2048).to_string(),
             "--max-clients".into(),
