@@ -288,7 +288,9 @@ pub fn markdown(plan: &Plan, machine: &Machine, outcome: &Outcome, remarks: &[St
   over REST with a prompt of N words, which the echo agent streams back one
   token per word, paced like a model. A frame carries no server timestamp,
   so the server's send of each token is taken as its first arrival at any
-  client (the hub hands a frame to every client's queue in one pass); the
+  client (a frame is published once into the session's retained window,
+  `--event-buffer` sized to hold a turn, and every client's cursor is woken
+  to read it); the
   figure is, per token, last arrival minus first arrival. Arrivals are
   stamped in the bench, which reads every client on the same 2 cores, so
   the spread includes its own reading time: an upper bound on the server's.
@@ -333,7 +335,7 @@ read them to the first decimal. The bench prints and never judges: CI runs
         per_session = plan.chat_turns_per_session,
         seed_turns = crate::phases::SEED_TURNS,
         seed_conns = crate::phases::SEED_CONNECTIONS,
-        stored = plan.stored_sessions,
+        stored = per_second(plan.stored_sessions as f64),
         stored_conns = plan.stored_connections,
     );
     out
