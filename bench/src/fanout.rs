@@ -2,9 +2,10 @@
 //! and many idle sockets for the memory figure.
 //!
 //! Fan-out method. A frame carries no server timestamp, so the server's send
-//! of token N is taken as the moment the FIRST client received it: the hub
-//! hands a frame to every client's queue in one pass, so the earliest arrival
-//! is at most one loopback hop (tens of µs) after the send. The figure is,
+//! of token N is taken as the moment the FIRST client received it: a frame
+//! is published once into the session's retained window and every client's
+//! cursor is woken to read it, so the earliest arrival is at most one wake-up
+//! and one loopback hop after the send. The figure is,
 //! per token, last arrival minus first arrival: how long the slowest of K
 //! clients waits behind the fastest. Arrivals are stamped by the bench as
 //! each frame is read, so the spread also holds the bench's own time to read

@@ -18,6 +18,7 @@ mod fanout;
 mod load;
 mod mcp;
 mod phases;
+mod postgres;
 mod report;
 mod server;
 
@@ -107,15 +108,34 @@ struct Options {
     /// Idle WebSocket clients held open for the memory figure.
     #[arg(long)]
     idle_clients: Option<usize>,
-    /// Server starts timed for the startup figure (the median is reported).
+    /// Server starts timed for the startup figure (the median is reported),
+    /// on an empty data dir and again on the stored sessions' data.
     #[arg(long)]
     startup_runs: Option<usize>,
+    /// Sessions stored (chatted into, then the server stopped) for the
+    /// startup and `GET /api/sessions` figures on stored data.
+    #[arg(long)]
+    stored_sessions: Option<usize>,
+    /// Connections of the `GET /api/sessions` run on the stored sessions
+    /// (each answer lists them all, so fewer than the other runs).
+    #[arg(long)]
+    stored_connections: Option<usize>,
+    /// A PostgreSQL database for the chat figure on PostgreSQL (a fresh
+    /// schema is created in it for the run and dropped after; needs
+    /// `psql`). Without it that figure is not measured.
+    #[arg(
+        long,
+        env = "AUTOPOIESIS_TEST_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    postgres_url: Option<String>,
     /// RUST_LOG of the server; `info` is what it ships with (one log line
     /// per request, written to a file as in production).
     #[arg(long, default_value = "info")]
     server_log: String,
     /// Tiny counts for CI: a few hundred ms per run, 20 fan-out clients, 50
-    /// idle clients. Proves the tool works; the figures mean little.
+    /// idle clients, 200 stored sessions. Proves the tool works; the figures mean little.
     #[arg(long)]
     quick: bool,
     /// Where the markdown report goes.
@@ -141,6 +161,8 @@ pub enum Phase {
     Memory,
     Mcp,
     Startup,
+    /// Startup and `GET /api/sessions` on stored sessions.
+    Stored,
 }
 
 /// The settled plan of a run.
@@ -159,6 +181,9 @@ pub struct Plan {
     pub fanout_token_ms: u64,
     pub idle_clients: usize,
     pub startup_runs: usize,
+    pub stored_sessions: usize,
+    pub stored_connections: usize,
+    pub postgres_url: Option<String>,
     pub server_log: String,
     pub quick: bool,
     pub skip: Vec<Phase>,
@@ -195,6 +220,12 @@ impl Plan {
             fanout_token_ms: options.fanout_token_ms,
             idle_clients: pick(options.idle_clients, 50, 5000).max(1),
             startup_runs: pick(options.startup_runs, 2, 5).max(1),
+            stored_sessions: pick(options.stored_sessions, 200, 10_000).max(1),
+            stored_connections: pick(options.stored_connections, 8, 8).max(1),
+            postgres_url: options
+                .postgres_url
+                .clone()
+                .filter(|url| !url.trim().is_empty()),
             server_log: options.server_log.clone(),
             quick,
             skip: options.skip.clone(),

@@ -1,7 +1,8 @@
-//! The phases of a run, in order: REST (with the ceiling), chat, fan-out,
-//! memory, MCP, startup. Each starts its own server process and turns what
-//! it measured into rows of the table; a phase that fails puts its error in
-//! its row and the run goes on.
+//! The phases of a run, in order: REST (with the ceiling), chat (per
+//! session store), fan-out, memory, MCP, startup, stored sessions. Each
+//! starts its own server processes and turns what it measured into rows of
+//! the table; a phase that fails puts its error in its row and the run goes
+//! on.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,15 +17,24 @@ use hyper::{Request, StatusCode};
 use crate::load::{self, Measured, Window, Workload};
 use crate::report::{Met, Outcome, Row, kib, millis, per_second};
 use crate::server::{self, Process};
-use crate::{Phase, Plan, fanout, mcp};
+use crate::{Phase, Plan, fanout, mcp, postgres};
 
 /// The targets of the issue, for this 2-core machine.
 const HEALTH_RATIO_TARGET: f64 = 0.85;
 const CHAT_TARGET: f64 = 5_000.0;
+/// Chat turns/s on the SQLite store against the in-memory one (issue 11).
+const SQLITE_CHAT_RATIO_TARGET: f64 = 0.5;
 const FANOUT_P99_TARGET_MS: f64 = 50.0;
 const IDLE_WS_TARGET_KIB: f64 = 16.0;
 const MCP_TARGET: f64 = 5_000.0;
 const STARTUP_TARGET_MS: f64 = 100.0;
+/// Start to healthy on a data dir holding the stored sessions (issue 11).
+const STORED_STARTUP_TARGET_MS: f64 = 200.0;
+/// Turns chatted into each stored session (so 6 messages each): sessions
+/// with a history, as users leave them, not empty shells.
+pub const SEED_TURNS: u64 = 3;
+/// Connections the stored sessions are chatted into over.
+pub const SEED_CONNECTIONS: usize = 16;
 /// Sessions present while `GET /api/sessions` is measured: its answer
 /// lists them all, so the figure depends on the count.
 const LISTED_SESSIONS: usize = 10;
@@ -33,13 +43,17 @@ pub async fn run_all(plan: &Plan) -> Outcome {
     let mut outcome = Outcome::default();
     let runs = plan.rounds as u32;
     let window = plan.warmup + plan.duration;
-    let phases: [(Phase, &str, Duration); 6] = [
+    let phases: [(Phase, &str, Duration); 7] = [
         (
             Phase::Rest,
             "REST",
             window * runs * 3 + Duration::from_secs(60),
         ),
-        (Phase::Chat, "chat", window * runs + Duration::from_secs(60)),
+        (
+            Phase::Chat,
+            "chat",
+            window * runs * 3 + Duration::from_secs(90),
+        ),
         (
             Phase::Fanout,
             "fan-out",
@@ -53,6 +67,14 @@ pub async fn run_all(plan: &Plan) -> Outcome {
             Phase::Startup,
             "startup",
             Duration::from_secs(25) * plan.startup_runs as u32,
+        ),
+        (
+            Phase::Stored,
+            "stored sessions",
+            Duration::from_secs(30) * plan.startup_runs as u32
+                + window * runs
+                + Duration::from_secs(120)
+                + Duration::from_millis(20) * plan.stored_sessions as u32,
         ),
     ];
     for (phase, name, budget) in phases {
@@ -68,6 +90,7 @@ pub async fn run_all(plan: &Plan) -> Outcome {
                 Phase::Memory => memory(plan, &mut outcome).await,
                 Phase::Mcp => mcp_calls(plan, &mut outcome).await,
                 Phase::Startup => startup(plan, &mut outcome).await,
+                Phase::Stored => stored(plan, &mut outcome).await,
             }
         })
         .await;
@@ -334,35 +357,133 @@ fn chat_workload(address: SocketAddr, round: usize, turns_per_session: u64) -> W
     }
 }
 
+/// The chat figure per session store, all in this one phase: the servers
+/// run side by side and each round measures them back to back, so their
+/// ratio compares runs under the same background load.
 async fn chat(plan: &Plan, outcome: &mut Outcome) -> anyhow::Result<()> {
-    let server = server::start_server(plan, &[], &[]).await?;
-    let mut runs = vec![];
-    for round in 0..plan.rounds {
-        let workload = Arc::new(chat_workload(
-            server.address,
-            round,
-            plan.chat_turns_per_session,
-        ));
-        let run = tracked(&server, workload, window(plan)).await?;
-        eprintln!("round {}: {:.0} turns/s", round + 1, run.measured.rate);
-        runs.push(run);
-    }
-    let rounds = combine(&runs)?;
-    let c = plan.connections;
-    outcome.rows.push(rate_row(
-        format!(
-            "`POST /api/chat` (echo agent), {c} sessions in parallel, {} turns each",
-            plan.chat_turns_per_session
+    let memory =
+        server::start_server(plan, &["--session-store".into(), "memory".into()], &[]).await?;
+    let sqlite = server::start_server(plan, &[], &[]).await?;
+    // PostgreSQL only with a URL; a PostgreSQL that fails to set up fails
+    // its own row, not the other two.
+    let schema = plan.postgres_url.as_deref().map(postgres::Schema::create);
+    let postgres = match &schema {
+        Some(Ok(schema)) => Some(
+            server::start_server(plan, &["--database-url".into(), schema.url.clone()], &[]).await,
         ),
-        &rounds,
+        _ => None,
+    };
+    let pg_server = match &postgres {
+        Some(Ok(server)) => Some(server),
+        _ => None,
+    };
+    let (mut memory_runs, mut sqlite_runs, mut pg_runs) = (vec![], vec![], vec![]);
+    let (mut sqlite_ratios, mut pg_ratios) = (vec![], vec![]);
+    let turns = plan.chat_turns_per_session;
+    for round in 0..plan.rounds {
+        let m = tracked(
+            &memory,
+            Arc::new(chat_workload(memory.address, round, turns)),
+            window(plan),
+        )
+        .await?;
+        let s = tracked(
+            &sqlite,
+            Arc::new(chat_workload(sqlite.address, round, turns)),
+            window(plan),
+        )
+        .await?;
+        let mut line = format!(
+            "round {}: memory {:.0} turns/s, SQLite {:.0} turns/s",
+            round + 1,
+            m.measured.rate,
+            s.measured.rate
+        );
+        sqlite_ratios.push(s.measured.rate / m.measured.rate.max(1.0));
+        if let Some(pg) = pg_server {
+            let p = tracked(
+                pg,
+                Arc::new(chat_workload(pg.address, round, turns)),
+                window(plan),
+            )
+            .await?;
+            line.push_str(&format!(", PostgreSQL {:.0} turns/s", p.measured.rate));
+            pg_ratios.push(p.measured.rate / m.measured.rate.max(1.0));
+            pg_runs.push(p);
+        }
+        eprintln!("{line}");
+        memory_runs.push(m);
+        sqlite_runs.push(s);
+    }
+    let (memory_rounds, sqlite_rounds) = (combine(&memory_runs)?, combine(&sqlite_runs)?);
+    let sqlite_ratio = median(&mut sqlite_ratios);
+    let c = plan.connections;
+    let figure = |store: &str| {
+        format!(
+            "`POST /api/chat` (echo agent), {store}, {c} sessions in parallel, {turns} turns each"
+        )
+    };
+    outcome.rows.push(rate_row(
+        figure("in-memory store (`--session-store memory`)"),
+        &memory_rounds,
         "turns/s",
         "",
         Target::at_least(
             format!("≥ {} turns/s", per_second(CHAT_TARGET)),
-            rounds.rate >= CHAT_TARGET,
+            memory_rounds.rate >= CHAT_TARGET,
         ),
     ));
-    outcome.notes.push(cpu_note("chat", &rounds));
+    outcome.rows.push(rate_row(
+        figure("SQLite store (the default)"),
+        &sqlite_rounds,
+        "turns/s",
+        &format!(" = {sqlite_ratio:.2} × memory"),
+        Target::at_least(
+            format!("≥ {SQLITE_CHAT_RATIO_TARGET} × memory"),
+            sqlite_ratio >= SQLITE_CHAT_RATIO_TARGET,
+        ),
+    ));
+    let pg_figure = figure("PostgreSQL store");
+    match (&schema, &postgres) {
+        (None, _) => outcome.rows.push(Row {
+            figure: pg_figure,
+            value: "not measured (no PostgreSQL URL)".into(),
+            p50: "—".into(),
+            p99: "—".into(),
+            target: "—".into(),
+            met: Met::NotAvailable,
+        }),
+        (Some(Err(e)), _) | (Some(Ok(_)), Some(Err(e))) => {
+            outcome
+                .rows
+                .push(Row::failed(&pg_figure, &format!("{e:#}")));
+        }
+        (Some(Ok(_)), _) => {
+            let pg_rounds = combine(&pg_runs)?;
+            let pg_ratio = median(&mut pg_ratios);
+            outcome.rows.push(rate_row(
+                pg_figure,
+                &pg_rounds,
+                "turns/s",
+                &format!(" = {pg_ratio:.2} × memory"),
+                Target::none(),
+            ));
+            outcome.notes.push(cpu_note(
+                "chat on PostgreSQL (the database server's own CPU not counted)",
+                &pg_rounds,
+            ));
+        }
+    }
+    outcome
+        .notes
+        .push(cpu_note("chat in memory", &memory_rounds));
+    outcome
+        .notes
+        .push(cpu_note("chat on SQLite", &sqlite_rounds));
+    // The servers go before the schema they use.
+    drop(postgres);
+    drop((memory, sqlite));
+    drop(schema);
     Ok(())
 }
 
@@ -373,8 +494,9 @@ async fn fan_out(plan: &Plan, outcome: &mut Outcome) -> anyhow::Result<()> {
     } else {
         format!("echo:delay_ms={}", plan.fanout_token_ms)
     };
-    // Each turn's frames must fit the retained window even when the bench
-    // reads late, and the session must take all the clients.
+    // Each turn's frames must fit the session's retained window (a client
+    // further behind is closed), even when the bench reads late, and the
+    // session must take all the clients.
     let window = (plan.fanout_words + 64).max(1024);
     let server = server::start_server(
         plan,
@@ -582,9 +704,189 @@ async fn startup(plan: &Plan, outcome: &mut Outcome) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Start to healthy, and `GET /api/sessions`, on a data dir holding
+/// `plan.stored_sessions` sessions: chatted into by one server, which is
+/// then stopped (SIGTERM), and read by the next ones, as after a restart.
+async fn stored(plan: &Plan, outcome: &mut Outcome) -> anyhow::Result<()> {
+    let n = plan.stored_sessions;
+    let dir = tempfile::Builder::new()
+        .prefix("autopoiesis-bench-stored-")
+        .tempdir()
+        .context("cannot create a temporary data dir")?;
+    let data = dir.path().join("data");
+    // The default cap is 10,000 sessions; the figure is about the stored
+    // count, not the cap.
+    let flags = [
+        "--max-sessions".to_owned(),
+        (n + 1000).max(10_000).to_string(),
+    ];
+
+    let seeding = server::start_server_on(plan, &data, &flags).await?;
+    let started = Instant::now();
+    seed_stored(seeding.address, n).await?;
+    let seeded_in = started.elapsed();
+    seeding
+        .stop()
+        .await
+        .context("stopping the seeding server")?;
+
+    let mut times = vec![];
+    for _ in 0..plan.startup_runs {
+        let server = server::start_server_on(plan, &data, &flags).await?;
+        times.push((server.ready - server.spawned).as_secs_f64() * 1000.0);
+        server.stop().await?;
+    }
+    let (min, max) = (
+        times.iter().copied().fold(f64::INFINITY, f64::min),
+        times.iter().copied().fold(0.0, f64::max),
+    );
+    let startup = median(&mut times);
+    outcome.rows.push(Row {
+        figure: format!(
+            "startup with {} stored sessions: process start → `/api/health` 200 (median of {})",
+            per_second(n as f64),
+            plan.startup_runs
+        ),
+        value: format!("{startup:.1} ms (min {min:.1}, max {max:.1})"),
+        p50: "—".into(),
+        p99: "—".into(),
+        target: format!("≤ {STORED_STARTUP_TARGET_MS} ms"),
+        met: if startup <= STORED_STARTUP_TARGET_MS {
+            Met::Yes
+        } else {
+            Met::No
+        },
+    });
+
+    let server = server::start_server_on(plan, &data, &flags).await?;
+    let answer = list_sessions(server.address).await?;
+    anyhow::ensure!(
+        answer.count == n,
+        "after the restart GET /api/sessions listed {} sessions, not the {n} stored",
+        answer.count
+    );
+    let list = Arc::new(Workload::get(server.address, "/api/sessions"));
+    let window = Window {
+        connections: plan.stored_connections,
+        ..window(plan)
+    };
+    let mut runs = vec![];
+    for round in 0..plan.rounds {
+        let run = tracked(&server, Arc::clone(&list), window).await?;
+        eprintln!("round {}: {:.0} lists/s", round + 1, run.measured.rate);
+        runs.push(run);
+    }
+    let rounds = combine(&runs)?;
+    outcome.rows.push(rate_row(
+        format!(
+            "`GET /api/sessions` ({} stored sessions, {} per answer), {} connections",
+            per_second(n as f64),
+            answer_size(answer.bytes),
+            plan.stored_connections
+        ),
+        &rounds,
+        "req/s",
+        "",
+        Target::none(),
+    ));
+    outcome.notes.push(format!(
+        "stored sessions: {} sessions × {SEED_TURNS} turns chatted in over {SEED_CONNECTIONS} \
+         connections in {:.1} s ({:.0} turns/s), then the server stopped with SIGTERM; every \
+         start on that data is stopped the same way",
+        per_second(n as f64),
+        seeded_in.as_secs_f64(),
+        (n as u64 * SEED_TURNS) as f64 / seeded_in.as_secs_f64().max(1e-9),
+    ));
+    outcome.notes.push(cpu_note(
+        "`GET /api/sessions` on the stored sessions",
+        &rounds,
+    ));
+    drop(server);
+    Ok(())
+}
+
+/// Chats [`SEED_TURNS`] turns into each of `count` sessions
+/// (`bench-stored-I`), over [`SEED_CONNECTIONS`] keep-alive connections.
+async fn seed_stored(address: SocketAddr, count: usize) -> anyhow::Result<()> {
+    let tasks: Vec<_> = (0..SEED_CONNECTIONS.min(count))
+        .map(|conn| {
+            tokio::spawn(async move {
+                let mut send = load::connect(address).await?;
+                for session in (conn..count).step_by(SEED_CONNECTIONS) {
+                    for turn in 0..SEED_TURNS {
+                        let body = format!(
+                            r#"{{"content":"hello world {turn}","session_id":"bench-stored-{session}"}}"#
+                        );
+                        let request = Request::post("/api/chat")
+                            .header(hyper::header::HOST, address.to_string())
+                            .header(hyper::header::CONTENT_TYPE, "application/json")
+                            .body(Full::new(Bytes::from(body)))?;
+                        let (status, answer) = tokio::time::timeout(
+                            Duration::from_secs(30),
+                            load::exchange(&mut send, request),
+                        )
+                        .await
+                        .context("seeding: no answer within 30 s")??;
+                        anyhow::ensure!(
+                            status == StatusCode::OK,
+                            "seeding session {session}: POST /api/chat answered {status}: {}",
+                            String::from_utf8_lossy(&answer[..answer.len().min(200)])
+                        );
+                    }
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+/// A size in bytes as KiB, or MiB from 1 MiB on.
+fn answer_size(bytes: usize) -> String {
+    let kib_count = bytes as f64 / 1024.0;
+    if kib_count < 1024.0 {
+        format!("{kib_count:.0} KiB")
+    } else {
+        kib(kib_count)
+    }
+}
+
+/// One `GET /api/sessions`: how many it listed, and the answer's size.
+struct Listed {
+    count: usize,
+    bytes: usize,
+}
+
+async fn list_sessions(address: SocketAddr) -> anyhow::Result<Listed> {
+    let mut send = load::connect(address).await?;
+    let request = Request::get("/api/sessions")
+        .header(hyper::header::HOST, address.to_string())
+        .body(Full::new(Bytes::new()))?;
+    let (status, body) = load::exchange(&mut send, request).await?;
+    anyhow::ensure!(
+        status == StatusCode::OK,
+        "GET /api/sessions answered {status}"
+    );
+    let items: Vec<serde_json::Value> =
+        serde_json::from_slice(&body).context("GET /api/sessions: not a JSON array")?;
+    Ok(Listed {
+        count: items.len(),
+        bytes: body.len(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::median;
+
+    #[test]
+    fn answer_sizes_in_kib_then_mib() {
+        assert_eq!(super::answer_size(10 * 1024), "10 KiB");
+        assert_eq!(super::answer_size(3 * 1024 * 1024 / 2), "1.5 MiB");
+    }
 
     #[test]
     fn the_median_of_odd_and_even_counts() {

@@ -257,7 +257,9 @@ pub fn markdown(plan: &Plan, machine: &Machine, outcome: &Outcome, remarks: &[St
 ## Method
 
 - **Processes.** The server (`autopoiesis serve` on a free port, echo agent,
-  in-memory sessions, `RUST_LOG={log}` with its log in a file, as in
+  the default session store: sessions, history and event streams in the
+  SQLite file `approvals.sqlite` of a fresh data dir on this machine's disk,
+  `RUST_LOG={log}` with its log in a file, as in
   production) runs as a fresh process for each phase; the bare endpoint (poem 3.1, `GET /` answering
   `Hello, world!`, no middleware, no logs) is the bench's own hidden
   `ceiling` subcommand. Both are separate from the load generator and both
@@ -273,12 +275,22 @@ pub fn markdown(plan: &Plan, machine: &Machine, outcome: &Outcome, remarks: &[St
   own session (`bench-chat-ROUND-i-K`) for {per_session} turns, then moves
   to a new one, so sessions run in parallel, each one's turns in order,
   and the history a turn carries is bounded (a turn's cost grows with it).
-  A turn counts when its answer is a 200 with the text.
+  A turn counts when its answer is a 200 with the text. Measured per
+  session store in the same phase: three servers side by side (in memory
+  with `--session-store memory`; the default SQLite file; PostgreSQL when
+  a URL is given, `--postgres-url` or `AUTOPOIESIS_TEST_DATABASE_URL`, on a
+  schema `bench_<uuid>` created for the run with `psql` and dropped after,
+  the server's URL carrying `options=-csearch_path=` that schema), and
+  each round runs memory, SQLite, PostgreSQL back to back; the ratio to
+  memory is the median of the rounds' ratios. PostgreSQL runs on the same
+  2 cores; its own CPU is not in the server's share.
 - **Fan-out.** One session, its clients connected first, then turns started
   over REST with a prompt of N words, which the echo agent streams back one
   token per word, paced like a model. A frame carries no server timestamp,
   so the server's send of each token is taken as its first arrival at any
-  client (the hub hands a frame to every client's queue in one pass); the
+  client (a frame is published once into the session's retained window,
+  `--event-buffer` sized to hold a turn, and every client's cursor is woken
+  to read it); the
   figure is, per token, last arrival minus first arrival. Arrivals are
   stamped in the bench, which reads every client on the same 2 cores, so
   the spread includes its own reading time: an upper bound on the server's.
@@ -291,7 +303,16 @@ pub fn markdown(plan: &Plan, machine: &Machine, outcome: &Outcome, remarks: &[St
   dashboard.status` in a closed loop like the REST runs; SSE or JSON answers.
 - **Startup.** From spawning the process to the first 200 of
   `GET /api/health`, polled every millisecond on the port the bench chose
-  for it, median of the runs.
+  for it, median of the runs. Empty: a fresh data dir each time (the SQLite
+  file is created and migrated).
+- **Stored sessions.** One server chats {seed_turns} turns into each of
+  {stored} sessions (`bench-stored-I`) over {seed_conns} connections and is
+  stopped with SIGTERM. Then the startup runs above are repeated on that
+  data dir (each stopped with SIGTERM, as a restart would), and a server
+  started on it, after checking that `GET /api/sessions` lists all
+  {stored}, serves that request (no `limit`: the whole list) in a closed
+  loop like the REST runs, over {stored_conns} connections rather than
+  {conns}: each answer is the whole list, and {conns} would only queue.
 
 ## Noise
 
@@ -312,6 +333,10 @@ read them to the first decimal. The bench prints and never judges: CI runs
         rounds = plan.rounds,
         cores = machine.cores,
         per_session = plan.chat_turns_per_session,
+        seed_turns = crate::phases::SEED_TURNS,
+        seed_conns = crate::phases::SEED_CONNECTIONS,
+        stored = per_second(plan.stored_sessions as f64),
+        stored_conns = plan.stored_connections,
     );
     out
 }

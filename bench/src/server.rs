@@ -16,6 +16,8 @@ use crate::Plan;
 /// How long a process may take to answer before it counts as failed to
 /// start.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a graceful stop may take.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The server binary: `--server`, else `autopoiesis` beside this executable
 /// (the workspace's `target/release/` or `target/debug/`, this executable's
@@ -159,6 +161,31 @@ impl Process {
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
         cpu_seconds(&format!("/proc/{}/stat", self.pid()))
     }
+
+    /// A graceful stop, as an operator's restart would do: SIGTERM, then
+    /// wait for the exit ([`STOP_TIMEOUT`] at most, then SIGKILL and an
+    /// error). Used where the next server reads this one's data.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .context("cannot run kill")?;
+        anyhow::ensure!(status.success(), "kill -TERM {} failed", self.pid());
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::ensure!(
+                    status.success(),
+                    "the server exited with {status} on SIGTERM"
+                );
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("the server did not exit within {STOP_TIMEOUT:?} of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
 
 impl Drop for Process {
@@ -186,9 +213,34 @@ pub async fn start_server(
         std::fs::write(dir.path().join(name), content)
             .with_context(|| format!("cannot write {name}"))?;
     }
+    let data = dir.path().join("data");
+    serve(plan, &data, extra, dir).await
+}
+
+/// Starts `autopoiesis serve` on the data dir `data`, which outlives the
+/// process (sessions stored by one server, read by the next), with its log
+/// in a temporary dir of its own.
+pub async fn start_server_on(
+    plan: &Plan,
+    data: &Path,
+    extra: &[String],
+) -> anyhow::Result<Process> {
+    let dir = tempfile::Builder::new()
+        .prefix("autopoiesis-bench-log-")
+        .tempdir()
+        .context("cannot create a temporary dir for the log")?;
+    serve(plan, data, extra, dir).await
+}
+
+async fn serve(
+    plan: &Plan,
+    data: &Path,
+    extra: &[String],
+    dir: tempfile::TempDir,
+) -> anyhow::Result<Process> {
     let dir_text = dir.path().display().to_string();
     let mut args: Vec<OsString> = vec!["serve".into(), "--data-dir".into()];
-    args.push(dir.path().join("data").into());
+    args.push(data.into());
     args.extend(extra.iter().map(|a| a.replace("{dir}", &dir_text).into()));
     spawn(&plan.server, args, "/api/health", &plan.server_log, dir).await
 }
