@@ -109,6 +109,7 @@ impl ApprovalStore for SeaOrmApprovalStore {
             expires_at: Set(envelope.expires_at),
             consumed_at: Set(envelope.consumed_at),
         };
+        let _gate = file::write_gate(self.file.as_ref()).await;
         Entity::insert(row)
             .exec_without_returning(&self.db)
             .await
@@ -165,6 +166,7 @@ impl ApprovalStore for SeaOrmApprovalStore {
         // racing decisions, and only the first finds the row still pending.
         // Ids are hyphenated uuids and nonces plain hex, so one string
         // never names two envelopes.
+        let _gate = file::write_gate(self.file.as_ref()).await;
         let updated = Entity::update_many()
             .col_expr(Column::State, Expr::value(state.as_str()))
             .col_expr(Column::ConsumedAt, Expr::value(decision.decided_at))
@@ -191,6 +193,7 @@ impl ApprovalStore for SeaOrmApprovalStore {
 
     async fn prune_expired_before(&self, cutoff: i64) -> Result<u64, ApprovalStoreError> {
         self.check_file()?;
+        let _gate = file::write_gate(self.file.as_ref()).await;
         let deleted = Entity::delete_many()
             .filter(Column::ExpiresAt.lt(cutoff))
             .exec(&self.db)

@@ -183,6 +183,7 @@ impl EventStore for SeaOrmEventStore {
             mark.1 = reserve;
         }
 
+        let _gate = file::write_gate(self.file.as_ref()).await;
         let txn = self.db.begin().await.map_err(unavailable)?;
         // Multi-row inserts: a batch of a hundred tokens is one statement.
         let mut rows = rows.into_iter().peekable();

@@ -6,15 +6,35 @@
 //! start, so each store operation first checks that the file is still there.
 //! A stat per operation costs about a microsecond, nothing beside the
 //! statement it guards.
+//!
+//! The file also has the process's **write gate**. SQLite takes one writer
+//! at a time; a connection that finds the write lock taken sleeps and
+//! retries (1, 2, 5, 10 ms...), and the benchmark's `strace` of the server
+//! showed those sleeps. Every store on the file takes the gate around its
+//! writes, so writers queue here, woken the moment the one before them is
+//! done, and never sleep on SQLite's lock (a lock held by another process
+//! still makes a writer wait up to the busy timeout); reads take no gate
+//! and run beside the writer (WAL). What bounds SQLite chat throughput after
+//! that is the cost of each statement through the driver, one after the
+//! other behind the gate (BENCHMARKS.md).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+/// The write gate of each SQLite file this process opened.
+fn gates() -> &'static Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>> {
+    static GATES: OnceLock<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
+    GATES.get_or_init(Mutex::default)
+}
 
 /// A database file and the inode it had.
 #[derive(Debug, Clone)]
 pub(super) struct DatabaseFile {
     path: PathBuf,
     identity: FileIdentity,
+    gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Device and inode: what tells the file apart from another one created
@@ -46,7 +66,18 @@ impl DatabaseFile {
         let options = sea_orm::sqlx::sqlite::SqliteConnectOptions::from_str(url).ok()?;
         let path = options.get_filename().to_path_buf();
         let identity = identity(&path)?;
-        Some(Self { path, identity })
+        let gate = Arc::clone(
+            gates()
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(path.clone())
+                .or_default(),
+        );
+        Some(Self {
+            path,
+            identity,
+            gate,
+        })
     }
 
     /// Why the store must not be used, when the file was deleted or
@@ -61,6 +92,18 @@ impl DatabaseFile {
                 self.path.display()
             ))
         }
+    }
+}
+
+/// Waits for the file's write gate: hold the guard for the whole write
+/// (statement or transaction). `None` without a file (PostgreSQL, whose
+/// row locks need no gate; SQLite in memory, private to one connection).
+pub(super) async fn write_gate(
+    file: Option<&DatabaseFile>,
+) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+    match file {
+        Some(file) => Some(Arc::clone(&file.gate).lock_owned().await),
+        None => None,
     }
 }
 

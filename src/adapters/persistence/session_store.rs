@@ -31,7 +31,18 @@ pub struct SeaOrmSessionStore {
     max_sessions: usize,
     /// Histories read lately (shared by the clones of the store).
     cache: std::sync::Arc<HistoryCache>,
+    /// When this process last wrote each session's `last_active` (µs):
+    /// within [`TOUCH_EVERY`] of that, a use does not write it again.
+    touched: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<SessionId, i64>>>,
 }
+
+/// How stale `last_active` may be, in µs. It only decides when an idle
+/// session leaves memory (minutes) and when it is deleted (days), and every
+/// appended turn writes it anyway, so a use within a second of the last
+/// write costs no write (the write gate is what every turn waits on).
+const TOUCH_EVERY: i64 = 1_000_000;
+/// Sessions remembered as touched before the old entries are dropped.
+const TOUCHED_KEPT: usize = 4096;
 
 impl SeaOrmSessionStore {
     /// A store over an open, migrated connection to `url` (see
@@ -43,11 +54,31 @@ impl SeaOrmSessionStore {
             file: DatabaseFile::of(url),
             max_sessions,
             cache: std::sync::Arc::default(),
+            touched: std::sync::Arc::default(),
         }
     }
 
     fn check_file(&self) -> Result<(), SessionStoreError> {
         file::check(self.file.as_ref()).map_err(SessionStoreError::Unavailable)
+    }
+
+    fn touched_lately(&self, id: &SessionId, now: i64) -> bool {
+        let touched = self
+            .touched
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        touched.get(id).is_some_and(|at| now - at < TOUCH_EVERY)
+    }
+
+    fn remember_touch(&self, id: &SessionId, now: i64) {
+        let mut touched = self
+            .touched
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if touched.len() >= TOUCHED_KEPT {
+            touched.retain(|_, at| now - *at < TOUCH_EVERY);
+        }
+        touched.insert(id.clone(), now);
     }
 
     /// Marks the session active at `now` (never earlier than it was); false
@@ -58,6 +89,7 @@ impl SeaOrmSessionStore {
             .value(Sessions::LastActive, later(now))
             .and_where(Expr::col(Sessions::Id).eq(id.as_str()))
             .to_owned();
+        let _gate = file::write_gate(self.file.as_ref()).await;
         let result = self.db.execute(&update).await.map_err(unavailable)?;
         Ok(result.rows_affected() > 0)
     }
@@ -112,6 +144,7 @@ impl SeaOrmSessionStore {
             .map_err(|e| SessionStoreError::Unavailable(e.to_string()))?
             .on_conflict(OnConflict::column(Sessions::Id).do_nothing().to_owned())
             .to_owned();
+        let _gate = file::write_gate(self.file.as_ref()).await;
         self.db.execute(&insert).await.map_err(unavailable)?;
         Ok(())
     }
@@ -193,10 +226,17 @@ impl SessionStore for SeaOrmSessionStore {
         self.check_file()?;
         // Truncated here, so the created_at returned is the one stored.
         let now = to_micros(now);
+        // Used within the second by this process: only read it.
+        if self.touched_lately(id, now)
+            && let Some(info) = self.info(id).await?
+        {
+            return Ok(info);
+        }
         // Most calls find the session: touch it first, create only on a miss.
         if self.touch(id, now).await?
             && let Some(info) = self.info(id).await?
         {
+            self.remember_touch(id, now);
             return Ok(info);
         }
         self.create(id, now).await?;
@@ -302,6 +342,7 @@ impl SessionStore for SeaOrmSessionStore {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| unavailable_text(&e))?;
         let now = to_micros(now);
+        let _gate = file::write_gate(self.file.as_ref()).await;
         let txn = self.db.begin().await.map_err(unavailable)?;
         // The update comes first: it takes the write lock (SQLite) or the
         // row lock (PostgreSQL) at once, so racing appends queue here
@@ -355,6 +396,7 @@ impl SessionStore for SeaOrmSessionStore {
 
     async fn delete(&self, id: &SessionId) -> Result<(), SessionStoreError> {
         self.check_file()?;
+        let _gate = file::write_gate(self.file.as_ref()).await;
         let txn = self.db.begin().await.map_err(unavailable)?;
         let deleted = txn
             .execute(&delete_rows(Sessions::Table, Sessions::Id, id))
@@ -365,6 +407,10 @@ impl SessionStore for SeaOrmSessionStore {
             return Err(SessionStoreError::NotFound);
         }
         self.cache.forget(id);
+        self.touched
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
         for statement in [
             delete_rows(SessionMessages::Table, SessionMessages::SessionId, id),
             delete_rows(SessionEvents::Table, SessionEvents::SessionId, id),

@@ -95,6 +95,7 @@ impl TurnStore for SeaOrmTurnStore {
                 Expr::val(to_micros(record.lease_until)),
             ])
             .to_owned();
+        let _gate = file::write_gate(self.file.as_ref()).await;
         self.db.execute(&insert).await.map_err(unavailable)?;
         Ok(())
     }
@@ -105,6 +106,7 @@ impl TurnStore for SeaOrmTurnStore {
             .from_table(Turns::Table)
             .and_where(Expr::col(Turns::TurnId).eq(turn_id.as_str()))
             .to_owned();
+        let _gate = file::write_gate(self.file.as_ref()).await;
         self.db.execute(&delete).await.map_err(unavailable)?;
         Ok(())
     }
@@ -116,6 +118,7 @@ impl TurnStore for SeaOrmTurnStore {
             .value(Turns::LeaseUntil, to_micros(until))
             .and_where(Expr::col(Turns::Owner).eq(owner))
             .to_owned();
+        let _gate = file::write_gate(self.file.as_ref()).await;
         self.db.execute(&update).await.map_err(unavailable)?;
         Ok(())
     }
@@ -168,6 +171,7 @@ impl TurnStore for SeaOrmTurnStore {
                 .and_where(Expr::col(Turns::Owner).eq(record.owner.as_str()))
                 .and_where(Expr::col(Turns::LeaseUntil).eq(lease))
                 .to_owned();
+            let _gate = file::write_gate(self.file.as_ref()).await;
             let result = self.db.execute(&update).await.map_err(unavailable)?;
             if result.rows_affected() == 1 {
                 owner.clone_into(&mut record.owner);
