@@ -120,6 +120,11 @@ pub async fn connect(
     options
         .max_connections(settings.max_connections)
         .acquire_timeout(settings.acquire_timeout)
+        // sqlx pings a connection on every checkout by default: one more
+        // round trip per statement (to SQLite's worker thread, or over the
+        // network). Only a connection idle long enough for a server, proxy
+        // or firewall to have dropped it is pinged.
+        .test_before_acquire_if_idle_for(Duration::from_secs(30))
         // Statements would be logged at info level, bodies included.
         .sqlx_logging(false);
     if sqlite {
