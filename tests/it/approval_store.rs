@@ -52,20 +52,10 @@ async fn backends() -> Vec<Backend> {
         url: sqlite_url(&dir.path().join("approvals.sqlite")),
         _dir: Some(dir),
     }];
-    if let Ok(url) = std::env::var("AUTOPOIESIS_TEST_DATABASE_URL") {
-        // Tests run in parallel: each gets its own schema, found first on
-        // its connections' search path.
-        let schema = format!("it_{}", uuid::Uuid::new_v4().simple());
-        let admin = sea_orm::Database::connect(url.as_str()).await.unwrap();
-        admin
-            .execute_unprepared(&format!("CREATE SCHEMA {schema}"))
-            .await
-            .unwrap();
-        admin.close().await.unwrap();
-        let separator = if url.contains('?') { '&' } else { '?' };
+    if let Some(url) = crate::helpers::postgres_schema_url().await {
         backends.push(Backend {
             name: "postgres",
-            url: format!("{url}{separator}options=-csearch_path%3D{schema}"),
+            url,
             _dir: None,
         });
     }

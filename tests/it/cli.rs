@@ -141,25 +141,8 @@ fn spawn_server(args: &[&str], data: &std::path::Path) -> (std::process::Child, 
 
 /// Starts `command` (a `serve` on port 0) and reads the bound address from
 /// its log.
-fn spawn_command(mut command: Command) -> (std::process::Child, String) {
-    let mut child = command
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let address = loop {
-        assert!(Instant::now() < deadline, "no listening line");
-        let line = lines.next().expect("server exited").unwrap();
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, address)
+fn spawn_command(command: Command) -> (std::process::Child, String) {
+    crate::helpers::spawn_serve(command)
 }
 
 #[test]

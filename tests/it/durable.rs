@@ -30,19 +30,11 @@ async fn data_stores() -> Vec<Data> {
         dir: tempfile::tempdir().unwrap(),
         database_url: None,
     }];
-    if let Ok(url) = std::env::var("AUTOPOIESIS_TEST_DATABASE_URL") {
-        let schema = format!("durable_{}", uuid::Uuid::new_v4().simple());
-        let admin = Database::connect(url.as_str()).await.unwrap();
-        admin
-            .execute_unprepared(&format!("CREATE SCHEMA {schema}"))
-            .await
-            .unwrap();
-        admin.close().await.unwrap();
-        let separator = if url.contains('?') { '&' } else { '?' };
+    if let Some(url) = crate::helpers::postgres_schema_url().await {
         stores.push(Data {
             name: "postgres",
             dir: tempfile::tempdir().unwrap(),
-            database_url: Some(format!("{url}{separator}options=-csearch_path%3D{schema}")),
+            database_url: Some(url),
         });
     }
     stores
@@ -58,7 +50,6 @@ struct Server {
 
 impl Server {
     fn start(data: &Data, delay_ms: u64, extra: &[&str]) -> Self {
-        use std::io::{BufRead, BufReader};
         let config = data.dir.path().join("agents.toml");
         std::fs::write(
             &config,
@@ -83,22 +74,7 @@ impl Server {
         if let Some(url) = &data.database_url {
             command.args(["--database-url", url]);
         }
-        let mut child = command
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let address = loop {
-            assert!(Instant::now() < deadline, "no listening line");
-            let line = lines.next().expect("server exited").unwrap();
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_owned();
-            }
-        };
-        std::thread::spawn(move || lines.for_each(drop));
+        let (child, address) = crate::helpers::spawn_serve(command);
         Self {
             child,
             base: format!("http://{address}"),

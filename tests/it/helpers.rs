@@ -272,6 +272,45 @@ impl TestApp {
     }
 }
 
+/// A URL of a fresh PostgreSQL schema of the caller's own (tests run in
+/// parallel: it is found first on its connections' search path), when
+/// `AUTOPOIESIS_TEST_DATABASE_URL` names a database.
+pub async fn postgres_schema_url() -> Option<String> {
+    let url = std::env::var("AUTOPOIESIS_TEST_DATABASE_URL").ok()?;
+    let schema = format!("it_{}", uuid::Uuid::new_v4().simple());
+    let admin = sea_orm::Database::connect(url.as_str()).await.unwrap();
+    sea_orm::ConnectionTrait::execute_unprepared(&admin, &format!("CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    Some(format!("{url}{separator}options=-csearch_path%3D{schema}"))
+}
+
+/// Starts `command` (a `serve --port 0`, its stderr piped) and reads the
+/// bound address from its log; the rest of the log is drained in the
+/// background.
+pub fn spawn_serve(mut command: std::process::Command) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = command
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let address = loop {
+        assert!(std::time::Instant::now() < deadline, "no listening line");
+        let line = lines.next().expect("server exited").unwrap();
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, address)
+}
+
 /// The `message` frame that runs a turn with `content`.
 pub fn message_frame(content: &str) -> Message {
     Message::Text(

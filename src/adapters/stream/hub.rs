@@ -627,18 +627,21 @@ impl SessionHub {
         while self.clients.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        let logs: Vec<_> = {
-            let sessions = lock(&self.sessions);
-            sessions
-                .slots
-                .iter()
-                .filter_map(|(id, slot)| slot.log.get().map(|log| (id.clone(), Arc::clone(log))))
-                .collect()
-        };
+        let logs = self.loaded_logs();
         for (session, log) in logs {
             self.release(&session, &lock(&log));
         }
         self.flush(limit).await;
+    }
+
+    /// Every stream loaded in memory now, with its session.
+    fn loaded_logs(&self) -> Vec<(SessionId, SharedLog)> {
+        let sessions = lock(&self.sessions);
+        sessions
+            .slots
+            .iter()
+            .filter_map(|(id, slot)| slot.log.get().map(|log| (id.clone(), Arc::clone(log))))
+            .collect()
     }
 
     /// Waits, up to `limit`, until every event queued so far is written.
@@ -656,15 +659,7 @@ impl SessionHub {
 
     /// Closes every client (server shutdown).
     pub fn close_all(&self) {
-        let logs: Vec<_> = {
-            let sessions = lock(&self.sessions);
-            sessions
-                .slots
-                .values()
-                .filter_map(|slot| slot.log.get().cloned())
-                .collect()
-        };
-        for log in logs {
+        for (_, log) in self.loaded_logs() {
             for (_, client) in lock(&log).clients.drain(..) {
                 client.kick(CloseReason::Shutdown);
             }
@@ -861,14 +856,7 @@ impl SessionEvents for SessionHub {
     }
 
     fn live_sessions(&self) -> HashSet<SessionId> {
-        let logs: Vec<_> = {
-            let sessions = lock(&self.sessions);
-            sessions
-                .slots
-                .iter()
-                .filter_map(|(id, slot)| slot.log.get().map(|log| (id.clone(), Arc::clone(log))))
-                .collect()
-        };
+        let logs = self.loaded_logs();
         logs.into_iter()
             .filter(|(_, log)| !lock(log).clients.is_empty())
             .map(|(id, _)| id)
