@@ -326,15 +326,7 @@ async fn a_stale_cursor_after_delete_and_re_create_gets_a_reset_then_the_new_str
     assert_eq!(reset, json!({"op": "reset", "data": {"head_seq": 2}}));
     let stream = until_terminal(&mut ws).await;
     assert_eq!(stream.iter().map(seq).collect::<Vec<_>>(), [1, 2]);
-    let list: Value = app
-        .client
-        .get(app.url("/api/sessions"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get_json("/api/sessions").await;
     assert_eq!(list[0]["last_seq"], 2);
 }
 
@@ -369,15 +361,7 @@ async fn a_database_that_fails_while_running_answers_503_within_a_second_and_run
         started.elapsed()
     );
     intruder.execute_unprepared("ROLLBACK").await.unwrap();
-    let history: Value = app
-        .client
-        .get(app.url("/api/sessions/f/history"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history: Value = app.get_json("/api/sessions/f/history").await;
     assert_eq!(
         history["messages"].as_array().unwrap().len(),
         2,

@@ -450,15 +450,7 @@ async fn the_sweeper_only_evicts_idle_stored_sessions_from_memory_before_their_r
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(events.last_seq(&id), None, "the stream was never evicted");
-    let history: Value = app
-        .client
-        .get(app.url("/api/sessions/kept/history"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history: Value = app.get_json("/api/sessions/kept/history").await;
     assert_eq!(history["messages"].as_array().unwrap().len(), 2);
     // Loaded again on use, its numbering goes on where it stopped.
     let mut ws = app.ws_at("/api/ws/kept?after_seq=0").await;
