@@ -663,10 +663,10 @@ impl Core {
         self.closing.load(Ordering::SeqCst)
     }
 
-    /// Ends one orphaned turn: history first, then its stored `error`, then
-    /// its record (so a failure part way is retried whole, and a turn whose
-    /// ending is stored is never ended twice by the retry: the record goes
-    /// last, and a history already holding the prompt is not appended to).
+    /// Ends one orphaned turn: history first, then its stored `error`, which
+    /// removes its record in the same transaction (so a failure part way is
+    /// retried whole, a turn whose ending is stored is never ended twice,
+    /// and a history already holding the prompt is not appended to again).
     async fn interrupt(&self, record: &TurnRecord) -> Result<(), String> {
         let session = &record.session_id;
         self.events.open(session).await.map_err(|e| e.to_string())?;
@@ -716,8 +716,8 @@ impl Core {
                 )
                 .await
                 .map_err(|e| e.to_string())?;
-        }
-        if let Some(turns) = &self.turns {
+        } else if let Some(turns) = &self.turns {
+            // Nothing to tell (the session is gone): the record goes alone.
             turns
                 .store
                 .end(&record.turn_id)
@@ -854,6 +854,8 @@ impl Core {
         let (mut result, terminal) = self.settle(&turn, request, outcome, partial).await;
         let mut turn = turn;
         turn.running = None;
+        // Storing the ending removes the turn's record with it.
+        let mut ending_stored = false;
         if let Some(event) = terminal
             && turn.lane.is_alive()
         {
@@ -861,16 +863,20 @@ impl Core {
                 .events
                 .publish_durable(turn.session_id, Some(turn.id.clone()), event)
                 .await;
-            if let Err(error) = stored {
-                tracing::error!(session.id = %turn.session_id, turn.id = %turn.id, %error, "turn's ending not stored");
-                if result.is_ok() {
-                    result = Err(ChatError::Storage(SessionStoreError::Unavailable(
-                        error.to_string(),
-                    )));
+            match stored {
+                Ok(()) => ending_stored = true,
+                Err(error) => {
+                    tracing::error!(session.id = %turn.session_id, turn.id = %turn.id, %error, "turn's ending not stored");
+                    if result.is_ok() {
+                        result = Err(ChatError::Storage(SessionStoreError::Unavailable(
+                            error.to_string(),
+                        )));
+                    }
                 }
             }
         }
-        if let Some(turns) = &self.turns
+        if !ending_stored
+            && let Some(turns) = &self.turns
             && let Err(error) = turns.store.end(&turn.id).await
         {
             tracing::error!(turn.id = %turn.id, %error, "turn record not removed");
@@ -1882,7 +1888,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_turn_is_recorded_before_it_runs_and_its_record_removed_after_its_ending_is_stored() {
+    async fn a_turn_is_recorded_before_it_runs_and_its_stored_ending_removes_the_record() {
         let fx = Fixture::new();
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut turns = crate::ports::turn_store::MockTurnStore::new();
@@ -1895,20 +1901,8 @@ mod tests {
             begun.lock().unwrap().push("begin");
             Ok(())
         });
-        let ended = Arc::clone(&order);
-        let published = Arc::clone(&fx.published);
-        turns.expect_end().times(1).returning(move |_| {
-            // The terminal event went out (stored) before the record goes.
-            assert!(
-                published
-                    .lock()
-                    .unwrap()
-                    .last()
-                    .is_some_and(SessionEvent::is_terminal)
-            );
-            ended.lock().unwrap().push("end");
-            Ok(())
-        });
+        // Storing the `done` removed the record in the same transaction.
+        turns.expect_end().never();
         let ran = Arc::clone(&order);
         let runtime = answering(move |_, _| {
             ran.lock().unwrap().push("run");
@@ -1918,7 +1912,8 @@ mod tests {
         });
         let chat = fx.service(runtime).with_turn_records(records(turns));
         assert!(chat.send(Some(sid()), "hi".into()).await.is_ok());
-        assert_eq!(*order.lock().unwrap(), ["begin", "run", "end"]);
+        assert_eq!(*order.lock().unwrap(), ["begin", "run"]);
+        assert!(fx.published().last().is_some_and(SessionEvent::is_terminal));
     }
 
     #[tokio::test]
@@ -1960,6 +1955,11 @@ mod tests {
             Arc::new(events),
             None,
         );
+        let mut turns = crate::ports::turn_store::MockTurnStore::new();
+        turns.expect_begin().returning(|_| Ok(()));
+        // The ending was not stored, so the record did not go with it.
+        turns.expect_end().times(1).returning(|_| Ok(()));
+        let chat = chat.with_turn_records(records(turns));
         assert!(matches!(
             chat.send(Some(sid()), "hi".into()).await,
             Err(ChatError::Storage(_))
@@ -2022,11 +2022,8 @@ mod tests {
             .expect_claim_orphans()
             .withf(|owner, now, _| owner == "me" && now.is_none())
             .returning(|_, _, _| Ok(vec![orphan()]));
-        turns
-            .expect_end()
-            .withf(|turn| turn.as_str() == "t-dead")
-            .times(1)
-            .returning(|_| Ok(()));
+        // The stored `turn_interrupted` removes the record with it.
+        turns.expect_end().never();
         let published = Arc::clone(&fx.published);
         let mut events = recorder(published);
         events
@@ -2069,7 +2066,7 @@ mod tests {
                 vec![]
             })
         });
-        turns.expect_end().times(1).returning(|_| Ok(()));
+        turns.expect_end().never();
         let mut events = recorder(Arc::clone(&fx.published));
         let failures = AtomicUsize::new(0);
         events.expect_turn_text().returning(move |_, _| {

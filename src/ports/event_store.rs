@@ -71,7 +71,11 @@ pub trait EventStore: Send + Sync {
     async fn load(&self, session: &SessionId, limit: usize)
     -> Result<StreamState, EventStoreError>;
 
-    /// Writes a batch in one transaction: all of it or nothing.
+    /// Writes a batch in one transaction: all of it or nothing. An event
+    /// that ends a turn (`done`, `error`, `cancelled` with a `turn_id`)
+    /// also removes that turn's record ([`crate::ports::TurnStore`]) in the
+    /// same transaction: a turn's ending is stored exactly when its record
+    /// goes.
     ///
     /// # Errors
     /// [`EventStoreError`] when storage fails (nothing of the batch is kept).

@@ -33,7 +33,9 @@ pub trait SessionEvents: Send + Sync {
 
     /// Like [`publish`](Self::publish), but no client sees the event (nor
     /// any later one of the session) before it is stored: for the terminal
-    /// event of a turn, whose history is already stored.
+    /// event of a turn, whose history is already stored. Storing a turn's
+    /// terminal event also removes the turn's record (see
+    /// [`crate::ports::EventStore::write`]): `Ok` means the record is gone.
     ///
     /// # Errors
     /// [`EventStoreError`] when it could not be stored; clients then see a

@@ -10,7 +10,7 @@ use sea_orm::sea_query::{
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, QueryResult, TransactionTrait};
 
 use super::file::{self, DatabaseFile};
-use super::schema::{MAX_BIND_PARAMETERS, SessionEvents, SessionStreams};
+use super::schema::{MAX_BIND_PARAMETERS, SessionEvents, SessionStreams, Turns};
 use crate::domain::session::SessionId;
 use crate::ports::{EventBatch, EventStore, EventStoreError, StoredEvent, StreamState};
 
@@ -177,6 +177,15 @@ impl EventStore for SeaOrmEventStore {
                 Expr::val(event.frame.as_str()),
             ]);
         }
+        // A turn's ending stored is its record gone, in one transaction:
+        // neither a crash nor a failed delete can leave a finished turn to
+        // be ended again as interrupted.
+        let ended: Vec<&str> = batch
+            .events
+            .iter()
+            .filter(|(_, event)| matches!(event.op.as_str(), "done" | "error" | "cancelled"))
+            .filter_map(|(_, event)| event.turn_id.as_deref())
+            .collect();
         for (session, reserve) in &batch.reserve {
             let reserve = stored_seq(*reserve)?;
             let mark = marks.entry(session.as_str()).or_insert((0, -1));
@@ -223,6 +232,13 @@ impl EventStore for SeaOrmEventStore {
                 upsert.values_panic([Expr::val(*session), Expr::val(*last), Expr::val(*reserved)]);
             }
             txn.execute(&upsert).await.map_err(unavailable)?;
+        }
+        for chunk in ended.chunks(MAX_BIND_PARAMETERS) {
+            let delete = Query::delete()
+                .from_table(Turns::Table)
+                .and_where(Expr::col(Turns::TurnId).is_in(chunk.iter().copied()))
+                .to_owned();
+            txn.execute(&delete).await.map_err(unavailable)?;
         }
         // Trims after the inserts: a batch may add events and already push
         // some of them out of the window.
@@ -587,6 +603,68 @@ mod tests {
                     .unwrap();
             }
             assert_eq!(store.load(&id("a"), 2000).await.unwrap().events.len(), 1024);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stored_ending_removes_its_turns_record_in_the_same_transaction() {
+        use crate::adapters::persistence::SeaOrmTurnStore;
+        use crate::domain::session::TurnId;
+        use crate::ports::{TurnRecord, TurnStore};
+        for backend in backends().await {
+            let db = backend.connect().await;
+            let store = SeaOrmEventStore::new(db.clone(), &backend.url);
+            let turns = SeaOrmTurnStore::new(db.clone(), &backend.url);
+            for turn in ["t1", "t2"] {
+                turns
+                    .begin(&TurnRecord {
+                        turn_id: TurnId::from(turn),
+                        session_id: id("a"),
+                        owner: "me".into(),
+                        prompt: "p".into(),
+                        started_at: chrono::Utc::now(),
+                        lease_until: chrono::Utc::now(),
+                    })
+                    .await
+                    .unwrap();
+            }
+            let records = || count(&db, "SELECT COUNT(*) AS n FROM turns");
+            // Tokens end nothing.
+            store
+                .write(EventBatch {
+                    events: events("a", 1..=3),
+                    ..EventBatch::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(records().await, 2);
+            let done = StoredEvent {
+                op: "done".into(),
+                ..token(4, "t1", "whole")
+            };
+            store
+                .write(EventBatch {
+                    events: vec![(id("a"), done)],
+                    ..EventBatch::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(records().await, 1);
+            // A batch that fails keeps the record: nothing of it is stored.
+            let clash = StoredEvent {
+                op: "cancelled".into(),
+                ..token(4, "t2", "")
+            };
+            assert!(
+                store
+                    .write(EventBatch {
+                        events: vec![(id("a"), clash)],
+                        ..EventBatch::default()
+                    })
+                    .await
+                    .is_err()
+            );
+            assert_eq!(records().await, 1);
         }
     }
 }

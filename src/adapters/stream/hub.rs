@@ -802,7 +802,12 @@ impl SessionEvents for SessionHub {
         event: SessionEvent,
     ) -> Result<(), EventStoreError> {
         let Some((log, seq, stored)) = self.append(session, turn.as_ref(), &event, true) else {
-            return Ok(());
+            // Dropped (its stream is gone): with storage behind the hub,
+            // nothing was stored, and the caller must know.
+            return match self.storage {
+                Some(_) => Err(EventStoreError("the session's stream is not open".into())),
+                None => Ok(()),
+            };
         };
         let Some(stored) = stored else { return Ok(()) };
         let result = stored
