@@ -492,7 +492,7 @@ impl ChatService {
             core.events
                 .open(&session_id)
                 .await
-                .map_err(|e| ChatError::Storage(SessionStoreError::Unavailable(e.to_string())))?;
+                .map_err(storage_unavailable)?;
             let result = core
                 .run_turn(runtime.as_ref(), &place.lane, &session_id, content)
                 .await;
@@ -778,7 +778,7 @@ impl Core {
                 .store
                 .begin(&record)
                 .await
-                .map_err(|e| ChatError::Storage(SessionStoreError::Unavailable(e.to_string())))?;
+                .map_err(storage_unavailable)?;
         }
         let cancel = CancellationToken::new();
         lock(&self.running).insert(
@@ -868,9 +868,7 @@ impl Core {
                 Err(error) => {
                     tracing::error!(session.id = %turn.session_id, turn.id = %turn.id, %error, "turn's ending not stored");
                     if result.is_ok() {
-                        result = Err(ChatError::Storage(SessionStoreError::Unavailable(
-                            error.to_string(),
-                        )));
+                        result = Err(storage_unavailable(error));
                     }
                 }
             }
@@ -1157,6 +1155,12 @@ impl Core {
             }
         }
     }
+}
+
+/// A storage port other than the session store failed (the stream, the
+/// turn records): for the client, session storage is unavailable.
+fn storage_unavailable(error: impl std::fmt::Display) -> ChatError {
+    ChatError::Storage(SessionStoreError::Unavailable(error.to_string()))
 }
 
 /// A turn whose history could not be stored: it answers 503 and its clients

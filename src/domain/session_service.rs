@@ -199,6 +199,19 @@ mod tests {
         SessionId::parse(s).unwrap()
     }
 
+    /// The service over these mocks, with a chat service that runs nothing.
+    fn service(store: MockSessionStore, events: MockSessionEvents) -> SessionService {
+        let store: Arc<dyn SessionStore> = Arc::new(store);
+        let events: Arc<dyn SessionEvents> = Arc::new(events);
+        let chat = Arc::new(ChatService::new(
+            RuntimeSlot::Unavailable("unused".into()),
+            store.clone(),
+            events.clone(),
+            None,
+        ));
+        SessionService::new(store, events, chat)
+    }
+
     #[tokio::test]
     async fn sweep_removes_idle_sessions_but_spares_those_with_live_clients() {
         let mut store = MockSessionStore::new();
@@ -221,15 +234,7 @@ mod tests {
             .times(1)
             .return_const(());
         events.expect_evict().never();
-        let store: Arc<dyn SessionStore> = Arc::new(store);
-        let events: Arc<dyn SessionEvents> = Arc::new(events);
-        let chat = Arc::new(ChatService::new(
-            RuntimeSlot::Unavailable("unused".into()),
-            store.clone(),
-            events.clone(),
-            None,
-        ));
-        let sessions = SessionService::new(store, events, chat);
+        let sessions = service(store, events);
         let policy = SweepPolicy {
             idle_ttl: Duration::from_secs(60),
             ..SweepPolicy::default()
@@ -269,15 +274,7 @@ mod tests {
             .withf(|s| s == &id("ancient"))
             .times(1)
             .return_const(());
-        let store: Arc<dyn SessionStore> = Arc::new(store);
-        let events: Arc<dyn SessionEvents> = Arc::new(events);
-        let chat = Arc::new(ChatService::new(
-            RuntimeSlot::Unavailable("unused".into()),
-            store.clone(),
-            events.clone(),
-            None,
-        ));
-        let sessions = SessionService::new(store, events, chat);
+        let sessions = service(store, events);
         let policy = SweepPolicy {
             idle_ttl: Duration::from_secs(60),
             interval: Duration::from_secs(1),

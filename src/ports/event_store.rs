@@ -91,7 +91,4 @@ pub trait EventStore: Send + Sync {
         session: &SessionId,
         turn_id: &str,
     ) -> Result<String, EventStoreError>;
-
-    /// True when events outlive the process (false for the in-memory log).
-    fn is_durable(&self) -> bool;
 }

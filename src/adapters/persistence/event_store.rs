@@ -293,10 +293,6 @@ impl EventStore for SeaOrmEventStore {
         }
         Ok(text)
     }
-
-    fn is_durable(&self) -> bool {
-        true
-    }
 }
 
 #[cfg(test)]
@@ -398,7 +394,6 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(store.load(&id("a"), 1).await.unwrap().reserved, 20);
-            assert!(store.is_durable());
         }
     }
 

@@ -58,8 +58,8 @@ pub(super) async fn exec(db: &DatabaseConnection, sql: &str) {
     db.execute_unprepared(sql).await.unwrap();
 }
 
-/// The single integer `sql` selects, as column `n`.
-pub(super) async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
+/// The single value `sql` selects, as column `column`.
+async fn scalar<T: sea_orm::TryGetable>(db: &DatabaseConnection, sql: &str, column: &str) -> T {
     let row = db
         .query_one_raw(Statement::from_string(
             db.get_database_backend(),
@@ -68,20 +68,17 @@ pub(super) async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
         .await
         .unwrap()
         .unwrap();
-    row.try_get::<i64>("", "n").unwrap()
+    row.try_get::<T>("", column).unwrap()
+}
+
+/// The single integer `sql` selects, as column `n`.
+pub(super) async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
+    scalar(db, sql, "n").await
 }
 
 /// The single text `sql` selects, as column `t`.
 pub(super) async fn text(db: &DatabaseConnection, sql: &str) -> String {
-    let row = db
-        .query_one_raw(Statement::from_string(
-            db.get_database_backend(),
-            sql.to_owned(),
-        ))
-        .await
-        .unwrap()
-        .unwrap();
-    row.try_get::<String>("", "t").unwrap()
+    scalar(db, sql, "t").await
 }
 
 /// An instant with nanoseconds, which storage truncates to microseconds.

@@ -72,20 +72,23 @@ fn to_record(row: &QueryResult) -> Result<(TurnRecord, i64), String> {
     ))
 }
 
+/// A record's columns, in the order rows are written and read.
+const COLUMNS: [Turns; 6] = [
+    Turns::TurnId,
+    Turns::SessionId,
+    Turns::Owner,
+    Turns::Prompt,
+    Turns::StartedAt,
+    Turns::LeaseUntil,
+];
+
 #[async_trait]
 impl TurnStore for SeaOrmTurnStore {
     async fn begin(&self, record: &TurnRecord) -> Result<(), TurnStoreError> {
         self.check_file()?;
         let insert = Query::insert()
             .into_table(Turns::Table)
-            .columns([
-                Turns::TurnId,
-                Turns::SessionId,
-                Turns::Owner,
-                Turns::Prompt,
-                Turns::StartedAt,
-                Turns::LeaseUntil,
-            ])
+            .columns(COLUMNS)
             .values_panic([
                 Expr::val(record.turn_id.as_str()),
                 Expr::val(record.session_id.as_str()),
@@ -131,14 +134,7 @@ impl TurnStore for SeaOrmTurnStore {
     ) -> Result<Vec<TurnRecord>, TurnStoreError> {
         self.check_file()?;
         let mut orphans = Query::select()
-            .columns([
-                Turns::TurnId,
-                Turns::SessionId,
-                Turns::Owner,
-                Turns::Prompt,
-                Turns::StartedAt,
-                Turns::LeaseUntil,
-            ])
+            .columns(COLUMNS)
             .from(Turns::Table)
             .and_where(Expr::col(Turns::Owner).ne(owner))
             .order_by(Turns::StartedAt, Order::Asc)
