@@ -16,15 +16,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::adapters::agent::{ProviderEnv, build_runtime, config::load_agents};
 use crate::adapters::approval_broadcast::ApprovalBroadcast;
+use crate::adapters::cluster::Cluster;
 use crate::adapters::ed25519::Ed25519ApprovalKey;
 use crate::adapters::http::server::ServerSettings;
 use crate::adapters::http::{self, HttpSettings, Services};
 use crate::adapters::memory::InMemorySessionStore;
 use crate::adapters::persistence::{
-    ConnectSettings, SeaOrmApprovalStore, SeaOrmEventStore, SeaOrmSessionStore, SeaOrmTurnStore,
-    connect, sqlite_url,
+    ConnectSettings, SeaOrmApprovalStore, SeaOrmEventStore, SeaOrmMcpSessions, SeaOrmSessionStore,
+    SeaOrmTurnStore, connect, notify_control, sqlite_url,
 };
-use crate::adapters::stream::{SessionHub, StreamSettings};
+use crate::adapters::stream::{SessionHub, Sharing, StreamSettings};
 use crate::domain::agent::AgentConfig;
 use crate::domain::approvals::{ApprovalPolicy, ApprovalService};
 use crate::domain::chat::{
@@ -205,7 +206,14 @@ struct SessionStores {
     /// process's), so every turn record left by another owner is an
     /// earlier life's and ends at start, without waiting for its lease.
     one_server: bool,
+    /// This instance's name when other instances may share the database
+    /// (PostgreSQL, SPEC B12).
+    shared_as: Option<String>,
 }
+
+/// How often a stream loaded here is checked for events other instances
+/// stored, in case their notification was lost.
+const SHARED_POLL: Duration = Duration::from_millis(500);
 
 /// Stored sessions on the database, or in memory when asked (or when the
 /// database could not be opened: the server then runs no turn anyway, see
@@ -216,23 +224,41 @@ fn session_stores(
     database_url: &str,
 ) -> SessionStores {
     match (settings.session_store, db) {
-        (SessionStoreKind::Database, Some(db)) => SessionStores {
-            sessions: Arc::new(SeaOrmSessionStore::new(
-                db.clone(),
-                database_url,
-                settings.max_sessions,
-            )),
-            hub: SessionHub::stored(
-                settings.stream,
-                Arc::new(SeaOrmEventStore::new(db.clone(), database_url)),
-            ),
-            turns: Some(TurnRecords {
-                store: Arc::new(SeaOrmTurnStore::new(db.clone(), database_url)),
-                owner: uuid::Uuid::new_v4().simple().to_string(),
-                lease: settings.instance_lease,
-            }),
-            one_server: database_url.starts_with("sqlite:"),
-        },
+        (SessionStoreKind::Database, Some(db)) => {
+            let owner = uuid::Uuid::new_v4().simple().to_string();
+            // SQLite is one server's file; PostgreSQL may be shared by
+            // several instances, and every one acts as if it were.
+            let one_server = database_url.starts_with("sqlite:");
+            let events = Arc::new(SeaOrmEventStore::new(db.clone(), database_url));
+            let mut sessions =
+                SeaOrmSessionStore::new(db.clone(), database_url, settings.max_sessions);
+            let hub = if one_server {
+                SessionHub::stored(settings.stream, events)
+            } else {
+                sessions = sessions.shared_as(owner.clone());
+                SessionHub::shared(
+                    settings.stream,
+                    events,
+                    Sharing {
+                        owner: owner.clone(),
+                        lease: settings.instance_lease,
+                        poll: SHARED_POLL,
+                    },
+                )
+            };
+            SessionStores {
+                sessions: Arc::new(sessions),
+                hub,
+                turns: Some(TurnRecords {
+                    store: Arc::new(SeaOrmTurnStore::new(db.clone(), database_url)),
+                    owner: owner.clone(),
+                    lease: settings.instance_lease,
+                    shared: !one_server,
+                }),
+                one_server,
+                shared_as: (!one_server).then_some(owner),
+            }
+        }
         (kind, _) => {
             if kind == SessionStoreKind::Database {
                 tracing::warn!(
@@ -244,6 +270,7 @@ fn session_stores(
                 hub: SessionHub::new(settings.stream),
                 turns: None,
                 one_server: false,
+                shared_as: None,
             }
         }
     }
@@ -272,6 +299,8 @@ pub struct App {
     /// Cancelled once running turns are done: MCP sessions and dashboard
     /// streams end then, so shutdown does not wait on idle clients.
     close_streams: CancellationToken,
+    /// The listener for other instances on the database, when they may be.
+    cluster: Option<Cluster>,
 }
 
 /// Builds every adapter and service from `settings` and binds the listener.
@@ -316,6 +345,17 @@ pub async fn build(settings: Settings) -> Result<App, BuildError> {
     let stores = session_stores(&settings, approval_db.as_ref().ok(), &database_url);
     let (store, hub) = (stores.sessions, stores.hub);
     let approval_events = Arc::new(ApprovalBroadcast::new());
+    if let (Some(owner), Ok(db)) = (&stores.shared_as, &approval_db) {
+        let (owner, db) = (owner.clone(), db.clone());
+        approval_events.set_peers(Box::new(move || {
+            let (owner, db) = (owner.clone(), db.clone());
+            tokio::spawn(async move {
+                if let Err(error) = notify_control(&db, &format!("approvals {owner}")).await {
+                    tracing::warn!(%error, "other instances not told of an approval change");
+                }
+            });
+        }));
+    }
     let approvals = approval_db.as_ref().ok().map(|db| {
         let mut store: Arc<dyn ApprovalStore> =
             Arc::new(SeaOrmApprovalStore::new(db.clone(), &database_url));
@@ -339,6 +379,11 @@ pub async fn build(settings: Settings) -> Result<App, BuildError> {
             agent: agent.name.clone(),
         });
     }
+    let mcp_sessions = stores
+        .shared_as
+        .as_ref()
+        .and(approval_db.as_ref().ok())
+        .map(|db| SeaOrmMcpSessions::new(db.clone(), &database_url));
     if let Some(turns) = stores.turns {
         chat = chat.with_turn_records(turns);
     }
@@ -346,6 +391,13 @@ pub async fn build(settings: Settings) -> Result<App, BuildError> {
     // Before the listener: turns an earlier life left running end before
     // any client can start a new one on their sessions.
     chat.recover(stores.one_server).await;
+    let cluster = stores.shared_as.map(|owner| Cluster {
+        url: database_url.clone(),
+        owner,
+        hub: hub.clone(),
+        chat: chat.clone(),
+        approvals: approval_events.clone(),
+    });
     let sessions = Arc::new(SessionService::new(store, hub.clone(), chat.clone()));
     let control = Arc::new(ControlPlane::new(
         chat.clone(),
@@ -355,6 +407,7 @@ pub async fn build(settings: Settings) -> Result<App, BuildError> {
         agents,
     ));
     let services = Services {
+        mcp_sessions,
         chat,
         sessions,
         hub,
@@ -379,6 +432,7 @@ pub async fn build(settings: Settings) -> Result<App, BuildError> {
         error,
     })?;
     Ok(App {
+        cluster,
         approval_key_id: approvals.as_ref().and_then(|a| a.key_id()),
         auth,
         services,
@@ -422,9 +476,18 @@ impl App {
             approvals,
             approval_db,
             close_streams,
+            cluster,
             ..
         } = self;
         let shutdown = CancellationToken::new();
+        let listen = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                if let Some(cluster) = cluster {
+                    cluster.run(shutdown).await;
+                }
+            }
+        });
         let leases = tokio::spawn({
             let (chat, shutdown) = (services.chat.clone(), shutdown.clone());
             async move { chat.run_leases(shutdown).await }
@@ -467,7 +530,7 @@ impl App {
         };
         let served = http::serve(listener, endpoint, server, signal).await;
         shutdown.cancel();
-        let _ = tokio::join!(leases, sweeper, drain, pruner);
+        let _ = tokio::join!(leases, sweeper, drain, pruner, listen);
         if let Some(db) = approval_db
             && let Err(error) = db.close().await
         {
@@ -500,6 +563,7 @@ pub fn spec_yaml() -> String {
         vec![agent],
     ));
     http::spec_service(&Services {
+        mcp_sessions: None,
         chat,
         sessions,
         hub,

@@ -22,6 +22,8 @@ pub struct ApprovalBroadcast {
     /// Bumped on every change; receivers see the latest value.
     version: watch::Sender<u64>,
     listeners: Mutex<Vec<Box<dyn ApprovalListener>>>,
+    /// Tells other instances on the database of a change made here.
+    peers: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Default for ApprovalBroadcast {
@@ -29,6 +31,7 @@ impl Default for ApprovalBroadcast {
         Self {
             version: watch::Sender::new(0),
             listeners: Mutex::default(),
+            peers: std::sync::OnceLock::new(),
         }
     }
 }
@@ -57,6 +60,25 @@ impl ApprovalBroadcast {
         self.lock().iter().any(|listener| listener.is_listening())
     }
 
+    /// Sets how other instances hear of changes made here (once; later
+    /// calls are ignored).
+    pub fn set_peers(&self, tell: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.peers.set(tell);
+    }
+
+    /// Approvals changed on another instance: tell this one's listeners
+    /// (and not the peers again).
+    pub fn changed_elsewhere(&self) {
+        self.tell_listeners();
+    }
+
+    fn tell_listeners(&self) {
+        self.version.send_modify(|v| *v += 1);
+        for listener in self.lock().iter() {
+            listener.approvals_changed();
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Box<dyn ApprovalListener>>> {
         self.listeners
             .lock()
@@ -66,9 +88,9 @@ impl ApprovalBroadcast {
 
 impl ApprovalEvents for ApprovalBroadcast {
     fn approvals_changed(&self) {
-        self.version.send_modify(|v| *v += 1);
-        for listener in self.lock().iter() {
-            listener.approvals_changed();
+        self.tell_listeners();
+        if let Some(tell) = self.peers.get() {
+            tell();
         }
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod approval_broadcast;
+pub mod cluster;
 pub mod control;
 pub mod ed25519;
 pub mod http;

@@ -36,8 +36,8 @@ use super::events::SessionEvent;
 use super::message::{ModelMessage, ResponsePart};
 use super::session::{SessionId, SessionInfo, TurnId};
 use crate::ports::{
-    AgentRuntime, EventSink, SessionEvents, SessionStore, SessionStoreError, TurnInput, TurnRecord,
-    TurnStore,
+    AgentRuntime, Claim, Enqueued, EventSink, SessionEvents, SessionStore, SessionStoreError,
+    TurnInput, TurnRecord, TurnStore,
 };
 
 /// The code of the error that ends a turn cut short by a crash.
@@ -168,6 +168,9 @@ struct Lane {
     /// Fires when the session is deleted: the running turn stops, queued
     /// ones end without running.
     ended: CancellationToken,
+    /// Woken when one of the lane's turns leaves it: with several
+    /// instances, the next one asks at once whether its time has come.
+    turn_left: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -185,6 +188,7 @@ impl Lane {
             queue: Mutex::default(),
             alive: Mutex::new(true),
             ended: CancellationToken::new(),
+            turn_left: tokio::sync::Notify::new(),
         }
     }
 
@@ -236,7 +240,15 @@ pub struct TurnRecords {
     pub owner: String,
     /// How long a record stays claimed without a renewal.
     pub lease: Duration,
+    /// Other instances share the store (SPEC B12): every turn takes its
+    /// place in its session's stored queue when it arrives, and runs when
+    /// it is first there, whichever instance took the turns before it.
+    pub shared: bool,
 }
+
+/// How often a turn waiting behind another instance's turn asks whether its
+/// time has come (a turn of this instance wakes it at once).
+const QUEUE_POLL: Duration = Duration::from_millis(50);
 
 /// Runs chat turns.
 pub struct ChatService {
@@ -404,14 +416,17 @@ impl ChatService {
                 self.admit(Arc::clone(runtime), session_id.clone(), content, None)
             }
             RuntimeSlot::Unavailable(why) => {
-                self.core.events.publish(
-                    session_id,
-                    Some(TurnId::generate()),
-                    SessionEvent::Error {
+                let core = Arc::clone(&self.core);
+                let session_id = session_id.clone();
+                let message = why.clone();
+                tokio::spawn(async move {
+                    let event = SessionEvent::Error {
                         code: None,
-                        message: why.clone(),
-                    },
-                );
+                        message,
+                    };
+                    core.notice(&session_id, Some(TurnId::generate()), event)
+                        .await;
+                });
                 Err(ChatError::RuntimeUnavailable(why.clone()))
             }
         }
@@ -455,12 +470,13 @@ impl ChatService {
             core: Arc::clone(&self.core),
             session_id: session_id.clone(),
             lane: Arc::clone(&lane),
-            _done: done,
+            done: Some(done),
         };
         let core = Arc::clone(&self.core);
         let max_history_bytes = self.max_history_bytes;
+        let max_queued_turns = self.max_queued_turns;
         Ok(TurnHandle(tokio::spawn(async move {
-            let place = place;
+            let mut place = place;
             let mut known = known;
             if let Some(before) = wait {
                 // Whatever the caller read is stale once other turns ran.
@@ -476,26 +492,33 @@ impl ChatService {
             if core.is_closing() {
                 return Err(ChatError::ShuttingDown);
             }
-            // Checked when the turn's time comes, so turns queued before the
-            // history filled up are refused too.
-            let info = match known {
-                Some(info) => info,
-                None => core.sessions.get_or_create(&session_id, Utc::now()).await?,
-            };
-            if info.history_bytes >= max_history_bytes {
-                return Err(ChatError::HistoryFull {
-                    limit: max_history_bytes,
-                });
+            let turn_id = TurnId::generate();
+            let queued = core.shared_turns().is_some();
+            if queued {
+                let first = core
+                    .take_place(&session_id, &turn_id, &content, max_queued_turns)
+                    .await?;
+                // The next turn of this instance may take its place now.
+                place.done = None;
+                if !first {
+                    known = None;
+                    core.await_turn(&lane, &session_id, &turn_id).await?;
+                }
             }
-            // A session deleted before and used again is a new stream; a
-            // stream that cannot be loaded cannot number the turn's events.
-            core.events
-                .open(&session_id)
-                .await
-                .map_err(storage_unavailable)?;
-            let result = core
-                .run_turn(runtime.as_ref(), &place.lane, &session_id, content)
+            let (result, ended) = core
+                .run_queued(
+                    runtime.as_ref(),
+                    &place.lane,
+                    &session_id,
+                    turn_id.clone(),
+                    content,
+                    known,
+                    max_history_bytes,
+                )
                 .await;
+            if queued && !ended {
+                core.leave_queue(&turn_id).await;
+            }
             drop(place);
             result
         })))
@@ -516,11 +539,34 @@ impl ChatService {
         if let Some(turn_id) = cancelled {
             return Ok(turn_id);
         }
+        if let Some(turns) = self.core.shared_turns() {
+            // Running on another instance, maybe: it is told.
+            match turns.store.request_cancel(session_id).await {
+                Ok(Some(turn_id)) => return Ok(turn_id),
+                Ok(None) => {}
+                Err(error) => {
+                    return Err(CancelError::Storage(SessionStoreError::Unavailable(
+                        error.to_string(),
+                    )));
+                }
+            }
+        }
         match self.core.sessions.history(session_id).await {
             Ok(_) => Err(CancelError::NothingRunning),
             Err(SessionStoreError::NotFound) => Err(CancelError::SessionNotFound),
             Err(error) => Err(CancelError::Storage(error)),
         }
+    }
+
+    /// Stops the turn `turn_id` if it runs here: another instance was asked
+    /// to cancel it (SPEC B12). True if it was running here.
+    pub fn cancel_turn(&self, turn_id: &TurnId) -> bool {
+        let running = lock(&self.core.running);
+        let found = running.values().find(|r| &r.turn_id == turn_id);
+        if let Some(found) = found {
+            found.cancel.cancel();
+        }
+        found.is_some()
     }
 
     /// The session is being deleted: its running turn stops, its queued
@@ -543,10 +589,10 @@ impl ChatService {
 
     /// An `approve` request on a session: the server cannot take approvals
     /// yet, so every client of the session is told so.
-    pub fn approve_unsupported(&self, session_id: &SessionId) {
+    pub async fn approve_unsupported(&self, session_id: &SessionId) {
         self.core
-            .events
-            .publish(session_id, None, SessionEvent::approval_unsupported());
+            .notice(session_id, None, SessionEvent::approval_unsupported())
+            .await;
     }
 
     /// Graceful shutdown: starts no new turn, lets running ones finish for
@@ -647,6 +693,23 @@ impl ChatService {
                     tracing::warn!(%error, "turn leases not renewed");
                 }
             }
+            if turns.shared {
+                // Queued turns hold their places with the same lease.
+                if lock(&self.core.running).is_empty() && !lock(&self.core.lanes).is_empty() {
+                    let until =
+                        Utc::now() + chrono::Duration::from_std(turns.lease).unwrap_or_default();
+                    if let Err(error) = turns.store.renew(&turns.owner, until).await {
+                        tracing::warn!(%error, "turn leases not renewed");
+                    }
+                }
+                // Cancels asked for on other instances whose notice was lost.
+                match turns.store.cancel_requests(&turns.owner).await {
+                    Ok(asked) => asked.iter().for_each(|turn| {
+                        self.cancel_turn(turn);
+                    }),
+                    Err(error) => tracing::warn!(%error, "cancel requests not read"),
+                }
+            }
             self.recover(false).await;
         }
     }
@@ -663,13 +726,188 @@ impl Core {
         self.closing.load(Ordering::SeqCst)
     }
 
+    /// The turn records, when other instances share them.
+    fn shared_turns(&self) -> Option<&TurnRecords> {
+        self.turns.as_ref().filter(|turns| turns.shared)
+    }
+
+    /// Publishes one event outside any turn to every instance's clients of
+    /// the session (with several instances it waits for a turn running on
+    /// another one to end: one instance numbers a stream at a time).
+    async fn notice(&self, session: &SessionId, turn: Option<TurnId>, event: SessionEvent) {
+        if let Err(error) = self.events.open(session).await {
+            tracing::error!(session.id = %session, %error, "notice not published");
+            return;
+        }
+        if let Err(error) = self.events.publish_durable(session, turn, event).await {
+            tracing::error!(session.id = %session, %error, "notice not stored");
+        }
+    }
+
+    /// Stores the turn's place at the end of its session's queue, shared by
+    /// every instance. True if it is first (it runs now).
+    async fn take_place(
+        &self,
+        session: &SessionId,
+        turn_id: &TurnId,
+        prompt: &str,
+        max_queued: usize,
+    ) -> Result<bool, ChatError> {
+        let Some(turns) = &self.turns else {
+            return Ok(true);
+        };
+        let now = Utc::now();
+        let record = TurnRecord {
+            turn_id: turn_id.clone(),
+            session_id: session.clone(),
+            owner: turns.owner.clone(),
+            prompt: prompt.to_owned(),
+            started_at: now,
+            lease_until: now + chrono::Duration::from_std(turns.lease).unwrap_or_default(),
+            running: false,
+        };
+        match turns
+            .store
+            .enqueue(&record, max_queued)
+            .await
+            .map_err(storage_unavailable)?
+        {
+            Enqueued::First => Ok(true),
+            Enqueued::Waiting => Ok(false),
+            Enqueued::Full => {
+                metrics::counter!("autopoiesis_turns_refused_total", "reason" => "queue_full")
+                    .increment(1);
+                Err(ChatError::TooManyQueued { max: max_queued })
+            }
+        }
+    }
+
+    /// Waits until the turn is its session's first among every instance's
+    /// turns (and marks it running). A turn of this instance leaving the
+    /// lane wakes it at once; one of another instance, within
+    /// [`QUEUE_POLL`].
+    async fn await_turn(
+        &self,
+        lane: &Lane,
+        session_id: &SessionId,
+        turn_id: &TurnId,
+    ) -> Result<(), ChatError> {
+        let Some(turns) = &self.turns else {
+            return Ok(());
+        };
+        loop {
+            tokio::select! {
+                biased;
+                () = lane.ended.cancelled() => break,
+                () = lane.turn_left.notified() => {}
+                () = tokio::time::sleep(QUEUE_POLL) => {}
+            }
+            if self.is_closing() {
+                self.leave_queue(turn_id).await;
+                return Err(ChatError::ShuttingDown);
+            }
+            match turns.store.claim(turn_id).await {
+                Ok(Claim::Running) => return Ok(()),
+                Ok(Claim::Waiting) => {}
+                Ok(Claim::Gone) => break,
+                Err(error) => {
+                    tracing::warn!(turn.id = %turn_id, %error, "turn queue not read; asking again")
+                }
+            }
+        }
+        Err(ChatError::SessionDeleted {
+            session_id: session_id.clone(),
+        })
+    }
+
+    /// Removes a turn that will not run (or whose ending was not stored)
+    /// from its session's queue.
+    async fn leave_queue(&self, turn_id: &TurnId) {
+        if let Some(turns) = &self.turns
+            && let Err(error) = turns.store.end(turn_id).await
+        {
+            tracing::error!(turn.id = %turn_id, %error, "turn record not removed");
+        }
+    }
+
+    /// The part of a turn after its place in the queue came: checks the
+    /// session, opens its stream, runs the turn. True when the turn's
+    /// ending was stored (which removed its record).
+    #[allow(clippy::too_many_arguments)]
+    async fn run_queued(
+        &self,
+        runtime: &dyn AgentRuntime,
+        lane: &Arc<Lane>,
+        session_id: &SessionId,
+        turn_id: TurnId,
+        content: String,
+        known: Option<SessionInfo>,
+        max_history_bytes: usize,
+    ) -> (Result<ChatReply, ChatError>, bool) {
+        // Checked when the turn's time comes, so turns queued before the
+        // history filled up are refused too.
+        let info = match known {
+            Some(info) => info,
+            None => match self.sessions.get_or_create(session_id, Utc::now()).await {
+                Ok(info) => info,
+                Err(error) => return (Err(error.into()), false),
+            },
+        };
+        if info.history_bytes >= max_history_bytes {
+            return (
+                Err(ChatError::HistoryFull {
+                    limit: max_history_bytes,
+                }),
+                false,
+            );
+        }
+        // A session deleted before and used again is a new stream; a
+        // stream that cannot be loaded cannot number the turn's events.
+        if let Err(error) = self.events.open(session_id).await {
+            return (Err(storage_unavailable(error)), false);
+        }
+        let (turn, input, request) = match self
+            .start(runtime, lane, session_id, turn_id, content)
+            .await
+        {
+            Ok(started) => started,
+            Err(error) => {
+                self.events.close(session_id);
+                return (Err(error), false);
+            }
+        };
+        let (outcome, partial) = self.await_outcome(&turn, input).await;
+        self.finish(turn, request, outcome, partial).await
+    }
+
     /// Ends one orphaned turn: history first, then its stored `error`, which
     /// removes its record in the same transaction (so a failure part way is
     /// retried whole, a turn whose ending is stored is never ended twice,
     /// and a history already holding the prompt is not appended to again).
     async fn interrupt(&self, record: &TurnRecord) -> Result<(), String> {
+        if !record.running {
+            // It never ran, and whoever sent it went with its instance.
+            self.leave_queue(&record.turn_id).await;
+            return Ok(());
+        }
         let session = &record.session_id;
         self.events.open(session).await.map_err(|e| e.to_string())?;
+        let mut published = false;
+        let ended = self.end_interrupted(record, &mut published).await;
+        if !published {
+            self.events.close(session);
+        }
+        ended
+    }
+
+    /// [`Self::interrupt`] on a stream held open; `published` is set once
+    /// the ending went to be published (which ends the hold, stored or not).
+    async fn end_interrupted(
+        &self,
+        record: &TurnRecord,
+        published: &mut bool,
+    ) -> Result<(), String> {
+        let session = &record.session_id;
         let text = self
             .events
             .turn_text(session, &record.turn_id)
@@ -705,6 +943,7 @@ impl Core {
             }
         }
         if history.is_some() {
+            *published = true;
             self.events
                 .publish_durable(
                     session,
@@ -729,21 +968,6 @@ impl Core {
         Ok(())
     }
 
-    /// Runs one turn on its session: start it, await the runtime's answer
-    /// (or a stop), then finish it, which saves, tells the clients and
-    /// counts it.
-    async fn run_turn(
-        &self,
-        runtime: &dyn AgentRuntime,
-        lane: &Arc<Lane>,
-        session_id: &SessionId,
-        content: String,
-    ) -> Result<ChatReply, ChatError> {
-        let (turn, input, request) = self.start(runtime, lane, session_id, content).await?;
-        let (outcome, partial) = self.await_outcome(&turn, input).await;
-        self.finish(turn, request, outcome, partial).await
-    }
-
     /// Registers the turn as running, with what the runtime gets and the
     /// prompt message to save.
     async fn start<'a>(
@@ -751,6 +975,7 @@ impl Core {
         runtime: &'a dyn AgentRuntime,
         lane: &'a Arc<Lane>,
         session_id: &'a SessionId,
+        turn_id: TurnId,
         content: String,
     ) -> Result<(Turn<'a>, TurnInput, ModelMessage), ChatError> {
         // A session deleted while the turn waited has nothing to run on.
@@ -763,8 +988,7 @@ impl Core {
             }
             Err(error) => return Err(error.into()),
         };
-        let turn_id = TurnId::generate();
-        if let Some(turns) = &self.turns {
+        if let Some(turns) = self.turns.as_ref().filter(|turns| !turns.shared) {
             let now = Utc::now();
             let record = TurnRecord {
                 turn_id: turn_id.clone(),
@@ -773,6 +997,7 @@ impl Core {
                 prompt: content.clone(),
                 started_at: now,
                 lease_until: now + chrono::Duration::from_std(turns.lease).unwrap_or_default(),
+                running: true,
             };
             turns
                 .store
@@ -850,15 +1075,17 @@ impl Core {
         request: ModelMessage,
         outcome: Outcome,
         partial: String,
-    ) -> Result<ChatReply, ChatError> {
+    ) -> (Result<ChatReply, ChatError>, bool) {
         let (mut result, terminal) = self.settle(&turn, request, outcome, partial).await;
         let mut turn = turn;
         turn.running = None;
         // Storing the ending removes the turn's record with it.
         let mut ending_stored = false;
+        let mut published = false;
         if let Some(event) = terminal
             && turn.lane.is_alive()
         {
+            published = true;
             let stored = self
                 .events
                 .publish_durable(turn.session_id, Some(turn.id.clone()), event)
@@ -873,11 +1100,11 @@ impl Core {
                 }
             }
         }
-        if !ending_stored
-            && let Some(turns) = &self.turns
-            && let Err(error) = turns.store.end(&turn.id).await
-        {
-            tracing::error!(turn.id = %turn.id, %error, "turn record not removed");
+        if !published {
+            self.events.close(turn.session_id);
+        }
+        if !ending_stored {
+            self.leave_queue(&turn.id).await;
         }
         let outcome = result.as_ref().map_or_else(error_kind, |_| "done");
         metrics::counter!("autopoiesis_turns_finished_total", "outcome" => outcome).increment(1);
@@ -890,7 +1117,7 @@ impl Core {
             outcome,
             "turn finished"
         );
-        result
+        (result, true)
     }
 
     /// What each outcome keeps and answers, and the terminal event its
@@ -1184,12 +1411,14 @@ struct Place {
     core: Arc<Core>,
     session_id: SessionId,
     lane: Arc<Lane>,
-    /// Dropped with the place: wakes the turn queued behind this one.
-    _done: oneshot::Sender<()>,
+    /// Dropped when the next turn of the lane may go on: once this one
+    /// finished, or (several instances) once it took its stored place.
+    done: Option<oneshot::Sender<()>>,
 }
 
 impl Drop for Place {
     fn drop(&mut self) {
+        self.lane.turn_left.notify_waiters();
         let mut lanes = lock(&self.core.lanes);
         let mut queue = lock(&self.lane.queue);
         queue.turns -= 1;
@@ -1424,6 +1653,7 @@ mod tests {
                 Ok(())
             });
         events.expect_open().returning(|_| Ok(()));
+        events.expect_close().return_const(());
         events
     }
 
@@ -1644,6 +1874,7 @@ mod tests {
         events.expect_publish().return_const(());
         events.expect_publish_durable().returning(|_, _, _| Ok(()));
         events.expect_open().returning(|_| Ok(()));
+        events.expect_close().return_const(());
         let chat = ChatService::new(
             RuntimeSlot::Ready(Arc::new(runtime)),
             Arc::new(store),
@@ -1888,6 +2119,7 @@ mod tests {
             store: Arc::new(store),
             owner: "me".into(),
             lease: Duration::from_secs(10),
+            shared: false,
         }
     }
 
@@ -1944,6 +2176,7 @@ mod tests {
         let appended = Arc::new(Mutex::new(Vec::new()));
         let mut events = MockSessionEvents::new();
         events.expect_open().returning(|_| Ok(()));
+        events.expect_close().return_const(());
         events.expect_publish().return_const(());
         events
             .expect_publish_durable()
@@ -2015,6 +2248,7 @@ mod tests {
             prompt: "unfinished".into(),
             started_at: Utc::now(),
             lease_until: Utc::now(),
+            running: true,
         }
     }
 

@@ -49,12 +49,21 @@ pub struct EventBatch {
     /// Delete a session's events with a seq at or below this one (they left
     /// the retained window).
     pub trim: Vec<(SessionId, u64)>,
+    /// Streams `owner` stops numbering ([`EventStore::acquire`]), with the
+    /// reservation set down to the last seq it handed out: another
+    /// instance may number them from here on.
+    pub release: Vec<(SessionId, u64)>,
+    /// The instance writing the batch (whose holds `release` ends).
+    pub owner: Option<String>,
 }
 
 impl EventBatch {
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.reserve.is_empty() && self.trim.is_empty()
+        self.events.is_empty()
+            && self.reserve.is_empty()
+            && self.trim.is_empty()
+            && self.release.is_empty()
     }
 }
 
@@ -91,4 +100,52 @@ pub trait EventStore: Send + Sync {
         session: &SessionId,
         turn_id: &str,
     ) -> Result<String, EventStoreError>;
+
+    /// With several instances on one database (SPEC B12): makes `owner` the
+    /// one instance that numbers the session's events, unless another
+    /// holds the stream with a lease that has not run out, and reserves
+    /// `block` seqs above everything reserved before. Returns the new
+    /// reserved mark (numbering continues at `mark - block + 1`), or `None`
+    /// while another instance holds the stream.
+    ///
+    /// # Errors
+    /// [`EventStoreError`] when storage fails.
+    async fn acquire(
+        &self,
+        session: &SessionId,
+        owner: &str,
+        lease_until: chrono::DateTime<chrono::Utc>,
+        block: u64,
+    ) -> Result<Option<u64>, EventStoreError>;
+
+    /// Extends `owner`'s hold on these streams to `lease_until`.
+    ///
+    /// # Errors
+    /// [`EventStoreError`] when storage fails.
+    async fn renew(
+        &self,
+        owner: &str,
+        sessions: &[SessionId],
+        lease_until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), EventStoreError>;
+
+    /// Stored events of the session with a seq above `after`, oldest
+    /// first, at most `limit`: what another instance published.
+    ///
+    /// # Errors
+    /// [`EventStoreError`] when storage fails.
+    async fn events_after(
+        &self,
+        session: &SessionId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, EventStoreError>;
+
+    /// The seq of the newest stored event of each of `sessions` that has
+    /// one (the polling fallback of cross-instance delivery).
+    ///
+    /// # Errors
+    /// [`EventStoreError`] when storage fails.
+    async fn heads(&self, sessions: &[SessionId])
+    -> Result<Vec<(SessionId, u64)>, EventStoreError>;
 }

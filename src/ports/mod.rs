@@ -17,4 +17,4 @@ pub use approval_store::{ApprovalStore, ApprovalStoreError};
 pub use event_store::{EventBatch, EventStore, EventStoreError, StoredEvent, StreamState};
 pub use session_events::SessionEvents;
 pub use session_store::{SessionStore, SessionStoreError};
-pub use turn_store::{TurnRecord, TurnStore, TurnStoreError};
+pub use turn_store::{Claim, Enqueued, TurnRecord, TurnStore, TurnStoreError};

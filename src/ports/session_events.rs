@@ -18,6 +18,13 @@ pub trait SessionEvents: Send + Sync {
     /// already. A session that was [forgotten](Self::forget) is a new stream
     /// from here on. Turns call this before their first event.
     ///
+    /// With several instances on one database, only one numbers a stream at
+    /// a time: this also waits until no other instance does, and holds the
+    /// stream for this one until the hold ends. Every `open` is paired with
+    /// exactly one hold's end: a [`publish_durable`](Self::publish_durable)
+    /// (a turn's terminal event, or a notice outside turns) or a
+    /// [`close`](Self::close).
+    ///
     /// # Errors
     /// [`EventStoreError`] when the stored stream cannot be read: no event
     /// may be numbered then, so the turn must not start.
@@ -36,6 +43,7 @@ pub trait SessionEvents: Send + Sync {
     /// event of a turn, whose history is already stored. Storing a turn's
     /// terminal event also removes the turn's record (see
     /// [`crate::ports::EventStore::write`]): `Ok` means the record is gone.
+    /// It ends one hold taken by [`open`](Self::open), stored or not.
     ///
     /// # Errors
     /// [`EventStoreError`] when it could not be stored; clients then see a
@@ -46,6 +54,10 @@ pub trait SessionEvents: Send + Sync {
         turn: Option<TurnId>,
         event: SessionEvent,
     ) -> Result<(), EventStoreError>;
+
+    /// Ends one hold taken by [`open`](Self::open) without an event (a turn
+    /// that ended with nothing to tell).
+    fn close(&self, session: &SessionId);
 
     /// The text a turn streamed (its `token` events) as far as it is stored:
     /// what a turn cut short by a crash had said.

@@ -29,6 +29,33 @@ pub struct TurnRecord {
     /// The owner renews this while the turn runs; past it, the turn is
     /// orphaned.
     pub lease_until: DateTime<Utc>,
+    /// False while the turn waits in its session's queue behind others
+    /// ([`TurnStore::enqueue`]): it has not run, so nothing of it is kept
+    /// if its owner dies.
+    pub running: bool,
+}
+
+/// Where [`TurnStore::enqueue`] put a turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// No turn of its session is before it: it runs now.
+    First,
+    /// Others are before it; [`TurnStore::claim`] says when its time comes.
+    Waiting,
+    /// Its session already has more than the cap waiting; nothing stored.
+    Full,
+}
+
+/// What [`TurnStore::claim`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The turn is its session's first now, and marked running.
+    Running,
+    /// Turns are still before it.
+    Waiting,
+    /// Its record is gone (its session was deleted, or it was taken as an
+    /// orphan): it must not run.
+    Gone,
 }
 
 /// Keeps the records of running turns.
@@ -67,4 +94,40 @@ pub trait TurnStore: Send + Sync {
         now: Option<DateTime<Utc>>,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<TurnRecord>, TurnStoreError>;
+
+    /// With several instances on one database (SPEC B12): stores the
+    /// record of a turn that arrived now at the end of its session's queue
+    /// (arrival order across instances), unless more than `max_waiting`
+    /// turns of the session are stored already. A turn stored
+    /// [`Enqueued::First`] is marked running.
+    ///
+    /// # Errors
+    /// [`TurnStoreError`] when storage fails: the turn must not start.
+    async fn enqueue(
+        &self,
+        record: &TurnRecord,
+        max_waiting: usize,
+    ) -> Result<Enqueued, TurnStoreError>;
+
+    /// Marks an enqueued turn running if no turn of its session is before
+    /// it.
+    ///
+    /// # Errors
+    /// [`TurnStoreError`] when storage fails.
+    async fn claim(&self, turn_id: &TurnId) -> Result<Claim, TurnStoreError>;
+
+    /// Asks whichever instance runs the session's turn to cancel it (and
+    /// tells it at once where the database can). The running turn's id, or
+    /// `None` when none runs.
+    ///
+    /// # Errors
+    /// [`TurnStoreError`] when storage fails.
+    async fn request_cancel(&self, session: &SessionId) -> Result<Option<TurnId>, TurnStoreError>;
+
+    /// Running turns of `owner` that a cancel was asked for (the fallback
+    /// for a cancel whose notice did not arrive).
+    ///
+    /// # Errors
+    /// [`TurnStoreError`] when storage fails.
+    async fn cancel_requests(&self, owner: &str) -> Result<Vec<TurnId>, TurnStoreError>;
 }

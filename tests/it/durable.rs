@@ -17,10 +17,10 @@ use autopoiesis::domain::chat::RuntimeSlot;
 
 /// Where a test's servers keep their data: a data dir, and a database URL
 /// (`None`: the SQLite file in the data dir).
-struct Data {
-    name: &'static str,
-    dir: tempfile::TempDir,
-    database_url: Option<String>,
+pub(crate) struct Data {
+    pub(crate) name: &'static str,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) database_url: Option<String>,
 }
 
 /// SQLite, and PostgreSQL in a schema of the test's own when configured.
@@ -42,18 +42,30 @@ async fn data_stores() -> Vec<Data> {
 
 /// A `serve` process on port 0 with the echo agent streaming a token every
 /// `delay_ms`.
-struct Server {
-    child: Child,
-    base: String,
-    ws_base: String,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) base: String,
+    pub(crate) ws_base: String,
 }
 
 impl Server {
-    fn start(data: &Data, delay_ms: u64, extra: &[&str]) -> Self {
+    pub(crate) fn start(data: &Data, delay_ms: u64, extra: &[&str]) -> Self {
+        Self::start_with_env(data, delay_ms, extra, &[])
+    }
+
+    /// [`Self::start`] with `env` set for the process.
+    pub(crate) fn start_with_env(
+        data: &Data,
+        delay_ms: u64,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let config = data.dir.path().join("agents.toml");
         std::fs::write(
             &config,
-            format!("[agents.default]\nmodel = \"echo:delay_ms={delay_ms}\"\n"),
+            format!(
+                "[agents.default]\nmodel = \"echo:delay_ms={delay_ms}\"\ntools = [\"execute\"]\n"
+            ),
         )
         .unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_autopoiesis"));
@@ -70,7 +82,8 @@ impl Server {
             .arg("--config")
             .arg(&config)
             .args(["--instance-lease", "1s"])
-            .args(extra);
+            .args(extra)
+            .envs(env.iter().copied());
         if let Some(url) = &data.database_url {
             command.args(["--database-url", url]);
         }
@@ -82,7 +95,7 @@ impl Server {
         }
     }
 
-    fn signal(&self, signal: &str) {
+    pub(crate) fn signal(&self, signal: &str) {
         let sent = Command::new("kill")
             .args([signal, &self.child.id().to_string()])
             .status()
@@ -91,25 +104,25 @@ impl Server {
     }
 
     /// SIGTERM, then waits for a clean exit.
-    fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         self.signal("-TERM");
         let status = self.child.wait().unwrap();
         assert!(status.success(), "exit status {status}");
     }
 
     /// SIGKILL: no shutdown code runs.
-    fn kill(mut self) {
+    pub(crate) fn kill(mut self) {
         self.signal("-KILL");
         self.child.wait().unwrap();
     }
 
-    async fn get(&self, path: &str) -> (StatusCode, Value) {
+    pub(crate) async fn get(&self, path: &str) -> (StatusCode, Value) {
         let res = reqwest::get(format!("{}{path}", self.base)).await.unwrap();
         let status = res.status();
         (status, res.json().await.unwrap_or(Value::Null))
     }
 
-    async fn chat(&self, session: &str, content: &str) -> Value {
+    pub(crate) async fn chat(&self, session: &str, content: &str) -> Value {
         let res = reqwest::Client::new()
             .post(format!("{}/api/chat", self.base))
             .json(&json!({"content": content, "session_id": session}))
@@ -120,7 +133,7 @@ impl Server {
         res.json().await.unwrap()
     }
 
-    async fn ws(&self, path: &str) -> Ws {
+    pub(crate) async fn ws(&self, path: &str) -> Ws {
         let (ws, _) = tokio_tungstenite::connect_async(format!("{}{path}", self.ws_base))
             .await
             .unwrap();
@@ -152,7 +165,12 @@ fn listing(list: &Value) -> Vec<(String, String, u64)> {
 
 /// Every frame a client resuming after `after` gets until the socket has
 /// been silent for `quiet`.
-async fn frames_after(server: &Server, session: &str, after: u64, quiet: Duration) -> Vec<Value> {
+pub(crate) async fn frames_after(
+    server: &Server,
+    session: &str,
+    after: u64,
+    quiet: Duration,
+) -> Vec<Value> {
     let mut ws = server
         .ws(&format!("/api/ws/{session}?after_seq={after}"))
         .await;

@@ -5,6 +5,7 @@
 mod approval_store;
 mod auth;
 mod cli;
+mod cluster;
 mod connections;
 mod dashboard;
 mod durable;

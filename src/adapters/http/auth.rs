@@ -36,6 +36,16 @@ impl ApiKey {
         }
     }
 
+    /// The key tickets are signed with: the same on every instance that
+    /// has this API key, and not the key (nor its digest) itself.
+    #[must_use]
+    pub fn ticket_secret(&self) -> [u8; 32] {
+        let mut hasher = Sha256::new();
+        hasher.update(b"autopoiesis connection tickets v1\0");
+        hasher.update(self.0);
+        hasher.finalize().into()
+    }
+
     fn matches(&self, presented: &str) -> bool {
         let presented: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         self.0.ct_eq(&presented).into()
@@ -50,10 +60,20 @@ impl fmt::Debug for ApiKey {
 
 /// Single-use tickets that stand in for the key on WebSocket and SSE URLs,
 /// which browsers open without custom headers.
+///
+/// A ticket is `NONCE.EXPIRES.MAC`: 122 random bits, its expiry (Unix
+/// milliseconds) and an HMAC-SHA-256 of both under a secret derived from
+/// the API key ([`ApiKey::ticket_secret`]). Every instance with the same
+/// key accepts a ticket any of them issued (SPEC B12), without asking the
+/// others. Each instance takes a ticket once: a ticket issued by one
+/// instance could open one connection on each of the others within its
+/// 30 s, which only its holder (who has the key-bearing page) can do.
 pub struct TicketBook {
     ttl: Duration,
-    /// Tickets issued and not yet expired, at most this many.
+    /// Tickets issued here, and tickets of other instances redeemed here,
+    /// not yet expired: at most this many of each.
     capacity: usize,
+    secret: [u8; 32],
     issued: Mutex<Issued>,
 }
 
@@ -65,6 +85,35 @@ struct Issued {
     /// live equally long, so this is also the order in which they expire,
     /// and expiring them costs only the ones that expire.
     by_expiry: VecDeque<(Instant, String)>,
+    /// Tickets of other instances taken here, until they expire.
+    spent: HashMap<String, Instant>,
+    spent_by_expiry: VecDeque<(Instant, String)>,
+}
+
+impl Issued {
+    fn expire(&mut self, now: Instant) {
+        while let Some((expires, _)) = self.by_expiry.front()
+            && *expires <= now
+        {
+            if let Some((_, ticket)) = self.by_expiry.pop_front() {
+                self.valid.remove(&ticket);
+            }
+        }
+        while let Some((expires, _)) = self.spent_by_expiry.front()
+            && *expires <= now
+        {
+            if let Some((_, ticket)) = self.spent_by_expiry.pop_front() {
+                self.spent.remove(&ticket);
+            }
+        }
+    }
+}
+
+type TicketMac = hmac::Hmac<Sha256>;
+
+fn unix_millis(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Too many tickets are outstanding; the client should retry later.
@@ -77,18 +126,38 @@ impl TicketBook {
     /// connection it opens, for 30 s.
     pub const DEFAULT_CAPACITY: usize = 10_000;
 
+    /// Tickets signed with `secret` ([`ApiKey::ticket_secret`]).
     #[must_use]
-    pub fn new(ttl: Duration) -> Arc<Self> {
-        Self::with_capacity(ttl, Self::DEFAULT_CAPACITY)
+    pub fn new(ttl: Duration, secret: [u8; 32]) -> Arc<Self> {
+        Self::with_capacity(ttl, Self::DEFAULT_CAPACITY, secret)
     }
 
     #[must_use]
-    pub fn with_capacity(ttl: Duration, capacity: usize) -> Arc<Self> {
+    pub fn with_capacity(ttl: Duration, capacity: usize, secret: [u8; 32]) -> Arc<Self> {
         Arc::new(Self {
             ttl,
             capacity,
+            secret,
             issued: Mutex::default(),
         })
+    }
+
+    fn mac(&self, signed: &str) -> TicketMac {
+        use hmac::KeyInit;
+        let mut mac = <TicketMac as KeyInit>::new_from_slice(&self.secret)
+            .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
+        hmac::Mac::update(&mut mac, signed.as_bytes());
+        mac
+    }
+
+    /// When a ticket expires, if it is one this server's key signed.
+    fn verify(&self, ticket: &str) -> Option<u64> {
+        let (signed, tag) = ticket.rsplit_once('.')?;
+        let (_, expires) = signed.split_once('.')?;
+        let expires: u64 = expires.parse().ok()?;
+        let tag = hex::decode(tag).ok()?;
+        hmac::Mac::verify_slice(self.mac(signed), &tag).ok()?;
+        Some(expires)
     }
 
     /// How long a ticket stays valid.
@@ -105,29 +174,46 @@ impl TicketBook {
     pub fn issue(&self) -> Result<String, TicketsExhausted> {
         let now = Instant::now();
         let mut issued = self.issued.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some((expires, _)) = issued.by_expiry.front()
-            && *expires <= now
-        {
-            if let Some((_, ticket)) = issued.by_expiry.pop_front() {
-                issued.valid.remove(&ticket);
-            }
-        }
+        issued.expire(now);
         if issued.by_expiry.len() >= self.capacity {
             return Err(TicketsExhausted(self.capacity));
         }
-        let ticket = uuid::Uuid::new_v4().simple().to_string();
+        let expires = unix_millis(std::time::SystemTime::now() + self.ttl);
+        let signed = format!("{}.{expires}", uuid::Uuid::new_v4().simple());
+        let tag = hex::encode(hmac::Mac::finalize(self.mac(&signed)).into_bytes());
+        let ticket = format!("{signed}.{tag}");
         issued.valid.insert(ticket.clone(), now + self.ttl);
         issued.by_expiry.push_back((now + self.ttl, ticket.clone()));
         Ok(ticket)
     }
 
-    /// Takes the ticket: true once, if it was issued and has not expired.
+    /// Takes the ticket: true once, if this or another instance with the
+    /// same key issued it and it has not expired.
     pub fn redeem(&self, ticket: &str) -> bool {
+        let Some(expires) = self.verify(ticket) else {
+            return false;
+        };
+        let left = expires.saturating_sub(unix_millis(std::time::SystemTime::now()));
+        if left == 0 {
+            return false;
+        }
+        let now = Instant::now();
         let mut issued = self.issued.lock().unwrap_or_else(PoisonError::into_inner);
-        issued
-            .valid
-            .remove(ticket)
-            .is_some_and(|expires| expires > Instant::now())
+        issued.expire(now);
+        if issued.spent.contains_key(ticket) {
+            return false;
+        }
+        let here = issued.valid.remove(ticket);
+        // Tickets of other instances are taken up to the capacity at once,
+        // besides this instance's own.
+        if here.is_none() && issued.spent.len() >= 2 * self.capacity {
+            return false;
+        }
+        let ttl = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        let until = now + Duration::from_millis(left.min(ttl));
+        issued.spent.insert(ticket.to_owned(), until);
+        issued.spent_by_expiry.push_back((until, ticket.to_owned()));
+        here.is_none_or(|valid_until| valid_until > now)
     }
 }
 
@@ -345,7 +431,7 @@ mod tests {
 
     #[test]
     fn a_ticket_is_good_once() {
-        let book = TicketBook::new(Duration::from_secs(30));
+        let book = TicketBook::new(Duration::from_secs(30), [7; 32]);
         let ticket = book.issue().unwrap();
         assert!(book.redeem(&ticket));
         assert!(!book.redeem(&ticket));
@@ -353,8 +439,30 @@ mod tests {
     }
 
     #[test]
+    fn a_ticket_of_another_instance_with_the_same_key_is_good_once_there() {
+        let key = ApiKey::new("k").unwrap().ticket_secret();
+        let (a, b) = (
+            TicketBook::new(Duration::from_secs(30), key),
+            TicketBook::new(Duration::from_secs(30), key),
+        );
+        let ticket = a.issue().unwrap();
+        assert!(b.redeem(&ticket), "issued by A, taken by B");
+        assert!(!b.redeem(&ticket), "once");
+        let other = TicketBook::new(
+            Duration::from_secs(30),
+            ApiKey::new("other").unwrap().ticket_secret(),
+        );
+        assert!(!other.redeem(&a.issue().unwrap()), "another key's ticket");
+        let fresh = a.issue().unwrap();
+        let (signed, tag) = fresh.rsplit_once('.').unwrap();
+        let (nonce, _) = signed.split_once('.').unwrap();
+        let later = format!("{nonce}.{}.{tag}", u64::MAX);
+        assert!(!b.redeem(&later), "an expiry moved by hand breaks the MAC");
+    }
+
+    #[test]
     fn tickets_beyond_the_capacity_are_refused_until_old_ones_expire() {
-        let book = TicketBook::with_capacity(Duration::from_millis(50), 3);
+        let book = TicketBook::with_capacity(Duration::from_millis(50), 3, [7; 32]);
         for _ in 0..3 {
             book.issue().unwrap();
         }
@@ -394,7 +502,7 @@ mod tests {
 
     #[test]
     fn an_expired_ticket_is_refused() {
-        let book = TicketBook::new(Duration::ZERO);
+        let book = TicketBook::new(Duration::ZERO, [7; 32]);
         let ticket = book.issue().unwrap();
         assert!(!book.redeem(&ticket));
     }

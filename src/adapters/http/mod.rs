@@ -43,6 +43,7 @@ use self::tickets::TicketApi;
 use crate::adapters::approval_broadcast::ApprovalBroadcast;
 use crate::adapters::control::ControlTools;
 use crate::adapters::mcp::{self, McpSettings};
+use crate::adapters::persistence::SeaOrmMcpSessions;
 use crate::adapters::stream::SessionHub;
 use crate::adapters::ws::endpoint::{WsSettings, WsState, session_socket};
 use crate::domain::chat::ChatService;
@@ -71,6 +72,9 @@ pub struct Services {
     pub control: Arc<ControlPlane>,
     /// Wakes dashboard streams (and MCP clients) when approvals change.
     pub approval_events: Arc<ApprovalBroadcast>,
+    /// Where `initialize`-era MCP sessions are kept for any instance to
+    /// restore (several instances on one database); `None`: in memory.
+    pub mcp_sessions: Option<SeaOrmMcpSessions>,
 }
 
 /// Limits and switches of the HTTP surface.
@@ -208,10 +212,20 @@ fn control_tools(services: &Services) -> Arc<ControlTools> {
     ))
 }
 
+/// What tickets are signed with: derived from the API key, so every
+/// instance with the key takes every instance's tickets (without a key,
+/// tickets open nothing that is not open anyway).
+fn ticket_secret(settings: &HttpSettings) -> [u8; 32] {
+    settings
+        .api_key
+        .as_ref()
+        .map_or([0; 32], auth::ApiKey::ticket_secret)
+}
+
 /// The whole route tree with its middleware.
 #[must_use]
 pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static> {
-    let tickets = TicketBook::new(settings.ticket_ttl);
+    let tickets = TicketBook::new(settings.ticket_ttl, ticket_secret(settings));
     let api = api_service(services, settings, &tickets);
     let spec: serde_json::Value = serde_json::from_str(&api.spec()).unwrap_or_default();
     let ws_state = Arc::new(WsState {
@@ -232,6 +246,7 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
             close_streams: settings.close_streams.clone(),
             max_sessions: settings.max_mcp_sessions,
             session_idle: settings.mcp_session_idle,
+            stored: services.mcp_sessions.clone(),
         },
     );
     Route::new()
@@ -289,7 +304,11 @@ async fn error_response(error: poem::Error) -> Response {
 #[must_use]
 pub fn spec_service(services: &Services) -> OpenApiService<Apis, ()> {
     let settings = HttpSettings::default();
-    api_service(services, &settings, &TicketBook::new(settings.ticket_ttl))
+    api_service(
+        services,
+        &settings,
+        &TicketBook::new(settings.ticket_ttl, ticket_secret(&settings)),
+    )
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets requests

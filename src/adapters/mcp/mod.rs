@@ -18,13 +18,17 @@ pub use self::handler::McpHandler;
 pub use self::sessions::CountedSessions;
 use crate::adapters::approval_broadcast::ApprovalBroadcast;
 use crate::adapters::control::ControlTools;
+use crate::adapters::persistence::SeaOrmMcpSessions;
 use crate::adapters::stream::SessionHub;
+use rmcp::transport::streamable_http_server::session::store::{
+    SessionState, SessionStore, SessionStoreError,
+};
 
 /// The MCP endpoint as a tower service.
 pub type McpService = StreamableHttpService<McpHandler, CountedSessions>;
 
 /// How the endpoint is served.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct McpSettings {
     /// `Host` header values accepted (DNS-rebinding protection), each a host
     /// (any port) or `host:port`; `*` accepts any host.
@@ -41,6 +45,9 @@ pub struct McpSettings {
     pub max_sessions: usize,
     /// A session without traffic for this long ends.
     pub session_idle: Duration,
+    /// Where sessions are kept so that any instance on the database can
+    /// restore one (rmcp's session store); `None`: this instance's memory.
+    pub stored: Option<SeaOrmMcpSessions>,
 }
 
 /// The endpoint over `control`, and its sessions (to refuse a new one
@@ -69,11 +76,19 @@ pub fn service(
         .with_cancellation_token(settings.close_streams.child_token());
     // Origin is checked by the HTTP guard for every route that needs it,
     // against the same allow-list as WebSockets; rmcp's own check stays off.
-    let config = if settings.allowed_hosts.iter().any(|h| h == "*") {
+    let mut config = if settings.allowed_hosts.iter().any(|h| h == "*") {
         config.disable_allowed_hosts()
     } else {
         config.with_allowed_hosts(settings.allowed_hosts.iter().cloned())
     };
+    // Behind a balancer a session's next request may reach another
+    // instance: it restores the session from the database (replaying the
+    // client's `initialize`), so no sticky sessions are needed. A GET
+    // notification stream stays with the instance that serves it.
+    config.session_store = settings
+        .stored
+        .clone()
+        .map(|stored| Arc::new(StoredSessions(stored)) as Arc<dyn SessionStore>);
     let sessions = Arc::new(CountedSessions::new(
         hub,
         settings.max_sessions,
@@ -82,4 +97,26 @@ pub fn service(
     let service =
         StreamableHttpService::new(move || Ok(handler.clone()), Arc::clone(&sessions), config);
     (service, sessions)
+}
+
+/// rmcp's session store over the database.
+struct StoredSessions(SeaOrmMcpSessions);
+
+#[async_trait::async_trait]
+impl SessionStore for StoredSessions {
+    async fn load(&self, session_id: &str) -> Result<Option<SessionState>, SessionStoreError> {
+        match self.0.load(session_id).await? {
+            Some(json) => Ok(Some(serde_json::from_str(&json)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn store(&self, session_id: &str, state: &SessionState) -> Result<(), SessionStoreError> {
+        let json = serde_json::to_string(state)?;
+        Ok(self.0.store(session_id, &json).await?)
+    }
+
+    async fn delete(&self, session_id: &str) -> Result<(), SessionStoreError> {
+        Ok(self.0.delete(session_id).await?)
+    }
 }

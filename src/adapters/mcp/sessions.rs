@@ -17,7 +17,9 @@ use rmcp::transport::streamable_http_server::SessionId;
 use rmcp::transport::streamable_http_server::session::local::{
     LocalSessionManager, LocalSessionManagerError,
 };
-use rmcp::transport::streamable_http_server::session::{ServerSseMessage, SessionManager};
+use rmcp::transport::streamable_http_server::session::{
+    RestoreOutcome, ServerSseMessage, SessionManager,
+};
 
 use crate::adapters::stream::{ClientSlot, SessionHub};
 
@@ -128,6 +130,19 @@ impl SessionManager for CountedSessions {
         id: &SessionId,
     ) -> Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error> {
         Ok(self.inner.create_standalone_stream(id).await?)
+    }
+
+    async fn restore_session(
+        &self,
+        id: SessionId,
+    ) -> Result<RestoreOutcome<Self::Transport>, Self::Error> {
+        // A session another instance began holds a place here too.
+        let slot = self.admit().map_err(CountedSessionError::Full)?;
+        let outcome = self.inner.restore_session(id.clone()).await?;
+        if matches!(outcome, RestoreOutcome::Restored(_)) {
+            self.slots().insert(id, slot);
+        }
+        Ok(outcome)
     }
 
     async fn resume(

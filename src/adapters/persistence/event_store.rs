@@ -7,10 +7,12 @@ use async_trait::async_trait;
 use sea_orm::sea_query::{
     Alias, CaseStatement, Condition, Expr, ExprTrait, Func, OnConflict, Order, Query,
 };
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, QueryResult, TransactionTrait};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, QueryResult, Statement, TransactionTrait,
+};
 
 use super::file::{self, DatabaseFile};
-use super::schema::{MAX_BIND_PARAMETERS, SessionEvents, SessionStreams, Turns};
+use super::schema::{MAX_BIND_PARAMETERS, SessionEvents, SessionStreams, Turns, to_micros};
 use crate::domain::session::SessionId;
 use crate::ports::{EventBatch, EventStore, EventStoreError, StoredEvent, StreamState};
 
@@ -77,6 +79,34 @@ fn raised(column: SessionStreams) -> CaseStatement {
     let old = Expr::col((SessionStreams::Table, column));
     let offered = Expr::col((Alias::new("excluded"), column));
     Expr::case(old.clone().lt(offered.clone()), offered).finally(old)
+}
+
+/// The PostgreSQL channel that carries pointers to new events: lines of
+/// `session seq`, coalesced per group commit (SPEC B12). The channel's name
+/// is this followed by the schema (see [`super::channel_sql`]).
+pub const EVENTS_CHANNEL: &str = "autopoiesis_events:";
+
+/// NOTIFY payloads must stay under 8000 bytes.
+const PAYLOAD_BYTES: usize = 7900;
+
+/// The pointers of a batch's marks, cut into payloads.
+fn pointer_payloads(marks: &BTreeMap<&str, (i64, i64)>) -> Vec<String> {
+    let mut payloads = Vec::new();
+    let mut payload = String::new();
+    for (session, (last, _)) in marks {
+        let line = format!("{session} {last}");
+        if !payload.is_empty() && payload.len() + line.len() + 1 > PAYLOAD_BYTES {
+            payloads.push(std::mem::take(&mut payload));
+        }
+        if !payload.is_empty() {
+            payload.push('\n');
+        }
+        payload.push_str(&line);
+    }
+    if !payload.is_empty() {
+        payloads.push(payload);
+    }
+    payloads
 }
 
 /// The text of a stored `token` frame: its `data.content`.
@@ -186,11 +216,16 @@ impl EventStore for SeaOrmEventStore {
             .filter(|(_, event)| matches!(event.op.as_str(), "done" | "error" | "cancelled"))
             .filter_map(|(_, event)| event.turn_id.as_deref())
             .collect();
-        for (session, reserve) in &batch.reserve {
+        for (session, reserve) in batch.reserve.iter().chain(&batch.release) {
             let reserve = stored_seq(*reserve)?;
             let mark = marks.entry(session.as_str()).or_insert((0, -1));
             mark.1 = reserve;
         }
+        // Other instances hear which streams moved (a pointer each: the
+        // session and its newest seq), once per batch: the group commit is
+        // the coalescing. PostgreSQL sends them when the batch commits.
+        let pointers = (self.db.get_database_backend() == DbBackend::Postgres)
+            .then(|| pointer_payloads(&marks));
 
         let _gate = file::write_gate(self.file.as_ref()).await;
         let txn = self.db.begin().await.map_err(unavailable)?;
@@ -212,6 +247,7 @@ impl EventStore for SeaOrmEventStore {
             }
             txn.execute(&insert).await.map_err(unavailable)?;
         }
+        let released: Vec<&str> = batch.release.iter().map(|(s, _)| s.as_str()).collect();
         let marks: Vec<_> = marks.into_iter().collect();
         for chunk in marks.chunks(MAX_BIND_PARAMETERS / 3) {
             let mut upsert = Query::insert()
@@ -239,6 +275,28 @@ impl EventStore for SeaOrmEventStore {
                 .and_where(Expr::col(Turns::TurnId).is_in(chunk.iter().copied()))
                 .to_owned();
             txn.execute(&delete).await.map_err(unavailable)?;
+        }
+        if let Some(owner) = &batch.owner {
+            for chunk in released.chunks(MAX_BIND_PARAMETERS - 1) {
+                let update = Query::update()
+                    .table(SessionStreams::Table)
+                    .value(SessionStreams::Writer, Option::<String>::None)
+                    .value(SessionStreams::WriterUntil, Option::<i64>::None)
+                    .and_where(Expr::col(SessionStreams::SessionId).is_in(chunk.iter().copied()))
+                    .and_where(Expr::col(SessionStreams::Writer).eq(owner.as_str()))
+                    .to_owned();
+                txn.execute(&update).await.map_err(unavailable)?;
+            }
+        }
+        for payload in pointers.into_iter().flatten() {
+            let notify = Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                super::notify_sql(),
+                [EVENTS_CHANNEL.into(), payload.into()],
+            );
+            txn.execute_raw(notify).await.map_err(unavailable)?;
+            metrics::counter!("autopoiesis_cluster_notifications_sent_total", "channel" => "events")
+                .increment(1);
         }
         // Trims after the inserts: a batch may add events and already push
         // some of them out of the window.
@@ -293,6 +351,151 @@ impl EventStore for SeaOrmEventStore {
         }
         Ok(text)
     }
+
+    async fn acquire(
+        &self,
+        session: &SessionId,
+        owner: &str,
+        lease_until: chrono::DateTime<chrono::Utc>,
+        block: u64,
+    ) -> Result<Option<u64>, EventStoreError> {
+        self.check_file()?;
+        let block = stored_seq(block)?;
+        let now = to_micros(chrono::Utc::now());
+        let table = |column| Expr::col((SessionStreams::Table, column));
+        // Taken only from nobody, from itself, or from a holder whose lease
+        // ran out; the reservation rises above every seq handed out or
+        // stored, in the same statement, so two instances never number
+        // alike.
+        let takeover = Condition::any()
+            .add(table(SessionStreams::Writer).is_null())
+            .add(table(SessionStreams::Writer).eq(owner))
+            .add(table(SessionStreams::WriterUntil).lt(now));
+        let above = Expr::case(
+            table(SessionStreams::ReservedSeq).lt(table(SessionStreams::LastSeq)),
+            table(SessionStreams::LastSeq),
+        )
+        .finally(table(SessionStreams::ReservedSeq));
+        let upsert = Query::insert()
+            .into_table(SessionStreams::Table)
+            .columns([
+                SessionStreams::SessionId,
+                SessionStreams::LastSeq,
+                SessionStreams::ReservedSeq,
+                SessionStreams::Writer,
+                SessionStreams::WriterUntil,
+            ])
+            .values_panic([
+                Expr::val(session.as_str()),
+                Expr::val(0_i64),
+                Expr::val(block),
+                Expr::val(owner),
+                Expr::val(to_micros(lease_until)),
+            ])
+            .on_conflict(
+                OnConflict::column(SessionStreams::SessionId)
+                    .value(SessionStreams::ReservedSeq, above.add(block))
+                    .value(SessionStreams::Writer, owner)
+                    .value(SessionStreams::WriterUntil, to_micros(lease_until))
+                    .action_cond_where(takeover)
+                    .to_owned(),
+            )
+            .returning_col(SessionStreams::ReservedSeq)
+            .to_owned();
+        let _gate = file::write_gate(self.file.as_ref()).await;
+        let row = self.db.query_one(&upsert).await.map_err(unavailable)?;
+        match row {
+            Some(row) => {
+                let mark: i64 = row.try_get_by_index(0).map_err(unavailable)?;
+                Ok(Some(u64::try_from(mark).unwrap_or(0)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn renew(
+        &self,
+        owner: &str,
+        sessions: &[SessionId],
+        lease_until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), EventStoreError> {
+        self.check_file()?;
+        for chunk in sessions.chunks(MAX_BIND_PARAMETERS - 2) {
+            let update = Query::update()
+                .table(SessionStreams::Table)
+                .value(SessionStreams::WriterUntil, to_micros(lease_until))
+                .and_where(Expr::col(SessionStreams::Writer).eq(owner))
+                .and_where(
+                    Expr::col(SessionStreams::SessionId).is_in(chunk.iter().map(SessionId::as_str)),
+                )
+                .to_owned();
+            let _gate = file::write_gate(self.file.as_ref()).await;
+            self.db.execute(&update).await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn events_after(
+        &self,
+        session: &SessionId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, EventStoreError> {
+        self.check_file()?;
+        let select = Query::select()
+            .columns([
+                SessionEvents::Seq,
+                SessionEvents::TurnId,
+                SessionEvents::Op,
+                SessionEvents::Frame,
+            ])
+            .from(SessionEvents::Table)
+            .and_where(Expr::col(SessionEvents::SessionId).eq(session.as_str()))
+            .and_where(Expr::col(SessionEvents::Seq).gt(stored_seq(after)?))
+            .order_by(SessionEvents::Seq, Order::Asc)
+            .limit(u64::try_from(limit).unwrap_or(u64::MAX))
+            .to_owned();
+        let rows = self.db.query_all(&select).await.map_err(unavailable)?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                to_event(row)
+                    .inspect_err(|why| {
+                        tracing::error!(session.id = %session, error = %why, "stored event unreadable; left out");
+                    })
+                    .ok()
+            })
+            .collect())
+    }
+
+    async fn heads(
+        &self,
+        sessions: &[SessionId],
+    ) -> Result<Vec<(SessionId, u64)>, EventStoreError> {
+        self.check_file()?;
+        let mut heads = Vec::new();
+        for chunk in sessions.chunks(MAX_BIND_PARAMETERS) {
+            let select = Query::select()
+                .columns([SessionStreams::SessionId, SessionStreams::LastSeq])
+                .from(SessionStreams::Table)
+                .and_where(
+                    Expr::col(SessionStreams::SessionId).is_in(chunk.iter().map(SessionId::as_str)),
+                )
+                .to_owned();
+            for row in self.db.query_all(&select).await.map_err(unavailable)? {
+                let (Ok(id), Ok(last)) = (
+                    row.try_get_by_index::<String>(0),
+                    row.try_get_by_index::<i64>(1),
+                ) else {
+                    continue;
+                };
+                if let (Ok(id), Ok(last)) = (SessionId::parse(&id), u64::try_from(last)) {
+                    heads.push((id, last));
+                }
+            }
+        }
+        Ok(heads)
+    }
 }
 
 #[cfg(test)]
@@ -336,6 +539,7 @@ mod tests {
                     events: [events("a", 1..=10), events("b", 1..=3)].concat(),
                     reserve: vec![(id("a"), 15)],
                     trim: vec![],
+                    ..EventBatch::default()
                 })
                 .await
                 .unwrap();
@@ -415,6 +619,7 @@ mod tests {
                     events: [events("b", [1]), events("a", [2, 3]), events("a", [1])].concat(),
                     reserve: vec![(id("a"), 50), (id("c"), 9)],
                     trim: vec![(id("a"), 1)],
+                    ..EventBatch::default()
                 })
                 .await;
             assert!(failed.is_err(), "{}: {failed:?}", backend.name);
@@ -453,6 +658,7 @@ mod tests {
                     events: events("a", [11, 12]),
                     reserve: vec![],
                     trim: vec![(id("a"), 6)],
+                    ..EventBatch::default()
                 })
                 .await
                 .unwrap();
@@ -499,6 +705,7 @@ mod tests {
                     events: [events("a", 1..=1000), many_sessions].concat(),
                     reserve: (0..400).map(|i| (id(&format!("s{i}")), 5)).collect(),
                     trim: (0..400).map(|i| (id(&format!("s{i}")), 0)).collect(),
+                    ..EventBatch::default()
                 })
                 .await
                 .unwrap();
@@ -593,6 +800,7 @@ mod tests {
                         events: events("a", first..first + 100),
                         reserve: vec![(id("a"), first + 199)],
                         trim: vec![(id("a"), (first + 99).saturating_sub(1024))],
+                        ..EventBatch::default()
                     })
                     .await
                     .unwrap();
@@ -613,6 +821,7 @@ mod tests {
             for turn in ["t1", "t2"] {
                 turns
                     .begin(&TurnRecord {
+                        running: true,
                         turn_id: TurnId::from(turn),
                         session_id: id("a"),
                         owner: "me".into(),

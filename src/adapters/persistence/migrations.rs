@@ -12,7 +12,7 @@
 
 use sea_orm_migration::prelude::*;
 
-use super::schema::{SessionEvents, SessionMessages, SessionStreams, Sessions, Turns};
+use super::schema::{McpSessions, SessionEvents, SessionMessages, SessionStreams, Sessions, Turns};
 
 /// Every migration, oldest first.
 pub struct Migrator;
@@ -23,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateApprovalEnvelopes),
             Box::new(IndexPendingApprovals),
             Box::new(CreateDurableSessions),
+            Box::new(ShareAmongInstances),
         ]
     }
 }
@@ -260,6 +261,127 @@ impl MigrationTrait for CreateDurableSessions {
                     .table(Turns::Table)
                     .if_not_exists()
                     .col(Turns::LeaseUntil)
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// What several instances on one database need (SPEC B12): each stream's
+/// writer and its lease, the turn queue's order and cancel flag, and the
+/// MCP sessions any instance may restore. Columns are added only where
+/// missing (SQLite has no `ADD COLUMN IF NOT EXISTS`), so a migration cut
+/// short runs again cleanly.
+struct ShareAmongInstances;
+
+impl MigrationName for ShareAmongInstances {
+    fn name(&self) -> &str {
+        "m20261202_000004_share_among_instances"
+    }
+}
+
+impl ShareAmongInstances {
+    async fn add_column(
+        manager: &SchemaManager<'_>,
+        table: impl Iden + Copy + 'static,
+        column: ColumnDef,
+    ) -> Result<(), DbErr> {
+        let name = column.get_column_name();
+        if manager.has_column(table.to_string(), name).await? {
+            return Ok(());
+        }
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(table)
+                    .add_column(column.to_owned())
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for ShareAmongInstances {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        Self::add_column(
+            manager,
+            SessionStreams::Table,
+            ColumnDef::new(SessionStreams::Writer)
+                .text()
+                .null()
+                .to_owned(),
+        )
+        .await?;
+        Self::add_column(
+            manager,
+            SessionStreams::Table,
+            ColumnDef::new(SessionStreams::WriterUntil)
+                .big_integer()
+                .null()
+                .to_owned(),
+        )
+        .await?;
+        Self::add_column(
+            manager,
+            Turns::Table,
+            ColumnDef::new(Turns::Position)
+                .big_integer()
+                .not_null()
+                .default(0)
+                .to_owned(),
+        )
+        .await?;
+        // Records written before this migration are of running turns.
+        Self::add_column(
+            manager,
+            Turns::Table,
+            ColumnDef::new(Turns::Running)
+                .small_integer()
+                .not_null()
+                .default(1)
+                .to_owned(),
+        )
+        .await?;
+        Self::add_column(
+            manager,
+            Turns::Table,
+            ColumnDef::new(Turns::CancelRequested)
+                .small_integer()
+                .not_null()
+                .default(0)
+                .to_owned(),
+        )
+        .await?;
+        // A turn asks whether it is its session's first.
+        manager
+            .create_index(
+                Index::create()
+                    .name("idx_turns_session_position")
+                    .table(Turns::Table)
+                    .if_not_exists()
+                    .col(Turns::SessionId)
+                    .col(Turns::Position)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(McpSessions::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(McpSessions::Id)
+                            .text()
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(McpSessions::StateJson).text().not_null())
+                    .col(
+                        ColumnDef::new(McpSessions::UpdatedAt)
+                            .big_integer()
+                            .not_null(),
+                    )
                     .to_owned(),
             )
             .await

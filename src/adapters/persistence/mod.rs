@@ -9,6 +9,7 @@ mod entity;
 mod event_store;
 mod file;
 mod history_cache;
+mod mcp_sessions;
 pub mod migrations;
 mod schema;
 mod session_store;
@@ -24,9 +25,31 @@ use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 use sea_orm_migration::MigratorTrait;
 
 pub use approval_store::SeaOrmApprovalStore;
-pub use event_store::SeaOrmEventStore;
+pub use event_store::{EVENTS_CHANNEL, SeaOrmEventStore};
+pub use mcp_sessions::SeaOrmMcpSessions;
 pub use session_store::SeaOrmSessionStore;
-pub use turn_store::SeaOrmTurnStore;
+pub use turn_store::{CONTROL_CHANNEL, SeaOrmTurnStore, notify_control};
+
+/// The SQL of a notification channel's name: `prefix` (a bound parameter)
+/// followed by the schema the connection works in, so that instances
+/// sharing a database but not a schema do not hear each other. Names stay
+/// under PostgreSQL's 63 bytes.
+fn channel_sql(prefix: &str) -> String {
+    format!("{prefix} || left(current_schema(), 40)")
+}
+
+/// `NOTIFY` on the channel named by `$1` (a prefix, see [`channel_sql`])
+/// with the payload `$2`.
+fn notify_sql() -> String {
+    format!("SELECT pg_notify({}, $2)", channel_sql("$1"))
+}
+
+/// The schema-specific name of a notification channel, as
+/// [`channel_sql`] builds it, for `LISTEN`.
+#[must_use]
+pub fn channel_name(prefix: &str, schema: &str) -> String {
+    format!("{prefix}{}", schema.chars().take(40).collect::<String>())
+}
 
 /// How connections to the database are made and pooled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -41,6 +41,11 @@ pub(super) enum SessionStreams {
     /// The highest seq the stream adapter reserved (handed out, maybe not
     /// stored yet).
     ReservedSeq,
+    /// The instance that numbers the stream's events now (NULL: none); with
+    /// several instances on one database only it may (SPEC B12).
+    Writer,
+    /// Until when `writer` holds the stream without renewing (epoch µs).
+    WriterUntil,
 }
 
 /// The retained window of a session's stream.
@@ -64,6 +69,22 @@ pub(super) enum Turns {
     Prompt,
     StartedAt,
     LeaseUntil,
+    /// Arrival order among the session's turns, from 1 (B12's queue).
+    Position,
+    /// 1 once the turn runs, 0 while it waits for the ones before it.
+    Running,
+    /// 1 once a cancel was asked for on any instance.
+    CancelRequested,
+}
+
+/// `initialize`-era MCP sessions, so that any instance can restore one.
+#[derive(DeriveIden, Clone, Copy)]
+pub(super) enum McpSessions {
+    Table,
+    Id,
+    /// rmcp's session state (the client's `initialize` parameters), JSON.
+    StateJson,
+    UpdatedAt,
 }
 
 /// How an instant is stored.

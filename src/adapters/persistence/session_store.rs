@@ -34,6 +34,10 @@ pub struct SeaOrmSessionStore {
     /// When this process last wrote each session's `last_active` (µs):
     /// within [`TOUCH_EVERY`] of that, a use does not write it again.
     touched: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<SessionId, i64>>>,
+    /// This instance's name, when others share the database: a delete
+    /// tells them (`deleted OWNER SESSION`), so they stop the session's
+    /// turn and close its clients.
+    instance: Option<String>,
 }
 
 /// How stale `last_active` may be, in µs. It only decides when an idle
@@ -55,7 +59,16 @@ impl SeaOrmSessionStore {
             max_sessions,
             cache: std::sync::Arc::default(),
             touched: std::sync::Arc::default(),
+            instance: None,
         }
+    }
+
+    /// Tells the other instances on the database of every delete, as
+    /// `instance`.
+    #[must_use]
+    pub fn shared_as(mut self, instance: String) -> Self {
+        self.instance = Some(instance);
+        self
     }
 
     fn check_file(&self) -> Result<(), SessionStoreError> {
@@ -419,6 +432,12 @@ impl SessionStore for SeaOrmSessionStore {
         ] {
             txn.execute(&statement).await.map_err(unavailable)?;
         }
+        if let Some(instance) = &self.instance {
+            // Heard when the delete commits.
+            super::notify_control(&txn, &format!("deleted {instance} {id}"))
+                .await
+                .map_err(unavailable)?;
+        }
         txn.commit().await.map_err(unavailable)
     }
 
@@ -651,11 +670,13 @@ mod tests {
                         events: vec![(id(name), event(1)), (id(name), event(2))],
                         reserve: vec![(id(name), 8)],
                         trim: vec![],
+                        ..EventBatch::default()
                     })
                     .await
                     .unwrap();
                 turns
                     .begin(&TurnRecord {
+                        running: true,
                         turn_id: TurnId::generate(),
                         session_id: id(name),
                         owner: "me".into(),
@@ -706,6 +727,7 @@ mod tests {
                     // A reservation is no event: b's last_seq stays 0.
                     reserve: vec![(id("b"), 40)],
                     trim: vec![],
+                    ..EventBatch::default()
                 })
                 .await
                 .unwrap();
@@ -883,7 +905,7 @@ mod tests {
             );
             assert_eq!(
                 count(&db, "SELECT COUNT(*) AS n FROM seaql_migrations").await,
-                3
+                4
             );
             let store = SeaOrmSessionStore::new(db.clone(), &backend.url, 100);
             store.get_or_create(&id("a"), t0()).await.unwrap();

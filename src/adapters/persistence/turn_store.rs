@@ -2,13 +2,16 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, ExprTrait, Order, Query};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, QueryResult};
+use sea_orm::sea_query::Func;
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, Order, Query};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, QueryResult, Statement, TransactionTrait,
+};
 
 use super::file::{self, DatabaseFile};
 use super::schema::{Turns, from_micros, stored, to_micros};
 use crate::domain::session::{SessionId, TurnId};
-use crate::ports::{TurnRecord, TurnStore, TurnStoreError};
+use crate::ports::{Claim, Enqueued, TurnRecord, TurnStore, TurnStoreError};
 
 /// Turn records in a SQLite or PostgreSQL database.
 #[derive(Clone)]
@@ -58,6 +61,7 @@ fn to_record(row: &QueryResult) -> Result<(TurnRecord, i64), String> {
     let session_id = text(1)?;
     let (started_at, _) = instant(4)?;
     let (lease_until, lease) = instant(5)?;
+    let running = row.try_get_by_index::<i16>(6).map_err(|e| e.to_string())?;
     Ok((
         TurnRecord {
             turn_id: TurnId::from(turn_id.as_str()),
@@ -67,20 +71,74 @@ fn to_record(row: &QueryResult) -> Result<(TurnRecord, i64), String> {
             prompt: text(3)?,
             started_at,
             lease_until,
+            running: running != 0,
         },
         lease,
     ))
 }
 
 /// A record's columns, in the order rows are written and read.
-const COLUMNS: [Turns; 6] = [
+const COLUMNS: [Turns; 7] = [
     Turns::TurnId,
     Turns::SessionId,
     Turns::Owner,
     Turns::Prompt,
     Turns::StartedAt,
     Turns::LeaseUntil,
+    Turns::Running,
 ];
+
+/// The columns a new record writes: the read ones, its place, its flag.
+const INSERT_COLUMNS: [Turns; 9] = [
+    Turns::TurnId,
+    Turns::SessionId,
+    Turns::Owner,
+    Turns::Prompt,
+    Turns::StartedAt,
+    Turns::LeaseUntil,
+    Turns::Running,
+    Turns::Position,
+    Turns::CancelRequested,
+];
+
+/// The PostgreSQL channel of messages between instances (SPEC B12):
+/// `cancel TURN`, `deleted OWNER SESSION`, `approvals OWNER`. The channel's
+/// name is this followed by the schema (see [`super::channel_sql`]).
+pub const CONTROL_CHANNEL: &str = "autopoiesis_control:";
+
+/// Tells every instance listening on PostgreSQL `message`; nothing on
+/// SQLite, which one server uses alone.
+///
+/// # Errors
+/// The database's, when the notice cannot be sent.
+pub async fn notify_control(db: &impl ConnectionTrait, message: &str) -> Result<(), DbErr> {
+    if db.get_database_backend() != DbBackend::Postgres {
+        return Ok(());
+    }
+    db.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        super::notify_sql(),
+        [CONTROL_CHANNEL.into(), message.into()],
+    ))
+    .await?;
+    metrics::counter!("autopoiesis_cluster_notifications_sent_total", "channel" => "control")
+        .increment(1);
+    Ok(())
+}
+
+fn values(record: &TurnRecord, position: i64) -> [Expr; 9] {
+    [
+        Expr::val(record.turn_id.as_str()),
+        Expr::val(record.session_id.as_str()),
+        Expr::val(record.owner.as_str()),
+        Expr::val(record.prompt.as_str()),
+        Expr::val(to_micros(record.started_at)),
+        Expr::val(to_micros(record.lease_until)),
+        Expr::val(i16::from(record.running)),
+        Expr::val(position),
+        Expr::val(0_i16),
+    ]
+}
 
 #[async_trait]
 impl TurnStore for SeaOrmTurnStore {
@@ -88,15 +146,8 @@ impl TurnStore for SeaOrmTurnStore {
         self.check_file()?;
         let insert = Query::insert()
             .into_table(Turns::Table)
-            .columns(COLUMNS)
-            .values_panic([
-                Expr::val(record.turn_id.as_str()),
-                Expr::val(record.session_id.as_str()),
-                Expr::val(record.owner.as_str()),
-                Expr::val(record.prompt.as_str()),
-                Expr::val(to_micros(record.started_at)),
-                Expr::val(to_micros(record.lease_until)),
-            ])
+            .columns(INSERT_COLUMNS)
+            .values_panic(values(record, 0))
             .to_owned();
         let _gate = file::write_gate(self.file.as_ref()).await;
         self.db.execute(&insert).await.map_err(unavailable)?;
@@ -177,6 +228,152 @@ impl TurnStore for SeaOrmTurnStore {
         }
         Ok(claimed)
     }
+
+    async fn enqueue(
+        &self,
+        record: &TurnRecord,
+        max_waiting: usize,
+    ) -> Result<Enqueued, TurnStoreError> {
+        self.check_file()?;
+        let session = record.session_id.as_str();
+        let _gate = file::write_gate(self.file.as_ref()).await;
+        let txn = self.db.begin().await.map_err(unavailable)?;
+        // One session's arrivals take their places one at a time, whichever
+        // instance they reach: a place counted and taken under the lock is
+        // never taken twice, and every place before it is committed. Other
+        // sessions do not wait (the lock is per session, and a transaction
+        // lock goes with the commit). SQLite needs no lock: one server
+        // writes it, one write at a time.
+        if txn.get_database_backend() == DbBackend::Postgres {
+            txn.execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                [session.into()],
+            ))
+            .await
+            .map_err(unavailable)?;
+        }
+        let queue = Query::select()
+            .expr(Func::count(Expr::col(Turns::TurnId)))
+            .expr(Func::coalesce([
+                Func::max(Expr::col(Turns::Position)).into(),
+                Expr::val(0_i64),
+            ]))
+            .from(Turns::Table)
+            .and_where(Expr::col(Turns::SessionId).eq(session))
+            .to_owned();
+        let row = txn.query_one(&queue).await.map_err(unavailable)?;
+        let (count, last) = row.map_or((0, 0), |row| {
+            (
+                row.try_get_by_index::<i64>(0).unwrap_or(0),
+                row.try_get_by_index::<i64>(1).unwrap_or(0),
+            )
+        });
+        if usize::try_from(count).unwrap_or(usize::MAX) > max_waiting {
+            txn.rollback().await.map_err(unavailable)?;
+            return Ok(Enqueued::Full);
+        }
+        let first = count == 0;
+        let record = TurnRecord {
+            running: first,
+            ..record.clone()
+        };
+        let insert = Query::insert()
+            .into_table(Turns::Table)
+            .columns(INSERT_COLUMNS)
+            .values_panic(values(&record, last + 1))
+            .to_owned();
+        txn.execute(&insert).await.map_err(unavailable)?;
+        txn.commit().await.map_err(unavailable)?;
+        Ok(if first {
+            Enqueued::First
+        } else {
+            Enqueued::Waiting
+        })
+    }
+
+    async fn claim(&self, turn_id: &TurnId) -> Result<Claim, TurnStoreError> {
+        self.check_file()?;
+        // Any turn of the same session with an earlier place.
+        let other = Alias::new("other");
+        let before = Query::select()
+            .expr(Expr::val(1))
+            .from_as(Turns::Table, other.clone())
+            .and_where(
+                Expr::col((other.clone(), Turns::SessionId))
+                    .equals((Turns::Table, Turns::SessionId)),
+            )
+            .and_where(
+                Expr::col((other, Turns::Position)).lt(Expr::col((Turns::Table, Turns::Position))),
+            )
+            .to_owned();
+        let update = Query::update()
+            .table(Turns::Table)
+            .value(Turns::Running, 1_i16)
+            .and_where(Expr::col((Turns::Table, Turns::TurnId)).eq(turn_id.as_str()))
+            .and_where(Expr::exists(before).not())
+            .to_owned();
+        let _gate = file::write_gate(self.file.as_ref()).await;
+        if self
+            .db
+            .execute(&update)
+            .await
+            .map_err(unavailable)?
+            .rows_affected()
+            == 1
+        {
+            return Ok(Claim::Running);
+        }
+        let exists = Query::select()
+            .expr(Expr::val(1))
+            .from(Turns::Table)
+            .and_where(Expr::col(Turns::TurnId).eq(turn_id.as_str()))
+            .to_owned();
+        Ok(
+            match self.db.query_one(&exists).await.map_err(unavailable)? {
+                Some(_) => Claim::Waiting,
+                None => Claim::Gone,
+            },
+        )
+    }
+
+    async fn request_cancel(&self, session: &SessionId) -> Result<Option<TurnId>, TurnStoreError> {
+        self.check_file()?;
+        let update = Query::update()
+            .table(Turns::Table)
+            .value(Turns::CancelRequested, 1_i16)
+            .and_where(Expr::col(Turns::SessionId).eq(session.as_str()))
+            .and_where(Expr::col(Turns::Running).eq(1_i16))
+            .returning_col(Turns::TurnId)
+            .to_owned();
+        let _gate = file::write_gate(self.file.as_ref()).await;
+        let Some(row) = self.db.query_one(&update).await.map_err(unavailable)? else {
+            return Ok(None);
+        };
+        let turn: String = row.try_get_by_index(0).map_err(unavailable)?;
+        // The owner hears at once; if the notice is lost, its lease loop
+        // finds the flag ([`TurnStore::cancel_requests`]).
+        if let Err(error) = notify_control(&self.db, &format!("cancel {turn}")).await {
+            tracing::warn!(%error, "cancel notice not sent; the owner finds it on its next lease renewal");
+        }
+        Ok(Some(TurnId::from(turn.as_str())))
+    }
+
+    async fn cancel_requests(&self, owner: &str) -> Result<Vec<TurnId>, TurnStoreError> {
+        self.check_file()?;
+        let select = Query::select()
+            .column(Turns::TurnId)
+            .from(Turns::Table)
+            .and_where(Expr::col(Turns::Owner).eq(owner))
+            .and_where(Expr::col(Turns::CancelRequested).eq(1_i16))
+            .to_owned();
+        let rows = self.db.query_all(&select).await.map_err(unavailable)?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| row.try_get_by_index::<String>(0).ok())
+            .map(|turn| TurnId::from(turn.as_str()))
+            .collect())
+    }
 }
 
 #[cfg(test)]
@@ -188,6 +385,7 @@ mod tests {
 
     fn record(owner: &str, lease_until: DateTime<Utc>) -> TurnRecord {
         TurnRecord {
+            running: true,
             turn_id: TurnId::generate(),
             session_id: SessionId::parse("s1").unwrap(),
             owner: owner.into(),

@@ -69,6 +69,32 @@ impl Default for StreamSettings {
     }
 }
 
+/// How the hub shares streams with other instances on one database
+/// (SPEC B12).
+///
+/// Only one instance numbers a session's events at a time: the one that
+/// holds the stream in storage ([`EventStore::acquire`]), from a turn's
+/// start to its stored end (or for one notice). Every other instance reads
+/// the stream from storage: a pointer notification (session, seq) from the
+/// listener ([`SessionHub::notified`]) makes it fetch at once, and a poll of
+/// every loaded stream's stored head catches what a lost notification
+/// missed, a poll interval later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sharing {
+    /// This instance's name in storage (random per start).
+    pub owner: String,
+    /// How long a hold lasts without renewal (`--instance-lease`): renewed
+    /// every third of it, taken over by another instance once it runs out.
+    pub lease: std::time::Duration,
+    /// How often loaded streams are checked for events another instance
+    /// stored (the fallback for lost notifications).
+    pub poll: std::time::Duration,
+}
+
+/// How long an instance waits before asking again for a stream another
+/// instance holds.
+const ACQUIRE_RETRY: std::time::Duration = std::time::Duration::from_millis(25);
+
 /// Seqs reserved in storage ahead of use, per block.
 const RESERVE_BLOCK: u64 = 1024;
 /// Frames a cursor takes from the window per lock.
@@ -161,11 +187,24 @@ struct SessionLog {
     /// The highest seq clients may read; cursors wait on it.
     head: watch::Sender<u64>,
     clients: Vec<(u64, Arc<ClientState>)>,
+    /// Whether this instance numbers the stream's events: always alone on
+    /// its database; with [`Sharing`], while it holds the stream.
+    writing: bool,
+    /// Holds taken by [`SessionEvents::open`] and not ended yet (with
+    /// [`Sharing`]; the stream is released when the last one ends).
+    holders: usize,
+    /// With [`Sharing`]: the highest seq any instance may have handed out,
+    /// as far as this one knows (stored or not yet). A client resuming
+    /// below it is not from a deleted stream, only ahead of storage.
+    bound: u64,
 }
 
 impl SessionLog {
     fn new(next_seq: u64, reserved: u64) -> Self {
         Self {
+            writing: true,
+            holders: 0,
+            bound: 0,
             next_seq,
             ring: VecDeque::new(),
             ring_bytes: 0,
@@ -244,6 +283,13 @@ type Appended = (
 #[derive(Default)]
 struct Slot {
     log: OnceCell<SharedLog>,
+    /// With [`Sharing`]: taken to acquire the stream or fetch what other
+    /// instances stored, one at a time.
+    sync: tokio::sync::Mutex<()>,
+    /// A fetch was asked for since the running one started.
+    dirty: std::sync::atomic::AtomicBool,
+    /// A fetch task runs.
+    fetching: std::sync::atomic::AtomicBool,
 }
 
 /// Forgotten sessions remembered at most, so a late `publish` does not open
@@ -285,6 +331,12 @@ impl Sessions {
             .get(session)
             .and_then(|slot| slot.log.get().cloned())
     }
+
+    fn loaded_slot(&self, session: &SessionId) -> Option<(Arc<Slot>, SharedLog)> {
+        let slot = self.slots.get(session)?;
+        let log = slot.log.get()?;
+        Some((Arc::clone(slot), Arc::clone(log)))
+    }
 }
 
 /// Where the hub stores streams: the store (for reads) and the group
@@ -299,6 +351,8 @@ pub struct SessionHub {
     settings: StreamSettings,
     sessions: Mutex<Sessions>,
     storage: Option<Storage>,
+    /// Set when other instances share the database.
+    sharing: Option<Sharing>,
     next_client: AtomicU64,
     /// Subscriptions alive now, across sessions.
     clients: AtomicUsize,
@@ -425,27 +479,56 @@ impl SessionHub {
     /// A hub whose streams live in memory only (`--session-store memory`).
     #[must_use]
     pub fn new(settings: StreamSettings) -> Arc<Self> {
-        Self::build(settings, None)
+        Self::build(settings, None, None)
     }
 
     /// A hub that stores every stream in `store` and loads them from it.
     /// Spawns the group commit task: call from within a tokio runtime.
     #[must_use]
     pub fn stored(settings: StreamSettings, store: Arc<dyn EventStore>) -> Arc<Self> {
+        Self::with_storage(settings, store, None)
+    }
+
+    /// A stored hub on a database that other instances share (see
+    /// [`Sharing`]). Spawns the group commit task and the task that polls
+    /// for other instances' events and renews this one's holds.
+    #[must_use]
+    pub fn shared(
+        settings: StreamSettings,
+        store: Arc<dyn EventStore>,
+        sharing: Sharing,
+    ) -> Arc<Self> {
+        let hub = Self::with_storage(settings, store, Some(sharing));
+        tokio::spawn(sharing_task(Arc::downgrade(&hub)));
+        hub
+    }
+
+    fn with_storage(
+        settings: StreamSettings,
+        store: Arc<dyn EventStore>,
+        sharing: Option<Sharing>,
+    ) -> Arc<Self> {
         let (queue, receiver) = mpsc::channel(writer::QUEUE);
+        let owner = sharing.as_ref().map(|s| s.owner.clone());
         let hub = Self::build(
             settings,
             Some(Storage {
                 store: Arc::clone(&store),
                 queue,
             }),
+            sharing,
         );
-        tokio::spawn(writer::run(store, receiver, Arc::downgrade(&hub)));
+        tokio::spawn(writer::run(store, receiver, Arc::downgrade(&hub), owner));
         hub
     }
 
-    fn build(settings: StreamSettings, storage: Option<Storage>) -> Arc<Self> {
+    fn build(
+        settings: StreamSettings,
+        storage: Option<Storage>,
+        sharing: Option<Sharing>,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            sharing,
             settings: StreamSettings {
                 ring_capacity: settings.ring_capacity.max(1),
                 ..settings
@@ -460,6 +543,13 @@ impl SessionHub {
     /// The session's log, loaded from storage when it is not in memory. A
     /// session opened is no longer forgotten.
     async fn open_log(&self, session: &SessionId) -> Result<SharedLog, EventStoreError> {
+        self.open_slot(session).await.map(|(_, log)| log)
+    }
+
+    async fn open_slot(
+        &self,
+        session: &SessionId,
+    ) -> Result<(Arc<Slot>, SharedLog), EventStoreError> {
         let slot = {
             let mut sessions = lock(&self.sessions);
             sessions.clear_forgotten(session);
@@ -477,7 +567,8 @@ impl SessionHub {
                 sessions.slots.remove(session);
             }
         }
-        log.cloned()
+        let log = log.cloned()?;
+        Ok((slot, log))
     }
 
     /// Reads the stored window and reserves the first block of seqs above
@@ -494,6 +585,16 @@ impl SessionHub {
             .store
             .load(session, self.settings.ring_capacity)
             .await?;
+        if self.sharing.is_some() {
+            // Another instance may be numbering it: read it as it is
+            // stored, and number only once it is held (`open`).
+            let head = state.events.last().map_or(state.reserved, |e| e.seq);
+            let mut log = SessionLog::new(head + 1, 0);
+            log.writing = false;
+            log.bound = state.reserved;
+            self.retain_stored(session, &mut log, state.events);
+            return Ok(Arc::new(Mutex::new(log)));
+        }
         let next_seq = state.reserved + 1;
         let reserved = state.reserved + RESERVE_BLOCK;
         let (ack, stored) = oneshot::channel();
@@ -502,7 +603,19 @@ impl SessionHub {
             .await
             .unwrap_or_else(|_| Err(EventStoreError("the event writer stopped".into())))?;
         let mut log = SessionLog::new(next_seq, reserved);
-        for event in state.events {
+        self.retain_stored(session, &mut log, state.events);
+        Ok(Arc::new(Mutex::new(log)))
+    }
+
+    /// Adds stored events to the window, in seq order; those at or below
+    /// its head are there already.
+    fn retain_stored(&self, session: &SessionId, log: &mut SessionLog, events: Vec<StoredEvent>) {
+        for event in events {
+            if log.ring.back().and_then(|f| f.seq) >= Some(event.seq) {
+                continue;
+            }
+            log.next_seq = log.next_seq.max(event.seq + 1);
+            log.bound = log.bound.max(event.seq);
             let Some(op) = known_op(&event.op) else {
                 tracing::error!(session.id = %session, seq = event.seq, op = %event.op, "stored event of an unknown kind skipped");
                 continue;
@@ -516,7 +629,198 @@ impl SessionHub {
                 &self.settings,
             );
         }
-        Ok(Arc::new(Mutex::new(log)))
+    }
+
+    /// With [`Sharing`]: takes the stream for this instance (waiting while
+    /// another holds it), after reading everything stored of it, or adds a
+    /// hold to the one this instance has.
+    async fn hold(&self, session: &SessionId) -> Result<(), EventStoreError> {
+        let (Some(sharing), Some(storage)) = (&self.sharing, &self.storage) else {
+            return self.open_log(session).await.map(|_| ());
+        };
+        loop {
+            let (slot, log) = self.open_slot(session).await?;
+            {
+                let _sync = slot.sync.lock().await;
+                {
+                    let mut guard = lock(&log);
+                    if guard.writing {
+                        guard.holders += 1;
+                        return Ok(());
+                    }
+                }
+                let until = chrono::Utc::now()
+                    + chrono::Duration::from_std(sharing.lease).unwrap_or_default();
+                let acquired = storage
+                    .store
+                    .acquire(session, &sharing.owner, until, RESERVE_BLOCK)
+                    .await?;
+                if let Some(mark) = acquired {
+                    // Everything the last holder stored is read first, so
+                    // this instance numbers right after it.
+                    self.fetch_locked(session, &log).await?;
+                    let mut guard = lock(&log);
+                    guard.next_seq = guard.next_seq.max(mark - RESERVE_BLOCK + 1);
+                    guard.reserved = mark;
+                    guard.reserving = false;
+                    guard.bound = guard.bound.max(mark);
+                    guard.writing = true;
+                    guard.holders = 1;
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(ACQUIRE_RETRY).await;
+        }
+    }
+
+    /// Ends one hold; the last one releases the stream (after everything
+    /// queued before, so the next holder reads it all).
+    fn end_hold(&self, session: &SessionId, log: &mut SessionLog) {
+        if self.sharing.is_none() || !log.writing {
+            return;
+        }
+        log.holders = log.holders.saturating_sub(1);
+        if log.holders == 0 {
+            log.writing = false;
+            self.enqueue(Write::Release(session.clone(), log.next_seq - 1), None);
+        }
+    }
+
+    /// Reads what other instances stored of the stream after its head.
+    async fn fetch_locked(
+        &self,
+        session: &SessionId,
+        log: &SharedLog,
+    ) -> Result<(), EventStoreError> {
+        let Some(storage) = &self.storage else {
+            return Ok(());
+        };
+        loop {
+            let after = {
+                let guard = lock(log);
+                if guard.writing {
+                    return Ok(());
+                }
+                guard.next_seq - 1
+            };
+            let limit = self.settings.ring_capacity;
+            let events = storage.store.events_after(session, after, limit).await?;
+            let fetched = events.len();
+            let mut guard = lock(log);
+            if guard.writing {
+                return Ok(());
+            }
+            self.retain_stored(session, &mut guard, events);
+            guard.wake_readers();
+            drop(guard);
+            metrics::counter!("autopoiesis_cluster_events_fetched_total").increment(fetched as u64);
+            if fetched < limit {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Fetches the stream's new stored events in a task of its own, unless
+    /// one is on it: asks made while it runs make it go round once more.
+    fn schedule_fetch(self: &Arc<Self>, session: &SessionId, slot: Arc<Slot>, log: SharedLog) {
+        slot.dirty.store(true, Ordering::SeqCst);
+        if slot.fetching.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let hub = Arc::clone(self);
+        let session = session.clone();
+        tokio::spawn(async move {
+            loop {
+                slot.dirty.store(false, Ordering::SeqCst);
+                let fetched = {
+                    let _sync = slot.sync.lock().await;
+                    hub.fetch_locked(&session, &log).await
+                };
+                if let Err(error) = fetched {
+                    tracing::warn!(session.id = %session, %error, "events of other instances not read yet");
+                }
+                slot.fetching.store(false, Ordering::SeqCst);
+                if !slot.dirty.load(Ordering::SeqCst) || slot.fetching.swap(true, Ordering::SeqCst)
+                {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// A pointer from another instance (or this one): the session's stream
+    /// has stored events up to `seq`. A stream loaded here and numbered
+    /// elsewhere reads them.
+    pub fn notified(self: &Arc<Self>, session: &SessionId, seq: u64) {
+        let Some((slot, log)) = lock(&self.sessions).loaded_slot(session) else {
+            return;
+        };
+        {
+            let guard = lock(&log);
+            if guard.writing || seq < guard.next_seq {
+                return;
+            }
+        }
+        self.schedule_fetch(session, slot, log);
+    }
+
+    /// Checks every stream loaded here and numbered elsewhere against its
+    /// stored head, and reads those behind: the fallback for notifications
+    /// that did not arrive (and the catch-up after the listener
+    /// reconnects).
+    pub async fn resync(self: &Arc<Self>) {
+        let Some(storage) = &self.storage else { return };
+        let readers: Vec<(SessionId, Arc<Slot>, SharedLog)> = {
+            let sessions = lock(&self.sessions);
+            sessions
+                .slots
+                .iter()
+                .filter_map(|(id, slot)| {
+                    let log = slot.log.get()?;
+                    (!lock(log).writing).then(|| (id.clone(), Arc::clone(slot), Arc::clone(log)))
+                })
+                .collect()
+        };
+        if readers.is_empty() {
+            return;
+        }
+        let ids: Vec<SessionId> = readers.iter().map(|(id, _, _)| id.clone()).collect();
+        let heads: HashMap<SessionId, u64> = match storage.store.heads(&ids).await {
+            Ok(heads) => heads.into_iter().collect(),
+            Err(error) => {
+                tracing::warn!(%error, "stored stream heads not read");
+                return;
+            }
+        };
+        for (id, slot, log) in readers {
+            let behind = heads
+                .get(&id)
+                .is_some_and(|head| *head >= lock(&log).next_seq);
+            if behind {
+                self.schedule_fetch(&id, slot, log);
+            }
+        }
+    }
+
+    /// Extends this instance's hold on every stream it numbers now.
+    async fn renew_holds(&self) {
+        let (Some(sharing), Some(storage)) = (&self.sharing, &self.storage) else {
+            return;
+        };
+        let held: Vec<SessionId> = self
+            .loaded_logs()
+            .into_iter()
+            .filter(|(_, log)| lock(log).writing)
+            .map(|(id, _)| id)
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        let until =
+            chrono::Utc::now() + chrono::Duration::from_std(sharing.lease).unwrap_or_default();
+        if let Err(error) = storage.store.renew(&sharing.owner, &held, until).await {
+            tracing::warn!(%error, "stream holds not renewed");
+        }
     }
 
     /// Subscribes a client to `session`. With `after_seq`, the retained
@@ -533,10 +837,18 @@ impl SessionHub {
         session: &SessionId,
         after_seq: Option<u64>,
     ) -> Result<Subscription, SubscribeError> {
-        let log = self
-            .open_log(session)
+        let (slot, log) = self
+            .open_slot(session)
             .await
             .map_err(SubscribeError::Unavailable)?;
+        if self.sharing.is_some() {
+            // Catch up with what other instances stored, so that a client
+            // resuming here from another instance is placed right.
+            let _sync = slot.sync.lock().await;
+            self.fetch_locked(session, &log)
+                .await
+                .map_err(SubscribeError::Unavailable)?;
+        }
         let mut guard = lock(&log);
         if guard.clients.len() >= self.settings.max_clients_per_session {
             return Err(SubscribeError::SessionFull(
@@ -553,7 +865,7 @@ impl SessionHub {
         let mut ready = VecDeque::new();
         let mut cursor = match after_seq {
             None => guard.next_seq,
-            Some(after) if after > head_seq => {
+            Some(after) if after > head_seq.max(guard.bound) => {
                 ready.push_back(Frame::direct("reset", json!({ "head_seq": head_seq })));
                 1
             }
@@ -669,7 +981,13 @@ impl SessionHub {
     /// Sets the stream's reservation down to what it handed out, so the
     /// next life of the server continues right above it.
     fn release(&self, session: &SessionId, log: &SessionLog) {
-        if self.storage.is_some() && log.reserved != u64::MAX {
+        if self.sharing.is_some() {
+            // Only the holder may touch the reservation; a reader leaves
+            // it to whoever numbers the stream.
+            if log.writing {
+                self.enqueue(Write::Release(session.clone(), log.next_seq - 1), None);
+            }
+        } else if self.storage.is_some() && log.reserved != u64::MAX {
             self.enqueue(Write::Reserve(session.clone(), log.next_seq - 1), None);
         }
     }
@@ -735,6 +1053,10 @@ impl SessionHub {
         };
         let (op, data) = encode_event(event, turn);
         let mut guard = lock(&log);
+        if !guard.writing {
+            tracing::warn!(session.id = %session, "event for a stream another instance numbers dropped");
+            return None;
+        }
         let seq = guard.next_seq;
         guard.next_seq += 1;
         let frame = Arc::new(Frame {
@@ -777,6 +1099,9 @@ impl SessionHub {
             if seq % TRIM_EVERY == 0 && seq > capacity {
                 self.enqueue(Write::Trim(session.clone(), seq - capacity), None);
             }
+            if durable {
+                self.end_hold(session, &mut guard);
+            }
         }
         guard.retain(frame, &self.settings);
         guard.wake_readers();
@@ -788,7 +1113,13 @@ impl SessionHub {
 #[async_trait::async_trait]
 impl SessionEvents for SessionHub {
     async fn open(&self, session: &SessionId) -> Result<(), EventStoreError> {
-        self.open_log(session).await.map(|_| ())
+        self.hold(session).await
+    }
+
+    fn close(&self, session: &SessionId) {
+        if let Some(log) = lock(&self.sessions).loaded(session) {
+            self.end_hold(session, &mut lock(&log));
+        }
     }
 
     fn publish(&self, session: &SessionId, turn: Option<TurnId>, event: SessionEvent) {
@@ -889,12 +1220,35 @@ impl SessionEvents for SessionHub {
             return;
         };
         let guard = lock(&log);
-        if !guard.clients.is_empty() || !guard.held.is_empty() {
+        if !guard.clients.is_empty() || !guard.held.is_empty() || guard.holders > 0 {
             return;
         }
         self.release(session, &guard);
         drop(guard);
         sessions.slots.remove(session);
+    }
+}
+
+/// With [`Sharing`]: polls for other instances' events and renews this
+/// one's holds, until the hub is gone.
+async fn sharing_task(hub: std::sync::Weak<SessionHub>) {
+    let Some((poll, lease)) = hub
+        .upgrade()
+        .and_then(|hub| hub.sharing.as_ref().map(|s| (s.poll, s.lease)))
+    else {
+        return;
+    };
+    let mut ticks = tokio::time::interval(poll);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut renewed = tokio::time::Instant::now();
+    loop {
+        ticks.tick().await;
+        let Some(hub) = hub.upgrade() else { return };
+        hub.resync().await;
+        if renewed.elapsed() >= lease / 3 {
+            renewed = tokio::time::Instant::now();
+            hub.renew_holds().await;
+        }
     }
 }
 

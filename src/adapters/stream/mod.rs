@@ -15,5 +15,6 @@ pub mod hub;
 pub mod writer;
 
 pub use hub::{
-    ClientSlot, CloseReason, Frame, SessionHub, StreamSettings, SubscribeError, Subscription,
+    ClientSlot, CloseReason, Frame, SessionHub, Sharing, StreamSettings, SubscribeError,
+    Subscription,
 };

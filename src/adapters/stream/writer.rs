@@ -26,6 +26,9 @@ pub enum Write {
     Reserve(SessionId, u64),
     /// Drop the stream's events at or below this seq.
     Trim(SessionId, u64),
+    /// Stop numbering the stream (several instances): another may take it,
+    /// numbering above this seq.
+    Release(SessionId, u64),
     /// Answers once everything queued before it is written.
     Flush(oneshot::Sender<()>),
 }
@@ -41,10 +44,14 @@ pub async fn run(
     store: Arc<dyn EventStore>,
     mut queue: mpsc::Receiver<Queued>,
     hub: Weak<SessionHub>,
+    owner: Option<String>,
 ) {
     let mut items = Vec::with_capacity(BATCH);
     while queue.recv_many(&mut items, BATCH).await > 0 {
-        let mut batch = EventBatch::default();
+        let mut batch = EventBatch {
+            owner: owner.clone(),
+            ..EventBatch::default()
+        };
         let mut acks = Vec::new();
         let mut flushes = Vec::new();
         for item in items.drain(..) {
@@ -52,6 +59,7 @@ pub async fn run(
                 Write::Event(session, event) => batch.events.push((session, event)),
                 Write::Reserve(session, upto) => batch.reserve.push((session, upto)),
                 Write::Trim(session, upto) => batch.trim.push((session, upto)),
+                Write::Release(session, upto) => batch.release.push((session, upto)),
                 Write::Flush(done) => flushes.push(done),
             }
             acks.extend(item.ack);
