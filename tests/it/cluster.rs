@@ -582,3 +582,26 @@ async fn sessions_and_history_are_the_same_on_both_instances() {
         }
     }
 }
+
+#[tokio::test]
+async fn instances_started_together_on_a_new_schema_both_migrate_and_serve() {
+    let Some(data) = shared_data().await else {
+        return;
+    };
+    let second = Data {
+        name: data.name,
+        dir: tempfile::tempdir().unwrap(),
+        database_url: data.database_url.clone(),
+    };
+    let (a, b) = std::thread::scope(|scope| {
+        let a = scope.spawn(|| Server::start(&data, 0, &[]));
+        let b = scope.spawn(|| Server::start(&second, 0, &[]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    for (server, session) in [(&a, "first"), (&b, "second")] {
+        let reply = server.chat(session, "hello").await;
+        assert_eq!(reply["content"], "hello");
+    }
+    let (_, listed) = a.get("/api/sessions").await;
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+}

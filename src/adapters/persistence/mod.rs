@@ -171,10 +171,47 @@ pub async fn connect(
     let db = Database::connect(options)
         .await
         .map_err(|e| ConnectError::Open(e.to_string()))?;
-    migrations::Migrator::up(&db, None)
-        .await
-        .map_err(|e| ConnectError::Migrate(e.to_string()))?;
+    if sqlite {
+        migrations::Migrator::up(&db, None)
+            .await
+            .map_err(|e| ConnectError::Migrate(e.to_string()))?;
+    } else {
+        migrate_alone(&db).await?;
+    }
     Ok(db)
+}
+
+/// Migrates a PostgreSQL schema while holding a session lock on it, so
+/// that instances started together migrate one after the other (the later
+/// ones then find nothing to do) instead of racing on the same tables.
+async fn migrate_alone(db: &DatabaseConnection) -> Result<(), ConnectError> {
+    use sea_orm::sqlx;
+    const LOCK: &str = "hashtextextended('autopoiesis migrations ' || current_schema(), 0)";
+    let migrate = |e: sqlx::Error| ConnectError::Migrate(e.to_string());
+    let mut holder = db
+        .get_postgres_connection_pool()
+        .acquire()
+        .await
+        .map_err(migrate)?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_advisory_lock({LOCK})"
+    )))
+    .execute(&mut *holder)
+    .await
+    .map_err(migrate)?;
+    let migrated = migrations::Migrator::up(db, None)
+        .await
+        .map_err(|e| ConnectError::Migrate(e.to_string()));
+    let unlocked = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_advisory_unlock({LOCK})"
+    )))
+    .execute(&mut *holder)
+    .await;
+    if unlocked.is_err() {
+        // A connection still holding the lock must not go back to the pool.
+        holder.close_on_drop();
+    }
+    migrated
 }
 
 #[cfg(test)]
