@@ -589,10 +589,17 @@ impl ChatService {
 
     /// An `approve` request on a session: the server cannot take approvals
     /// yet, so every client of the session is told so.
-    pub async fn approve_unsupported(&self, session_id: &SessionId) {
-        self.core
-            .notice(session_id, None, SessionEvent::approval_unsupported())
-            .await;
+    ///
+    /// Published from a task of its own: with several instances it may wait
+    /// for a turn another instance runs on the session, and the caller (a
+    /// WebSocket's reader, with a cancel maybe next) must not.
+    pub fn approve_unsupported(&self, session_id: &SessionId) {
+        let core = Arc::clone(&self.core);
+        let session_id = session_id.clone();
+        tokio::spawn(async move {
+            core.notice(&session_id, None, SessionEvent::approval_unsupported())
+                .await;
+        });
     }
 
     /// Graceful shutdown: starts no new turn, lets running ones finish for
@@ -681,9 +688,18 @@ impl ChatService {
         };
         let mut ticks = tokio::time::interval(turns.lease / 3);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Ending another instance's turns may wait for its stream's lease to
+        // run out too: never in the way of this instance's renewals.
+        let mut recovering: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => {
+                    // Retried by whichever instance runs the next recovery.
+                    if let Some(task) = recovering {
+                        task.abort();
+                    }
+                    return;
+                }
                 _ = ticks.tick() => {}
             }
             if !lock(&self.core.running).is_empty() {
@@ -710,7 +726,24 @@ impl ChatService {
                     Err(error) => tracing::warn!(%error, "cancel requests not read"),
                 }
             }
-            self.recover(false).await;
+            if recovering
+                .as_ref()
+                .is_none_or(tokio::task::JoinHandle::is_finished)
+            {
+                let chat = self.clone_for_recovery();
+                recovering = Some(tokio::spawn(async move {
+                    chat.recover(false).await;
+                }));
+            }
+        }
+    }
+
+    /// A handle on the same service for a background recovery.
+    fn clone_for_recovery(&self) -> Self {
+        Self {
+            core: Arc::clone(&self.core),
+            max_queued_turns: self.max_queued_turns,
+            max_history_bytes: self.max_history_bytes,
         }
     }
 

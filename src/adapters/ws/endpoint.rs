@@ -272,7 +272,7 @@ impl Connection {
         let reply = match parse_incoming(text) {
             Ok(Incoming::Message { content }) => self.submit(content, direct),
             Ok(Incoming::Approve) => {
-                self.state.chat.approve_unsupported(&self.session_id).await;
+                self.state.chat.approve_unsupported(&self.session_id);
                 None
             }
             Ok(Incoming::Cancel) => match self.state.chat.cancel(&self.session_id).await {
