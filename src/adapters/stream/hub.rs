@@ -588,7 +588,9 @@ impl SessionHub {
         if self.sharing.is_some() {
             // Another instance may be numbering it: read it as it is
             // stored, and number only once it is held (`open`).
-            let head = state.events.last().map_or(state.reserved, |e| e.seq);
+            // Its head is the newest stored event: what another instance
+            // reserved ahead says nothing of what it sent.
+            let head = state.events.last().map_or(0, |e| e.seq);
             let mut log = SessionLog::new(head + 1, 0);
             log.writing = false;
             log.bound = state.reserved;
@@ -1608,5 +1610,83 @@ mod tests {
         let batches = batches.lock().unwrap();
         let last = batches.iter().flat_map(|b| b.reserve.clone()).last();
         assert_eq!(last, Some((sid(), 11)));
+    }
+
+    /// Two hubs on one store, as two instances on one database are.
+    async fn shared_pair() -> (Arc<SessionHub>, Arc<SessionHub>, tempfile::TempDir) {
+        use crate::adapters::persistence::{
+            ConnectSettings, SeaOrmEventStore, connect, sqlite_url,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let url = sqlite_url(&dir.path().join("shared.sqlite"));
+        let db = connect(&url, &ConnectSettings::default()).await.unwrap();
+        let store: Arc<dyn EventStore> = Arc::new(SeaOrmEventStore::new(db, &url));
+        // The poll is an hour away: only what a test does moves a reader.
+        let sharing = |owner: &str| Sharing {
+            owner: owner.into(),
+            lease: Duration::from_secs(10),
+            poll: Duration::from_secs(3600),
+        };
+        let a = SessionHub::shared(StreamSettings::default(), Arc::clone(&store), sharing("a"));
+        let b = SessionHub::shared(StreamSettings::default(), store, sharing("b"));
+        (a, b, dir)
+    }
+
+    fn done() -> SessionEvent {
+        SessionEvent::Done {
+            content: "12".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hub_sharing_the_store_reads_the_other_hubs_events_with_their_seqs_when_told() {
+        let (a, b, _dir) = shared_pair().await;
+        let mut on_a = a.subscribe(&sid(), Some(0)).await.unwrap();
+        let mut on_b = b.subscribe(&sid(), Some(0)).await.unwrap();
+        a.open(&sid()).await.unwrap();
+        let turn = TurnId::generate();
+        a.publish(&sid(), Some(turn.clone()), token(1));
+        a.publish(&sid(), Some(turn.clone()), token(2));
+        a.publish_durable(&sid(), Some(turn), done()).await.unwrap();
+        let seen_a = drain(&mut on_a).await;
+        assert_eq!(seqs(&seen_a), [Some(1), Some(2), Some(3)]);
+        assert!(drain(&mut on_b).await.is_empty(), "nothing until told");
+        b.notified(&sid(), 3);
+        let seen_b = drain(&mut on_b).await;
+        let json =
+            |frames: &[Arc<Frame>]| frames.iter().map(|f| f.json.clone()).collect::<Vec<_>>();
+        assert_eq!(json(&seen_b), json(&seen_a), "the same frames, same seqs");
+        assert_eq!(b.last_seq(&sid()), Some(3));
+    }
+
+    #[tokio::test]
+    async fn one_hub_numbers_a_shared_stream_at_a_time_and_the_next_goes_on_above_it() {
+        let (a, b, _dir) = shared_pair().await;
+        a.open(&sid()).await.unwrap();
+        a.publish(&sid(), None, token(1));
+        // B waits while A holds the stream...
+        let waiting = tokio::spawn({
+            let b = Arc::clone(&b);
+            async move { b.open(&sid()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(!waiting.is_finished(), "B numbers nothing while A holds it");
+        // ...and takes it once A's hold ends, numbering right above A.
+        a.publish_durable(&sid(), None, done()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("B takes the stream once A let go")
+            .unwrap()
+            .unwrap();
+        let mut on_a = a.subscribe(&sid(), Some(2)).await.unwrap();
+        b.publish_durable(&sid(), None, token(3)).await.unwrap();
+        a.notified(&sid(), 3);
+        assert_eq!(seqs(&drain(&mut on_a).await), [Some(3)]);
+        // A's hold needs nobody to wait for now: B let go with its notice.
+        tokio::time::timeout(Duration::from_secs(5), a.open(&sid()))
+            .await
+            .unwrap()
+            .unwrap();
+        a.close(&sid());
     }
 }
