@@ -2185,6 +2185,88 @@ mod tests {
         assert!(fx.published().last().is_some_and(SessionEvent::is_terminal));
     }
 
+    fn shared_records(store: crate::ports::turn_store::MockTurnStore) -> TurnRecords {
+        TurnRecords {
+            shared: true,
+            ..records(store)
+        }
+    }
+
+    #[tokio::test]
+    async fn with_shared_records_a_turn_behind_another_instances_runs_only_once_claimed() {
+        let fx = Fixture::new();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut turns = crate::ports::turn_store::MockTurnStore::new();
+        let queued = Arc::clone(&order);
+        turns
+            .expect_enqueue()
+            .times(1)
+            .returning(move |record, max| {
+                assert!(!record.running && record.prompt == "hi", "{record:?}");
+                assert_eq!(max, DEFAULT_MAX_QUEUED_TURNS);
+                queued.lock().unwrap().push("enqueue");
+                Ok(Enqueued::Waiting)
+            });
+        // Another instance's turn is before it twice, then gone.
+        let claims = Arc::new(Mutex::new(0));
+        let claimed = Arc::clone(&order);
+        turns.expect_claim().returning(move |_| {
+            let mut n = claims.lock().unwrap();
+            *n += 1;
+            claimed.lock().unwrap().push("claim");
+            Ok(if *n < 3 {
+                Claim::Waiting
+            } else {
+                Claim::Running
+            })
+        });
+        // Already on record: no second record, and the stored `done` removes it.
+        turns.expect_begin().never();
+        turns.expect_end().never();
+        let ran = Arc::clone(&order);
+        let runtime = answering(move |_, _| {
+            ran.lock().unwrap().push("run");
+            Ok(reply(vec![ResponsePart::Text {
+                content: "hello".into(),
+            }]))
+        });
+        let chat = fx.service(runtime).with_turn_records(shared_records(turns));
+        assert!(chat.send(Some(sid()), "hi".into()).await.is_ok());
+        assert_eq!(
+            *order.lock().unwrap(),
+            ["enqueue", "claim", "claim", "claim", "run"]
+        );
+    }
+
+    #[tokio::test]
+    async fn with_shared_records_a_session_queue_full_across_instances_refuses_the_turn() {
+        let fx = Fixture::new();
+        let mut turns = crate::ports::turn_store::MockTurnStore::new();
+        turns.expect_enqueue().returning(|_, _| Ok(Enqueued::Full));
+        turns.expect_claim().never();
+        let mut runtime = MockAgentRuntime::new();
+        runtime.expect_run_turn().never();
+        let chat = fx.service(runtime).with_turn_records(shared_records(turns));
+        assert!(matches!(
+            chat.send(Some(sid()), "hi".into()).await,
+            Err(ChatError::TooManyQueued { .. })
+        ));
+        assert!(fx.published().is_empty());
+    }
+
+    #[tokio::test]
+    async fn with_shared_records_a_cancel_for_a_turn_running_elsewhere_is_passed_on() {
+        let mut turns = crate::ports::turn_store::MockTurnStore::new();
+        turns
+            .expect_request_cancel()
+            .times(1)
+            .returning(|_| Ok(Some(TurnId::from("t-elsewhere"))));
+        let chat = Fixture::new()
+            .service(MockAgentRuntime::new())
+            .with_turn_records(shared_records(turns));
+        assert_eq!(chat.cancel(&sid()).await, Ok(TurnId::from("t-elsewhere")));
+    }
+
     #[tokio::test]
     async fn a_turn_whose_record_cannot_be_stored_does_not_run_and_answers_storage() {
         let fx = Fixture::new();
