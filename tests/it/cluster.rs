@@ -495,7 +495,8 @@ async fn the_listener_connection_killed_by_postgresql_comes_back_and_nothing_is_
 }
 
 #[tokio::test]
-async fn an_mcp_session_begun_on_one_instance_goes_on_on_the_other() {
+async fn mcp_through_a_balancer_works_in_both_eras_an_initialize_session_going_on_on_either_instance()
+ {
     let Some(data) = shared_data().await else {
         return;
     };
@@ -542,6 +543,26 @@ async fn an_mcp_session_begun_on_one_instance_goes_on_on_the_other() {
             Some(session.clone()),
         )
         .await;
+        assert_eq!(res.status(), StatusCode::OK, "request {id}");
+        let body = res.text().await.unwrap();
+        assert!(body.contains("session.list"), "request {id}: {body}");
+    }
+    // The session-less 2026-07-28 era needs nothing shared: any instance.
+    for id in 6..10 {
+        let res = client
+            .post(format!("{}/mcp", proxy.base()))
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/list")
+            .json(
+                &json!({"jsonrpc": "2.0", "id": id, "method": "tools/list", "params": {"_meta": {
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {},
+                "io.modelcontextprotocol/clientInfo": {"name": "balanced", "version": "0"}}}}),
+            )
+            .send()
+            .await
+            .unwrap();
         assert_eq!(res.status(), StatusCode::OK, "request {id}");
         let body = res.text().await.unwrap();
         assert!(body.contains("session.list"), "request {id}: {body}");
