@@ -14,6 +14,7 @@
 //! that the tool still works, not as a judge of speed.
 
 mod ceiling;
+mod cluster;
 mod fanout;
 mod load;
 mod mcp;
@@ -158,6 +159,8 @@ pub enum Phase {
     Rest,
     Chat,
     Fanout,
+    /// Two instances on one PostgreSQL (needs `--postgres-url`).
+    Cluster,
     Memory,
     Mcp,
     Startup,

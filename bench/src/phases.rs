@@ -1,5 +1,6 @@
 //! The phases of a run, in order: REST (with the ceiling), chat (per
-//! session store), fan-out, memory, MCP, startup, stored sessions. Each
+//! session store), fan-out, two instances, memory, MCP, startup, stored
+//! sessions. Each
 //! starts its own server processes and turns what it measured into rows of
 //! the table; a phase that fails puts its error in its row and the run goes
 //! on.
@@ -43,7 +44,7 @@ pub async fn run_all(plan: &Plan) -> Outcome {
     let mut outcome = Outcome::default();
     let runs = plan.rounds as u32;
     let window = plan.warmup + plan.duration;
-    let phases: [(Phase, &str, Duration); 7] = [
+    let phases: [(Phase, &str, Duration); 8] = [
         (
             Phase::Rest,
             "REST",
@@ -60,6 +61,15 @@ pub async fn run_all(plan: &Plan) -> Outcome {
             Duration::from_millis(
                 plan.fanout_token_ms * (plan.fanout_words * plan.fanout_turns) as u64 * 3,
             ) + Duration::from_secs(120),
+        ),
+        (
+            Phase::Cluster,
+            "two instances",
+            window * runs * 3
+                + Duration::from_millis(
+                    plan.fanout_token_ms * (plan.fanout_words * plan.fanout_turns) as u64 * 6,
+                )
+                + Duration::from_secs(240),
         ),
         (Phase::Memory, "memory", Duration::from_secs(180)),
         (Phase::Mcp, "MCP", window * runs + Duration::from_secs(60)),
@@ -87,6 +97,7 @@ pub async fn run_all(plan: &Plan) -> Outcome {
                 Phase::Rest => rest(plan, &mut outcome).await,
                 Phase::Chat => chat(plan, &mut outcome).await,
                 Phase::Fanout => fan_out(plan, &mut outcome).await,
+                Phase::Cluster => crate::cluster::cluster(plan, &mut outcome).await,
                 Phase::Memory => memory(plan, &mut outcome).await,
                 Phase::Mcp => mcp_calls(plan, &mut outcome).await,
                 Phase::Startup => startup(plan, &mut outcome).await,
@@ -153,7 +164,7 @@ struct Rounds {
     bench_cores: f64,
 }
 
-fn median(values: &mut [f64]) -> f64 {
+pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
     if n == 0 {
@@ -338,7 +349,7 @@ async fn seed_sessions(address: SocketAddr, count: usize) -> anyhow::Result<()> 
 /// After `turns_per_session` turns the connection moves to a new session:
 /// a turn's cost grows with its session's history, so without a fixed
 /// length the figure would depend on how long the run lasted.
-fn chat_workload(address: SocketAddr, round: usize, turns_per_session: u64) -> Workload {
+pub fn chat_workload(address: SocketAddr, round: usize, turns_per_session: u64) -> Workload {
     Workload {
         build: Box::new(move |conn, i| {
             let session = i / turns_per_session.max(1);
