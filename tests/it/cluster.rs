@@ -80,6 +80,24 @@ async fn post(base: &str, path: &str, body: Value) -> reqwest::Response {
         .unwrap()
 }
 
+/// `POST /api/chat` on `server` in a task of its own: its status.
+fn spawn_chat(
+    server: &Server,
+    session: &str,
+    content: String,
+) -> tokio::task::JoinHandle<StatusCode> {
+    let (base, session) = (server.base.clone(), session.to_owned());
+    tokio::spawn(async move {
+        post(
+            &base,
+            "/api/chat",
+            json!({"content": content, "session_id": session}),
+        )
+        .await
+        .status()
+    })
+}
+
 /// Reads frames until a token arrives (and returns them).
 async fn until_token(ws: &mut Ws) -> Vec<Value> {
     let mut frames = Vec::new();
@@ -263,19 +281,7 @@ async fn a_cancel_sent_to_one_instance_stops_the_turn_running_on_the_other() {
     let [a, b] = two_instances(&data, 50, &[], &[]);
     let mut watch = ws(&b, "stop", Some(0)).await;
     let long: Vec<String> = (0..400).map(|i| format!("w{i}")).collect();
-    let chat = tokio::spawn({
-        let base = a.base.clone();
-        let content = long.join(" ");
-        async move {
-            post(
-                &base,
-                "/api/chat",
-                json!({"content": content, "session_id": "stop"}),
-            )
-            .await
-            .status()
-        }
-    });
+    let chat = spawn_chat(&a, "stop", long.join(" "));
     until_token(&mut watch).await;
     let res = post(&b.base, "/api/sessions/stop/cancel", json!({})).await;
     assert_eq!(res.status(), StatusCode::ACCEPTED, "{:?}", res.text().await);
@@ -388,18 +394,7 @@ async fn sigkill_of_the_instance_running_a_turn_ends_it_interrupted_on_the_other
     let [a, b] = two_instances(&data, 100, &[], &[]);
     let mut watch = ws(&b, "crash", Some(0)).await;
     let words: Vec<String> = (0..200).map(|i| format!("w{i}")).collect();
-    let _chat = tokio::spawn({
-        let base = a.base.clone();
-        let content = words.join(" ");
-        async move {
-            post(
-                &base,
-                "/api/chat",
-                json!({"content": content, "session_id": "crash"}),
-            )
-            .await
-        }
-    });
+    let _chat = spawn_chat(&a, "crash", words.join(" "));
     let before = until_token(&mut watch).await;
     a.kill();
     // The lease is 1 s; `next` allows 10 s per frame.

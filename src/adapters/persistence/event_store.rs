@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use sea_orm::sea_query::{
     Alias, CaseStatement, Condition, Expr, ExprTrait, Func, OnConflict, Order, Query,
+    SelectStatement,
 };
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DbBackend, DbErr, QueryResult, Statement, TransactionTrait,
@@ -39,6 +40,42 @@ impl SeaOrmEventStore {
     fn check_file(&self) -> Result<(), EventStoreError> {
         file::check(self.file.as_ref()).map_err(EventStoreError)
     }
+
+    /// The events `select` ([`events_of`]) finds, in its order; a row that
+    /// cannot be read is left out and logged.
+    async fn read_events(
+        &self,
+        session: &SessionId,
+        select: &SelectStatement,
+    ) -> Result<Vec<StoredEvent>, EventStoreError> {
+        let rows = self.db.query_all(select).await.map_err(unavailable)?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                to_event(row)
+                    .inspect_err(|why| {
+                        tracing::error!(session.id = %session, error = %why, "stored event unreadable; left out");
+                    })
+                    .ok()
+            })
+            .collect())
+    }
+}
+
+/// At most `limit` of the session's events, as rows of `seq, turn_id, op,
+/// frame` ([`to_event`]); the caller orders and narrows it.
+fn events_of(session: &SessionId, limit: usize) -> SelectStatement {
+    Query::select()
+        .columns([
+            SessionEvents::Seq,
+            SessionEvents::TurnId,
+            SessionEvents::Op,
+            SessionEvents::Frame,
+        ])
+        .from(SessionEvents::Table)
+        .and_where(Expr::col(SessionEvents::SessionId).eq(session.as_str()))
+        .limit(u64::try_from(limit).unwrap_or(u64::MAX))
+        .to_owned()
 }
 
 fn unavailable(error: DbErr) -> EventStoreError {
@@ -123,29 +160,10 @@ impl EventStore for SeaOrmEventStore {
         limit: usize,
     ) -> Result<StreamState, EventStoreError> {
         self.check_file()?;
-        let newest = Query::select()
-            .columns([
-                SessionEvents::Seq,
-                SessionEvents::TurnId,
-                SessionEvents::Op,
-                SessionEvents::Frame,
-            ])
-            .from(SessionEvents::Table)
-            .and_where(Expr::col(SessionEvents::SessionId).eq(session.as_str()))
+        let newest = events_of(session, limit)
             .order_by(SessionEvents::Seq, Order::Desc)
-            .limit(u64::try_from(limit).unwrap_or(u64::MAX))
             .to_owned();
-        let rows = self.db.query_all(&newest).await.map_err(unavailable)?;
-        let mut events: Vec<StoredEvent> = rows
-            .iter()
-            .filter_map(|row| {
-                to_event(row)
-                    .inspect_err(|why| {
-                        tracing::error!(session.id = %session, error = %why, "stored event unreadable; left out");
-                    })
-                    .ok()
-            })
-            .collect();
+        let mut events = self.read_events(session, &newest).await?;
         events.reverse();
 
         // Every mark the stream has, in one row that exists even for a
@@ -442,30 +460,11 @@ impl EventStore for SeaOrmEventStore {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, EventStoreError> {
         self.check_file()?;
-        let select = Query::select()
-            .columns([
-                SessionEvents::Seq,
-                SessionEvents::TurnId,
-                SessionEvents::Op,
-                SessionEvents::Frame,
-            ])
-            .from(SessionEvents::Table)
-            .and_where(Expr::col(SessionEvents::SessionId).eq(session.as_str()))
+        let after = events_of(session, limit)
             .and_where(Expr::col(SessionEvents::Seq).gt(stored_seq(after)?))
             .order_by(SessionEvents::Seq, Order::Asc)
-            .limit(u64::try_from(limit).unwrap_or(u64::MAX))
             .to_owned();
-        let rows = self.db.query_all(&select).await.map_err(unavailable)?;
-        Ok(rows
-            .iter()
-            .filter_map(|row| {
-                to_event(row)
-                    .inspect_err(|why| {
-                        tracing::error!(session.id = %session, error = %why, "stored event unreadable; left out");
-                    })
-                    .ok()
-            })
-            .collect())
+        self.read_events(session, &after).await
     }
 
     async fn heads(
