@@ -311,7 +311,13 @@ impl OriginPolicy {
 fn is_public(req: &Request) -> bool {
     let path = req.uri().path();
     let reads = req.method() == Method::GET || req.method() == Method::HEAD;
-    (reads && (path == "/api/health" || path == "/openapi.json"))
+    // The console's page and assets hold no data (like `/docs`); every
+    // call they make needs the key.
+    (reads
+        && (path == "/api/health"
+            || path == "/openapi.json"
+            || path == "/"
+            || path.starts_with("/console/")))
         || path == "/docs"
         || path.starts_with("/docs/")
 }

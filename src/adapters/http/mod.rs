@@ -5,6 +5,7 @@
 pub mod allow;
 pub mod auth;
 pub mod chat;
+mod console;
 pub mod dashboard;
 pub mod dto;
 pub mod health;
@@ -250,6 +251,7 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
         },
     );
     Route::new()
+        .at("/console/:file", get(console::asset).head(console::asset))
         .at("/openapi.json", api.spec_endpoint())
         .nest("/docs", api.swagger_ui())
         .at("/api/health", get(health::fast_health))
@@ -262,7 +264,12 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
             .get(mcp.clone().compat())
             .delete(mcp.compat()),
         )
-        .nest("/", api)
+        // The API's paths are absolute, so it is nested at the root; the
+        // console's page takes the root itself.
+        .nest(
+            "/",
+            console::Root::new(poem::IntoEndpoint::into_endpoint(api)),
+        )
         // The body is read only once the request passed the guard: a client
         // without the key makes the server hold nothing.
         .with(BodyLimit::new(

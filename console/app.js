@@ -1,0 +1,425 @@
+// The autopoiesis console: a client of the public API only (SPEC B13).
+//
+// Safe by construction: every text from the server or a model goes into the
+// page through `textContent` (never parsed as markup), the API key lives in this
+// tab's sessionStorage only and is sent as a header (WebSocket and SSE get a
+// single-use ticket instead, never the key in a URL), and nothing is loaded
+// from another origin (the server's Content-Security-Policy says 'self').
+
+const KEY_ITEM = "autopoiesis.api-key";
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  key: sessionStorage.getItem(KEY_ITEM),
+  authOn: false,
+  version: "",
+  status: null,
+  stream: "connecting",
+  session: null,
+  sessions: new Map(),
+  socket: null,
+  lastSeq: 0,
+  running: false,
+  turns: new Map(), // turn_id -> the <li> of its answer
+  retry: 0,
+  dashboard: null,
+  booted: false,
+};
+
+/** One element, its text set as text. */
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+
+/** A call to the API with the key, when there is one. */
+async function api(path, options = {}) {
+  const headers = new Headers(options.headers || {});
+  if (state.key) headers.set("X-API-Key", state.key);
+  if (options.json !== undefined) {
+    headers.set("Content-Type", "application/json");
+    options = { ...options, body: JSON.stringify(options.json) };
+  }
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401 && path !== "/api/status") signOut("The key was refused; sign in again.");
+  return response;
+}
+
+/** `?ticket=` for a URL a browser opens without headers, when auth is on. */
+async function ticketQuery() {
+  if (!state.authOn) return "";
+  const response = await api("/api/auth/ticket", { method: "POST" });
+  if (!response.ok) throw new Error(`ticket: ${response.status}`);
+  const { ticket } = await response.json();
+  return `ticket=${encodeURIComponent(ticket)}`;
+}
+
+function renderStatus() {
+  const parts = [];
+  if (state.status) {
+    parts.push(`agent ${state.status.agent_name}`);
+    parts.push(`shell ${state.status.shell_tier}`);
+    parts.push(state.status.approval_unlocked ? "approvals unlocked" : "approvals locked");
+  }
+  if (state.version) parts.push(`v${state.version}`);
+  parts.push(state.stream);
+  $("status").textContent = parts.join(" · ");
+}
+
+function signOut(why) {
+  sessionStorage.removeItem(KEY_ITEM);
+  state.key = null;
+  closeSocket();
+  if (state.dashboard) state.dashboard.close();
+  $("app").hidden = true;
+  $("signin").hidden = false;
+  $("signin-error").textContent = why || "";
+  $("key").focus();
+}
+
+async function boot() {
+  try {
+    const health = await (await fetch("/api/health")).json();
+    state.version = health.version || "";
+  } catch {
+    state.stream = "server unreachable";
+    renderStatus();
+    setTimeout(boot, 2000);
+    return;
+  }
+  const status = await api("/api/status");
+  if (status.status === 401) {
+    state.authOn = true;
+    if (state.key) signOut("The key was refused.");
+    else signOut("");
+    renderStatus();
+    return;
+  }
+  // Auth is on when an unauthenticated request is refused.
+  state.authOn = Boolean(state.key) || (await fetch("/api/sessions")).status === 401;
+  if (status.ok) state.status = (await status.json()).data;
+  $("signin").hidden = true;
+  $("app").hidden = false;
+  renderStatus();
+  await refreshSessions();
+  if (!state.booted) {
+    state.booted = true;
+    setInterval(refreshSessions, 3000);
+  }
+  openDashboard();
+  const wanted = decodeURIComponent(location.hash.replace(/^#\/s\//, ""));
+  if (wanted && location.hash.startsWith("#/s/")) openSession(wanted);
+}
+
+$("signin-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const key = $("key").value;
+  const response = await fetch("/api/status", { headers: { "X-API-Key": key } });
+  if (response.status === 401) {
+    $("signin-error").textContent = "That key was refused.";
+    return;
+  }
+  sessionStorage.setItem(KEY_ITEM, key);
+  state.key = key;
+  $("key").value = "";
+  boot();
+});
+
+// ---- sessions ------------------------------------------------------------
+
+async function refreshSessions() {
+  const response = await api("/api/sessions");
+  if (!response.ok) return;
+  const list = await response.json();
+  state.sessions = new Map(list.map((s) => [s.id, s]));
+  const ul = $("session-list");
+  ul.replaceChildren(
+    ...list.map((s) => {
+      const li = el("li");
+      const button = el("button", s.id);
+      button.type = "button";
+      if (s.id === state.session) button.setAttribute("aria-current", "true");
+      const created = new Date(s.created_at);
+      button.append(el("small", `${created.toLocaleString()} · ${s.message_count} messages`));
+      button.addEventListener("click", () => openSession(s.id));
+      li.append(button);
+      return li;
+    }),
+  );
+}
+
+$("new-session").addEventListener("click", async () => {
+  const response = await api("/api/sessions", { method: "POST" });
+  if (!response.ok) return;
+  const created = await response.json();
+  await refreshSessions();
+  openSession(created.id);
+});
+
+async function openSession(id) {
+  closeSocket();
+  state.session = id;
+  location.hash = `#/s/${encodeURIComponent(id)}`;
+  $("session-title").textContent = `Session ${id}`;
+  $("message").disabled = false;
+  $("send").disabled = false;
+  await refreshSessions();
+  await showHistory();
+  state.lastSeq = state.sessions.get(id)?.last_seq ?? 0;
+  connect();
+  $("message").focus();
+}
+
+// ---- history ---------------------------------------------------------------
+
+function partsOf(message) {
+  return Array.isArray(message.parts) ? message.parts : [];
+}
+
+function responseItem() {
+  const li = el("li", undefined, "assistant");
+  li.append(el("span", "", "text"));
+  return li;
+}
+
+function addThinking(li, content) {
+  let details = li.querySelector("details");
+  if (!details) {
+    details = el("details");
+    details.append(el("summary", "Thinking"), el("span", "", "thinking"));
+    li.prepend(details);
+  }
+  details.querySelector(".thinking").textContent += content;
+}
+
+function addToolCall(li, name, args) {
+  const pre = el("pre", `${name}(${JSON.stringify(args, null, 2)})`, "tool-call");
+  li.append(pre);
+}
+
+async function showHistory() {
+  const id = state.session;
+  const response = await api(`/api/sessions/${encodeURIComponent(id)}/history`);
+  const ol = $("messages");
+  state.turns.clear();
+  if (!response.ok) {
+    ol.replaceChildren();
+    return;
+  }
+  const { messages } = await response.json();
+  if (id !== state.session) return;
+  ol.replaceChildren(
+    ...messages.map((message) => {
+      if (message.kind === "request") {
+        const text = partsOf(message)
+          .filter((p) => p.part_kind === "user-prompt")
+          .map((p) => p.content)
+          .join("\n");
+        return el("li", text, "user");
+      }
+      const li = responseItem();
+      for (const part of partsOf(message)) {
+        if (part.part_kind === "text") li.querySelector(".text").textContent += part.content;
+        else if (part.part_kind === "thinking") addThinking(li, part.content);
+        else if (part.part_kind === "tool-call") addToolCall(li, part.tool_name, part.args);
+      }
+      return li;
+    }),
+  );
+  ol.scrollTop = ol.scrollHeight;
+}
+
+// ---- the live stream ---------------------------------------------------------
+
+function setStream(text) {
+  state.stream = text;
+  $("stream-state").textContent = text === "live" ? "" : text;
+  renderStatus();
+}
+
+function closeSocket() {
+  if (state.socket) {
+    state.socket.onclose = null;
+    state.socket.close();
+    state.socket = null;
+  }
+}
+
+async function connect() {
+  const id = state.session;
+  let query;
+  try {
+    query = await ticketQuery();
+  } catch {
+    return reconnectLater(id);
+  }
+  if (id !== state.session) return;
+  const proto = location.protocol === "https:" ? "wss:" : "ws:";
+  const params = [`after_seq=${state.lastSeq}`, query].filter(Boolean).join("&");
+  const socket = new WebSocket(`${proto}//${location.host}/api/ws/${encodeURIComponent(id)}?${params}`);
+  state.socket = socket;
+  socket.onopen = () => {
+    state.retry = 0;
+    setStream("live");
+  };
+  socket.onmessage = (event) => {
+    try {
+      onFrame(JSON.parse(event.data));
+    } catch (error) {
+      console.warn("unreadable frame", error);
+    }
+  };
+  socket.onclose = () => {
+    if (state.socket === socket) reconnectLater(id);
+  };
+}
+
+function reconnectLater(id) {
+  if (id !== state.session) return;
+  state.socket = null;
+  state.retry = Math.min(state.retry + 1, 6);
+  setStream("reconnecting…");
+  setTimeout(() => {
+    if (id === state.session && !state.socket) connect();
+  }, 500 * 2 ** (state.retry - 1));
+}
+
+function answerFor(turnId) {
+  let li = state.turns.get(turnId);
+  if (!li) {
+    li = responseItem();
+    state.turns.set(turnId, li);
+    $("messages").append(li);
+  }
+  return li;
+}
+
+function setRunning(running) {
+  state.running = running;
+  $("stop").disabled = !running;
+}
+
+function onFrame(frame) {
+  if (typeof frame.seq === "number") state.lastSeq = Math.max(state.lastSeq, frame.seq);
+  const data = frame.data || {};
+  const ol = $("messages");
+  switch (frame.op) {
+    case "token":
+      setRunning(true);
+      answerFor(frame.turn_id).querySelector(".text").textContent += data.content;
+      break;
+    case "thinking":
+      setRunning(true);
+      addThinking(answerFor(frame.turn_id), data.content);
+      break;
+    case "tool_call":
+      addToolCall(answerFor(frame.turn_id), data.name, data.details);
+      break;
+    case "done":
+    case "cancelled":
+      setRunning(false);
+      // The stored history is the whole truth (a turn sent from another
+      // device shows its prompt there too).
+      showHistory();
+      break;
+    case "error":
+      if (frame.seq === undefined) {
+        setStream(data.message || "error");
+        setTimeout(() => setStream("live"), 3000);
+        break;
+      }
+      setRunning(false);
+      ol.append(el("li", data.message || "The turn failed.", "error"));
+      break;
+    case "gap":
+    case "reset":
+      if (frame.op === "reset") state.lastSeq = 0;
+      showHistory();
+      break;
+    default:
+      break;
+  }
+  ol.scrollTop = ol.scrollHeight;
+}
+
+$("composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = $("message").value;
+  if (!text.trim() || !state.socket || state.socket.readyState !== WebSocket.OPEN) return;
+  state.socket.send(JSON.stringify({ op: "message", data: { content: text } }));
+  $("messages").append(el("li", text, "user"));
+  $("message").value = "";
+  setRunning(true);
+});
+
+$("message").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+
+$("stop").addEventListener("click", async () => {
+  if (state.session) await api(`/api/sessions/${encodeURIComponent(state.session)}/cancel`, { method: "POST" });
+});
+
+// ---- approvals and status, live through /api/stream ---------------------------
+
+async function openDashboard() {
+  let query;
+  try {
+    query = await ticketQuery();
+  } catch {
+    setTimeout(openDashboard, 3000);
+    return;
+  }
+  const source = new EventSource(`/api/stream${query ? `?${query}` : ""}`);
+  state.dashboard = source;
+  source.addEventListener("dashboard.status", (event) => {
+    state.status = JSON.parse(event.data).data;
+    renderStatus();
+  });
+  source.addEventListener("approval.list", (event) => renderApprovals(JSON.parse(event.data).data));
+  // A ticket opens one connection: come back with a new one.
+  source.onerror = () => {
+    source.close();
+    if (state.dashboard === source) setTimeout(openDashboard, 2000);
+  };
+}
+
+function renderApprovals(list) {
+  const items = list.items || [];
+  $("approvals-empty").hidden = items.length > 0;
+  $("approval-list").replaceChildren(
+    ...items.map((item) => {
+      const li = el("li");
+      for (const request of item.requests || []) {
+        li.append(el("pre", `${request.tool_name}(${JSON.stringify(request.args, null, 2)})`));
+      }
+      const expires = new Date(item.expires_at * 1000).toLocaleString();
+      li.append(el("p", `plan ${item.plan_hash_prefix} · expires ${expires}`, "meta"));
+      const reasonId = `reason-${item.id}`;
+      const label = el("label", "Reason");
+      label.htmlFor = reasonId;
+      const reason = el("input");
+      reason.id = reasonId;
+      const decide = el("div", undefined, "decide");
+      for (const [action, text] of [["approve", "Approve"], ["reject", "Reject"]]) {
+        const button = el("button", text);
+        button.type = "button";
+        button.addEventListener("click", async () => {
+          const body = { action, approval_id: item.id };
+          if (reason.value) body.reason = reason.value;
+          await api("/api/actions", { method: "POST", json: body });
+        });
+        decide.append(button);
+      }
+      li.append(label, reason, decide);
+      return li;
+    }),
+  );
+}
+
+boot();

@@ -1,0 +1,117 @@
+//! The web console's files (SPEC B13) as HTTP sees them: served from the
+//! binary at `/` and `/console/*` without the key, with a `'self'`-only
+//! Content-Security-Policy, their content types and revalidation by ETag.
+//! (What the page does in a browser is for the browser tests.)
+
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_SECURITY_POLICY, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
+
+use crate::helpers::{Options, spawn_with};
+
+const KEY: &str = "console-key";
+
+#[tokio::test]
+async fn the_console_page_and_its_assets_load_without_the_key_and_nothing_else_does() {
+    let app = spawn_with(Options {
+        api_key: Some(KEY),
+        ..Options::default()
+    })
+    .await;
+    let page = app.client.get(app.url("/")).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert_eq!(page.headers()[CONTENT_TYPE], "text/html; charset=utf-8");
+    let csp = page.headers()[CONTENT_SECURITY_POLICY]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(csp.contains("default-src 'self'"), "{csp}");
+    assert!(
+        !csp.contains("unsafe"),
+        "no unsafe-inline or unsafe-eval: {csp}"
+    );
+    let html = page.text().await.unwrap();
+    assert!(html.contains(r#"<script type="module" src="/console/app.js">"#));
+    assert!(!html.contains("<script>"), "no inline script");
+
+    for (path, kind) in [
+        ("/console/app.js", "text/javascript; charset=utf-8"),
+        ("/console/style.css", "text/css; charset=utf-8"),
+    ] {
+        let asset = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(asset.status(), StatusCode::OK, "{path}");
+        assert_eq!(asset.headers()[CONTENT_TYPE], kind, "{path}");
+    }
+    // Everything the page fetches still needs the key.
+    let sessions = app
+        .client
+        .get(app.url("/api/sessions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sessions.status(), StatusCode::UNAUTHORIZED);
+    let missing = app
+        .client
+        .get(app.url("/console/nope.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_console_file_seen_before_is_revalidated_with_its_etag_for_a_304() {
+    let app = spawn_with(Options::default()).await;
+    let first = app
+        .client
+        .get(app.url("/console/app.js"))
+        .send()
+        .await
+        .unwrap();
+    let etag = first.headers()[ETAG].clone();
+    assert!(
+        etag.to_str().unwrap().starts_with('"'),
+        "a quoted strong tag"
+    );
+    assert_eq!(first.headers()["cache-control"], "no-cache");
+    let again = app
+        .client
+        .get(app.url("/console/app.js"))
+        .header(IF_NONE_MATCH, etag.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
+    assert!(again.bytes().await.unwrap().is_empty());
+    let other = app
+        .client
+        .get(app.url("/console/app.js"))
+        .header(IF_NONE_MATCH, "\"something else\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_console_script_never_writes_server_text_as_html_nor_keeps_the_key_beyond_the_tab() {
+    let app = spawn_with(Options::default()).await;
+    let script = app
+        .client
+        .get(app.url("/console/app.js"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for banned in [
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "localStorage",
+        "eval(",
+    ] {
+        assert!(!script.contains(banned), "{banned} in app.js");
+    }
+    assert!(script.contains("sessionStorage"));
+}
