@@ -4,9 +4,11 @@
 
 mod approval_store;
 mod auth;
+mod browser;
 mod cli;
 mod cluster;
 mod connections;
+mod console;
 mod dashboard;
 mod durable;
 mod edges;
