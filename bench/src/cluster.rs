@@ -188,22 +188,7 @@ async fn chat_pair(plan: &Plan, url: &str, outcome: &mut Outcome) -> anyhow::Res
 async fn fanout_pair(plan: &Plan, url: &str, outcome: &mut Outcome) -> anyhow::Result<()> {
     let schema = postgres::Schema::create(url)?;
     let clients = plan.fanout_clients;
-    let model = format!("echo:delay_ms={}", plan.fanout_token_ms.max(1));
-    let window = (plan.fanout_words + 64).max(1024);
-    let flags = vec![
-        "--config".to_owned(),
-        "{dir}/agents.toml".to_owned(),
-        "--event-buffer".to_owned(),
-        window.to_string(),
-        "--max-clients-per-session".to_owned(),
-        (clients + 16).max(2048).to_string(),
-        "--max-clients".to_owned(),
-        (clients + 16).max(20_000).to_string(),
-    ];
-    let files = [(
-        "agents.toml",
-        format!("[agents.default]\nmodel = \"{model}\"\n"),
-    )];
+    let (flags, files) = phases::fanout_server(plan);
     let a = instance(plan, &schema.url, &flags, &files).await?;
     let b = instance(plan, &schema.url, &flags, &files).await?;
     let prompt: Vec<String> = (0..plan.fanout_words).map(|i| format!("w{i}")).collect();

@@ -498,35 +498,40 @@ async fn chat(plan: &Plan, outcome: &mut Outcome) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn fan_out(plan: &Plan, outcome: &mut Outcome) -> anyhow::Result<()> {
+/// The flags and files of a fan-out server: the echo agent streaming a
+/// token every `fanout_token_ms` (or in one burst at 0). Each turn's frames
+/// must fit the session's retained window (a client further behind is
+/// closed), even when the bench reads late, and the session must take all
+/// the clients.
+pub fn fanout_server(plan: &Plan) -> (Vec<String>, Vec<(&'static str, String)>) {
     let clients = plan.fanout_clients;
     let model = if plan.fanout_token_ms == 0 {
         "echo".to_owned()
     } else {
         format!("echo:delay_ms={}", plan.fanout_token_ms)
     };
-    // Each turn's frames must fit the session's retained window (a client
-    // further behind is closed), even when the bench reads late, and the
-    // session must take all the clients.
     let window = (plan.fanout_words + 64).max(1024);
-    let server = server::start_server(
-        plan,
-        &[
-            "--config".into(),
-            "{dir}/agents.toml".into(),
-            "--event-buffer".into(),
-            window.to_string(),
-            "--max-clients-per-session".into(),
-            (clients + 16).max(2048).to_string(),
-            "--max-clients".into(),
-            (clients + 16).max(20_000).to_string(),
-        ],
-        &[(
-            "agents.toml",
-            format!("[agents.default]\nmodel = \"{model}\"\n"),
-        )],
-    )
-    .await?;
+    let flags = vec![
+        "--config".into(),
+        "{dir}/agents.toml".into(),
+        "--event-buffer".into(),
+        window.to_string(),
+        "--max-clients-per-session".into(),
+        (clients + 16).max(2048).to_string(),
+        "--max-clients".into(),
+        (clients + 16).max(20_000).to_string(),
+    ];
+    let files = vec![(
+        "agents.toml",
+        format!("[agents.default]\nmodel = \"{model}\"\n"),
+    )];
+    (flags, files)
+}
+
+async fn fan_out(plan: &Plan, outcome: &mut Outcome) -> anyhow::Result<()> {
+    let clients = plan.fanout_clients;
+    let (flags, files) = fanout_server(plan);
+    let server = server::start_server(plan, &flags, &files).await?;
     let session = "bench-fanout";
     let sockets = fanout::connect_many(server.address, clients, |_| session.to_owned()).await?;
     let prompt: Vec<String> = (0..plan.fanout_words).map(|i| format!("w{i}")).collect();
