@@ -97,15 +97,24 @@ impl Browser {
         }
     }
 
+    /// The button named `name`, once it can be clicked (shown and enabled:
+    /// the page builds itself after sign-in).
     async fn button(&self, name: &str) -> fantoccini::elements::Element {
-        self.client
-            .wait()
-            .at_most(Duration::from_secs(10))
-            .for_element(Locator::XPath(&format!(
-                "//button[normalize-space()='{name}']"
-            )))
-            .await
-            .unwrap_or_else(|e| panic!("no button {name}: {e}"))
+        let xpath = format!("//button[normalize-space()='{name}']");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(button) = self.client.find(Locator::XPath(&xpath)).await
+                && button.is_displayed().await.unwrap_or(false)
+                && button.is_enabled().await.unwrap_or(false)
+            {
+                return button;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no button {name} to click within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The entry of session `id` in the session list.
