@@ -909,6 +909,14 @@ impl Core {
                 return (Err(error), false);
             }
         };
+        // First on the stream, for the clients that show prompts sent from
+        // another device (SPEC B13).
+        turn.publish(
+            &*self.events,
+            SessionEvent::Prompt {
+                content: input.prompt.clone(),
+            },
+        );
         let (outcome, partial) = self.await_outcome(&turn, input).await;
         self.finish(turn, request, outcome, partial).await
     }
@@ -1776,6 +1784,9 @@ mod tests {
         assert_eq!(
             fx.published(),
             vec![
+                SessionEvent::Prompt {
+                    content: "hi".into()
+                },
                 SessionEvent::Token {
                     content: "hel".into()
                 },
@@ -1810,11 +1821,17 @@ mod tests {
         let err = fx.send(runtime, "do it").await.unwrap_err();
         assert_eq!(err, unsupported_without_approval());
         let published = fx.published();
-        assert!(
-            matches!(&published[0], SessionEvent::ToolResult { tool_call_id, status, .. } if tool_call_id == "c1" && status == "deferred")
+        assert_eq!(
+            published[0],
+            SessionEvent::Prompt {
+                content: "do it".into()
+            }
         );
-        assert_eq!(published[1], SessionEvent::approval_unsupported());
-        assert_eq!(published.len(), 2, "exactly one terminal event");
+        assert!(
+            matches!(&published[1], SessionEvent::ToolResult { tool_call_id, status, .. } if tool_call_id == "c1" && status == "deferred")
+        );
+        assert_eq!(published[2], SessionEvent::approval_unsupported());
+        assert_eq!(published.len(), 3, "exactly one terminal event");
         let saved = fx.appended();
         assert_eq!(saved.len(), 2);
         assert!(
@@ -1829,7 +1846,15 @@ mod tests {
         runtime.expect_model_name().return_const("mock".to_owned());
         let err = fx.send(runtime, "do it").await.unwrap_err();
         assert_eq!(err, unsupported_without_approval());
-        assert_eq!(fx.published(), vec![SessionEvent::approval_unsupported()]);
+        assert_eq!(
+            fx.published(),
+            vec![
+                SessionEvent::Prompt {
+                    content: "do it".into()
+                },
+                SessionEvent::approval_unsupported()
+            ]
+        );
         assert_eq!(fx.appended().len(), 1, "the prompt is kept");
     }
 
@@ -1847,10 +1872,15 @@ mod tests {
         );
         assert_eq!(
             fx.published(),
-            vec![SessionEvent::Error {
-                code: None,
-                message: "model down".into()
-            }]
+            vec![
+                SessionEvent::Prompt {
+                    content: "hi".into()
+                },
+                SessionEvent::Error {
+                    code: None,
+                    message: "model down".into()
+                }
+            ]
         );
         assert!(fx.appended().is_empty());
     }
@@ -2056,7 +2086,7 @@ mod tests {
         let (chat, runtime) = stalled_service(&fx);
         let running = chat.submit(&sid(), "first".into()).unwrap();
         let queued = chat.submit(&sid(), "second".into()).unwrap();
-        until("the first token", || !fx.published().is_empty()).await;
+        until("the first token", || fx.published().len() >= 2).await;
         chat.end_session(&sid());
         runtime.release.notify_waiters();
         assert_eq!(
@@ -2069,9 +2099,14 @@ mod tests {
         );
         assert_eq!(
             fx.published(),
-            vec![SessionEvent::Token {
-                content: "hello".into()
-            }],
+            vec![
+                SessionEvent::Prompt {
+                    content: "first".into()
+                },
+                SessionEvent::Token {
+                    content: "hello".into()
+                }
+            ],
             "nothing after the delete"
         );
         assert!(fx.appended().is_empty());

@@ -28,6 +28,12 @@ pub fn approval_unsupported_message(recorded: bool) -> &'static str {
 /// (`token`, `done`, ...) and, for broadcast events, a sequence number.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SessionEvent {
+    /// A turn's prompt, published when the turn starts (SPEC B13). Not part
+    /// of the numbered stream: only clients that ask for prompts get it,
+    /// right before the turn's first numbered event.
+    Prompt {
+        content: String,
+    },
     Token {
         content: String,
     },

@@ -25,6 +25,11 @@ pub struct StoredEvent {
     pub op: String,
     /// The complete JSON text sent to clients.
     pub frame: String,
+    /// The `prompt` frame of the turn this event is the first of (SPEC
+    /// B13): it comes right before this event for the clients that ask for
+    /// prompts, and carries no seq of its own, so the others see the
+    /// stream's seqs without a hole.
+    pub prelude: Option<String>,
 }
 
 /// What is stored of a session's stream.

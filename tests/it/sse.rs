@@ -154,3 +154,27 @@ async fn a_kicked_sse_client_that_stopped_reading_is_disconnected_and_uncounted(
         "the kicked client's connection is still open"
     );
 }
+
+#[tokio::test]
+async fn sse_adds_each_turns_prompt_without_an_id_when_asked() {
+    let app = spawn_app().await;
+    let res = app
+        .chat(json!({"content": "a b", "session_id": "sse-prompts"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::OK); // seqs 1..=3
+    let res = app
+        .get("/api/sessions/sse-prompts/events?after_seq=0&events=prompt")
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let events = read_events(res, 4).await;
+    assert_eq!(events[0].0, "prompt");
+    assert_eq!(events[0].1, None, "a prompt moves no Last-Event-ID");
+    assert_eq!(events[0].2["data"]["content"], "a b");
+    let ids: Vec<_> = events[1..].iter().map(|e| e.1.clone()).collect();
+    assert_eq!(ids, [Some("1".into()), Some("2".into()), Some("3".into())]);
+
+    let refused = app
+        .get("/api/sessions/sse-prompts/events?events=tokens")
+        .await;
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+}

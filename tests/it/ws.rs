@@ -679,3 +679,46 @@ async fn every_log_line_of_a_connection_carries_its_session_id() {
         "the line is outside the connection's span: {in_spans:?}"
     );
 }
+
+#[tokio::test]
+async fn a_client_asking_for_prompts_sees_each_turns_prompt_first_and_others_see_exactly_a4() {
+    let app = spawn_app().await;
+    let mut asking = app.ws_at("/api/ws/prompts?events=prompt").await;
+    let mut plain = app.ws("prompts").await;
+    app.wait_for_clients("prompts", 2).await;
+    // A turn from another device, over REST.
+    let res = app
+        .chat(json!({"content": "from the phone", "session_id": "prompts"}))
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+
+    let seen = until_terminal(&mut asking).await;
+    assert_eq!(seen[0]["op"], "prompt");
+    assert_eq!(seen[0]["data"], json!({"content": "from the phone"}));
+    assert!(seen[0].get("seq").is_none(), "a prompt is not numbered");
+    assert_eq!(seen[0]["turn_id"], seen[1]["turn_id"]);
+    let plain_seen = until_terminal(&mut plain).await;
+    assert!(!ops(&plain_seen).contains(&"prompt"));
+    assert_eq!(seqs(&plain_seen), seqs(&seen[1..]), "the same gapless seqs");
+    assert_eq!(seqs(&plain_seen), (1..=4).collect::<Vec<_>>());
+
+    // A client resuming from before the turn gets its prompt again.
+    let mut resumed = app.ws_at("/api/ws/prompts?after_seq=0&events=prompt").await;
+    let replay = until_terminal(&mut resumed).await;
+    assert_eq!(replay, seen);
+}
+
+#[tokio::test]
+async fn an_unknown_kind_of_event_is_refused_before_the_upgrade() {
+    let app = spawn_app().await;
+    let err = tokio_tungstenite::connect_async(app.ws_url("/api/ws/s?events=prompt,everything"))
+        .await
+        .unwrap_err();
+    let tokio_tungstenite::tungstenite::Error::Http(res) = err else {
+        panic!("expected an HTTP refusal");
+    };
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    // tungstenite reads only what came with the head: the text, not JSON.
+    let body = String::from_utf8(res.body().clone().unwrap_or_default()).unwrap();
+    assert!(body.contains("'everything'"), "{body}");
+}

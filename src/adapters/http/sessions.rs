@@ -14,6 +14,7 @@ use super::ApiTags;
 use super::dto::{CancelBody, ErrorBody, HistoryBody, SerdeJson, SessionInfoBody};
 use super::session_id;
 use super::sse::{SseFrame, frames};
+use crate::adapters::stream::frames::asks_for_prompts;
 use crate::adapters::stream::{SessionHub, SubscribeError};
 use crate::domain::chat::{CancelError, ChatService};
 use crate::domain::session_service::SessionService;
@@ -253,6 +254,8 @@ impl SessionsApi {
     /// Resume with the `Last-Event-ID` header (browsers send it on their own)
     /// or `?after_seq=N`; a `gap` event says when events older than the
     /// retained window were missed. The session is created if missing.
+    /// `?events=prompt` adds each turn's `prompt` event (no `id`: it is
+    /// not numbered) right before the turn's first event.
     #[oai(
         path = "/api/sessions/:id/events",
         method = "get",
@@ -264,6 +267,9 @@ impl SessionsApi {
         session_id::Path(id): session_id::Path,
         /// Replay retained events after this sequence number.
         after_seq: Query<Option<u64>>,
+        /// Extra kinds of event, comma-separated: `prompt` (each turn's
+        /// prompt, first in the turn).
+        events: Query<Option<String>>,
         /// Set by `EventSource` on reconnect: the last `id` it saw.
         #[oai(name = "Last-Event-ID")]
         last_event_id: Header<Option<String>>,
@@ -279,6 +285,10 @@ impl SessionsApi {
             },
             (None, after) => after,
         };
+        let prompts = match asks_for_prompts(events.0.as_deref()) {
+            Ok(prompts) => prompts,
+            Err(message) => return EventsReply::BadRequest(Json(ErrorBody::new(message))),
+        };
         match self.sessions.open(&id).await {
             Ok(_) => {}
             Err(e @ SessionStoreError::TooManySessions(_)) => {
@@ -287,7 +297,7 @@ impl SessionsApi {
             Err(e) => return EventsReply::Unavailable(unavailable(&e)),
         }
         let subscription = match self.hub.subscribe(&id, after).await {
-            Ok(subscription) => subscription,
+            Ok(subscription) => subscription.with_prompts(prompts),
             Err(SubscribeError::Unavailable(error)) => {
                 return EventsReply::Unavailable(unavailable(&SessionStoreError::Unavailable(
                     error.to_string(),

@@ -63,7 +63,7 @@ impl SeaOrmEventStore {
 }
 
 /// At most `limit` of the session's events, as rows of `seq, turn_id, op,
-/// frame` ([`to_event`]); the caller orders and narrows it.
+/// frame, prelude` ([`to_event`]); the caller orders and narrows it.
 fn events_of(session: &SessionId, limit: usize) -> SelectStatement {
     Query::select()
         .columns([
@@ -71,6 +71,7 @@ fn events_of(session: &SessionId, limit: usize) -> SelectStatement {
             SessionEvents::TurnId,
             SessionEvents::Op,
             SessionEvents::Frame,
+            SessionEvents::Prelude,
         ])
         .from(SessionEvents::Table)
         .and_where(Expr::col(SessionEvents::SessionId).eq(session.as_str()))
@@ -88,7 +89,7 @@ fn stored_seq(seq: u64) -> Result<i64, EventStoreError> {
     i64::try_from(seq).map_err(|_| EventStoreError(format!("seq {seq} is out of range")))
 }
 
-/// A row of `seq, turn_id, op, frame`.
+/// A row of `seq, turn_id, op, frame, prelude`.
 fn to_event(row: &QueryResult) -> Result<StoredEvent, String> {
     let seq: i64 = row.try_get_by_index(0).map_err(|e| e.to_string())?;
     Ok(StoredEvent {
@@ -96,6 +97,7 @@ fn to_event(row: &QueryResult) -> Result<StoredEvent, String> {
         turn_id: row.try_get_by_index(1).map_err(|e| e.to_string())?,
         op: row.try_get_by_index(2).map_err(|e| e.to_string())?,
         frame: row.try_get_by_index(3).map_err(|e| e.to_string())?,
+        prelude: row.try_get_by_index(4).map_err(|e| e.to_string())?,
     })
 }
 
@@ -223,6 +225,7 @@ impl EventStore for SeaOrmEventStore {
                 Expr::val(event.turn_id.as_deref()),
                 Expr::val(event.op.as_str()),
                 Expr::val(event.frame.as_str()),
+                Expr::val(event.prelude.as_deref()),
             ]);
         }
         // A turn's ending stored is its record gone, in one transaction:
@@ -258,6 +261,7 @@ impl EventStore for SeaOrmEventStore {
                     SessionEvents::TurnId,
                     SessionEvents::Op,
                     SessionEvents::Frame,
+                    SessionEvents::Prelude,
                 ])
                 .to_owned();
             for row in rows.by_ref().take(MAX_BIND_PARAMETERS / 5) {
@@ -516,6 +520,7 @@ mod tests {
             turn_id: Some(turn.into()),
             op: "token".into(),
             frame: frame.to_string(),
+            prelude: None,
         }
     }
 
@@ -725,12 +730,14 @@ mod tests {
                 turn_id: Some("t1".into()),
                 op: "tool_call".into(),
                 frame: r#"{"op":"tool_call","data":{"content":"not a token"},"seq":3}"#.into(),
+                prelude: None,
             };
             let unreadable = StoredEvent {
                 seq: 5,
                 turn_id: Some("t1".into()),
                 op: "token".into(),
                 frame: "{".into(),
+                prelude: None,
             };
             store
                 .write(EventBatch {

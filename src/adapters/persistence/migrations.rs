@@ -24,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(IndexPendingApprovals),
             Box::new(CreateDurableSessions),
             Box::new(ShareAmongInstances),
+            Box::new(KeepPrompts),
         ]
     }
 }
@@ -267,11 +268,30 @@ impl MigrationTrait for CreateDurableSessions {
     }
 }
 
+/// Adds `column` to `table` unless it is there already (SQLite has no
+/// `ADD COLUMN IF NOT EXISTS`), so a migration cut short runs again cleanly.
+async fn add_column(
+    manager: &SchemaManager<'_>,
+    table: impl Iden + Copy + 'static,
+    column: ColumnDef,
+) -> Result<(), DbErr> {
+    let name = column.get_column_name();
+    if manager.has_column(table.to_string(), name).await? {
+        return Ok(());
+    }
+    manager
+        .alter_table(
+            Table::alter()
+                .table(table)
+                .add_column(column.to_owned())
+                .to_owned(),
+        )
+        .await
+}
+
 /// What several instances on one database need (SPEC B12): each stream's
 /// writer and its lease, the turn queue's order and cancel flag, and the
-/// MCP sessions any instance may restore. Columns are added only where
-/// missing (SQLite has no `ADD COLUMN IF NOT EXISTS`), so a migration cut
-/// short runs again cleanly.
+/// MCP sessions any instance may restore.
 struct ShareAmongInstances;
 
 impl MigrationName for ShareAmongInstances {
@@ -280,31 +300,10 @@ impl MigrationName for ShareAmongInstances {
     }
 }
 
-impl ShareAmongInstances {
-    async fn add_column(
-        manager: &SchemaManager<'_>,
-        table: impl Iden + Copy + 'static,
-        column: ColumnDef,
-    ) -> Result<(), DbErr> {
-        let name = column.get_column_name();
-        if manager.has_column(table.to_string(), name).await? {
-            return Ok(());
-        }
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(table)
-                    .add_column(column.to_owned())
-                    .to_owned(),
-            )
-            .await
-    }
-}
-
 #[async_trait::async_trait]
 impl MigrationTrait for ShareAmongInstances {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        Self::add_column(
+        add_column(
             manager,
             SessionStreams::Table,
             ColumnDef::new(SessionStreams::Writer)
@@ -313,7 +312,7 @@ impl MigrationTrait for ShareAmongInstances {
                 .to_owned(),
         )
         .await?;
-        Self::add_column(
+        add_column(
             manager,
             SessionStreams::Table,
             ColumnDef::new(SessionStreams::WriterUntil)
@@ -322,7 +321,7 @@ impl MigrationTrait for ShareAmongInstances {
                 .to_owned(),
         )
         .await?;
-        Self::add_column(
+        add_column(
             manager,
             Turns::Table,
             ColumnDef::new(Turns::Position)
@@ -333,7 +332,7 @@ impl MigrationTrait for ShareAmongInstances {
         )
         .await?;
         // Records written before this migration are of running turns.
-        Self::add_column(
+        add_column(
             manager,
             Turns::Table,
             ColumnDef::new(Turns::Running)
@@ -343,7 +342,7 @@ impl MigrationTrait for ShareAmongInstances {
                 .to_owned(),
         )
         .await?;
-        Self::add_column(
+        add_column(
             manager,
             Turns::Table,
             ColumnDef::new(Turns::CancelRequested)
@@ -385,5 +384,31 @@ impl MigrationTrait for ShareAmongInstances {
                     .to_owned(),
             )
             .await
+    }
+}
+
+/// The `prompt` frame a turn's first event brings for the clients that ask
+/// for prompts (SPEC B13), kept with that event so that a client resuming
+/// from storage, or reading through another instance, gets it too.
+struct KeepPrompts;
+
+impl MigrationName for KeepPrompts {
+    fn name(&self) -> &str {
+        "m20261203_000005_keep_prompts"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for KeepPrompts {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        add_column(
+            manager,
+            SessionEvents::Table,
+            ColumnDef::new(SessionEvents::Prelude)
+                .text()
+                .null()
+                .to_owned(),
+        )
+        .await
     }
 }

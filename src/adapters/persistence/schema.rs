@@ -57,6 +57,7 @@ pub(super) enum SessionEvents {
     TurnId,
     Op,
     Frame,
+    Prelude,
 }
 
 /// Records of running turns.

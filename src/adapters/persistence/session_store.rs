@@ -536,6 +536,7 @@ mod tests {
             turn_id: Some("t1".into()),
             op: "token".into(),
             frame: format!(r#"{{"op":"token","data":{{"content":"{seq}"}},"seq":{seq}}}"#),
+            prelude: None,
         }
     }
 
@@ -905,7 +906,7 @@ mod tests {
             );
             assert_eq!(
                 count(&db, "SELECT COUNT(*) AS n FROM seaql_migrations").await,
-                4
+                5
             );
             let store = SeaOrmSessionStore::new(db.clone(), &backend.url, 100);
             store.get_or_create(&id("a"), t0()).await.unwrap();

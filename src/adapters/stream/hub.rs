@@ -36,7 +36,7 @@ use serde_json::json;
 use tokio::sync::{OnceCell, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::frames::{broadcast_frame, direct_frame, encode_event, known_op};
+use super::frames::{broadcast_frame, direct_frame, encode_event, known_op, prompt_frame};
 use super::writer::{self, Queued, Write};
 use crate::domain::events::SessionEvent;
 use crate::domain::session::{SessionId, TurnId};
@@ -122,6 +122,9 @@ pub struct Frame {
     pub op: &'static str,
     /// The complete JSON text sent to clients.
     pub json: String,
+    /// The `prompt` frame of the turn this event is the first of: clients
+    /// that ask for prompts get it right before this one (SPEC B13).
+    pub prompt: Option<Arc<Frame>>,
 }
 
 impl Frame {
@@ -130,7 +133,22 @@ impl Frame {
             seq: None,
             op,
             json: direct_frame(op, data),
+            prompt: None,
         })
+    }
+
+    fn prompt(json: String) -> Arc<Self> {
+        Arc::new(Self {
+            seq: None,
+            op: "prompt",
+            json,
+            prompt: None,
+        })
+    }
+
+    /// The bytes it keeps in the window, with its prompt.
+    fn size(&self) -> usize {
+        self.json.len() + self.prompt.as_ref().map_or(0, |prompt| prompt.json.len())
     }
 
     fn gap(from: u64, to: u64) -> Arc<Self> {
@@ -197,6 +215,10 @@ struct SessionLog {
     /// as far as this one knows (stored or not yet). A client resuming
     /// below it is not from a deleted stream, only ahead of storage.
     bound: u64,
+    /// The prompt of a turn that has published no numbered event yet: it
+    /// goes with the next one ([`Frame::prompt`]), and clients that ask for
+    /// prompts and have read everything get it at once.
+    prompt: Option<Arc<Frame>>,
 }
 
 impl SessionLog {
@@ -212,6 +234,7 @@ impl SessionLog {
             reserved,
             reserving: false,
             overrun_logged: false,
+            prompt: None,
             head: watch::Sender::new(next_seq - 1),
             clients: Vec::new(),
         }
@@ -245,14 +268,14 @@ impl SessionLog {
     /// A client whose unread events leave the window is closed at once
     /// (not when it next reads: a client that stopped reading may never).
     fn retain(&mut self, frame: Arc<Frame>, settings: &StreamSettings) {
-        self.ring_bytes += frame.json.len();
+        self.ring_bytes += frame.size();
         self.ring.push_back(frame);
         let mut dropped = None;
         while self.ring.len() > settings.ring_capacity
             || (self.ring_bytes > settings.ring_bytes && self.ring.len() > 1)
         {
             if let Some(old) = self.ring.pop_front() {
-                self.ring_bytes -= old.json.len();
+                self.ring_bytes -= old.size();
                 dropped = old.seq.or(dropped);
             }
         }
@@ -370,9 +393,39 @@ pub struct Subscription {
     state: Arc<ClientState>,
     hub: Arc<SessionHub>,
     id: u64,
+    /// Whether this client asked for `prompt` frames (SPEC B13).
+    prompts: bool,
+    /// The last prompt handed out and the seq it came before, so that a
+    /// prompt read while its turn had no event yet is not read again with
+    /// that event.
+    prompt_read: Option<(u64, Arc<Frame>)>,
 }
 
 impl Subscription {
+    /// Makes this client get each turn's `prompt` frame right before the
+    /// turn's first event (SPEC B13); without it, it reads exactly the
+    /// numbered stream.
+    #[must_use]
+    pub fn with_prompts(mut self, prompts: bool) -> Self {
+        self.prompts = prompts;
+        self
+    }
+
+    /// Hands out `prompt`, which comes before seq `before`, unless this
+    /// client does not ask for prompts or has it already.
+    fn read_prompt(&mut self, before: u64, prompt: &Arc<Frame>) {
+        if !self.prompts {
+            return;
+        }
+        let read = self.prompt_read.as_ref().is_some_and(|(seq, last)| {
+            *seq == before && (Arc::ptr_eq(last, prompt) || last.json == prompt.json)
+        });
+        if !read {
+            self.ready.push_back(Arc::clone(prompt));
+            self.prompt_read = Some((before, Arc::clone(prompt)));
+        }
+    }
+
     /// The next frame, replayed or live: one loop for both. `None` once the
     /// hub has closed this client ([`Self::reason`] says why).
     pub async fn next(&mut self) -> Option<Arc<Frame>> {
@@ -402,9 +455,18 @@ impl Subscription {
 
     /// Takes the next frames at the cursor, up to what clients may read.
     fn read_window(&mut self) {
-        let log = lock(&self.log);
+        let shared = Arc::clone(&self.log);
+        let log = lock(&shared);
         let visible = log.visible();
         if self.cursor > visible {
+            // Everything is read: a turn that started and has not numbered
+            // an event yet may have its prompt waiting.
+            if self.cursor == log.next_seq
+                && log.held.is_empty()
+                && let Some(prompt) = &log.prompt
+            {
+                self.read_prompt(log.next_seq, prompt);
+            }
             return;
         }
         if self.cursor < log.first_retained() {
@@ -423,6 +485,9 @@ impl Subscription {
             if seq > self.cursor {
                 // Events a crash lost before they were stored.
                 self.ready.push_back(Frame::gap(self.cursor, seq - 1));
+            }
+            if let Some(prompt) = &frame.prompt {
+                self.read_prompt(seq, prompt);
             }
             self.ready.push_back(Arc::clone(frame));
             self.cursor = seq + 1;
@@ -627,6 +692,7 @@ impl SessionHub {
                     seq: Some(event.seq),
                     op,
                     json: event.frame,
+                    prompt: event.prelude.map(Frame::prompt),
                 }),
                 &self.settings,
             );
@@ -894,6 +960,8 @@ impl SessionHub {
             state,
             hub: Arc::clone(self),
             id,
+            prompts: false,
+            prompt_read: None,
         })
     }
 
@@ -1021,6 +1089,47 @@ impl SessionHub {
         }
     }
 
+    /// The stream events of `session` go to: opened already (a stream
+    /// without storage opens here); `None` for a forgotten session or a
+    /// stream that is not open, whose events are dropped.
+    fn open_for_events(&self, session: &SessionId) -> Option<SharedLog> {
+        let mut sessions = lock(&self.sessions);
+        match sessions.loaded(session) {
+            Some(log) => Some(log),
+            None if sessions.forgotten.contains(session) => {
+                tracing::debug!(session.id = %session, "event for a forgotten session dropped");
+                None
+            }
+            None if self.storage.is_none() => {
+                // In memory, a stream needs no loading: open it here.
+                let log: SharedLog = Arc::new(Mutex::new(SessionLog::new(1, u64::MAX)));
+                let slot = sessions.slots.entry(session.clone()).or_default();
+                let _ = slot.log.set(Arc::clone(&log));
+                Some(slot.log.get().cloned().unwrap_or(log))
+            }
+            None => {
+                tracing::warn!(session.id = %session, "event for a stream that is not open dropped");
+                None
+            }
+        }
+    }
+
+    /// Keeps a turn's prompt for its first numbered event and wakes the
+    /// clients that may read it now.
+    fn stage_prompt(&self, session: &SessionId, turn: Option<&TurnId>, event: &SessionEvent) {
+        let Some(log) = self.open_for_events(session) else {
+            return;
+        };
+        let (_, data) = encode_event(event, turn);
+        let mut guard = lock(&log);
+        if !guard.writing {
+            return;
+        }
+        guard.prompt = Some(Frame::prompt(prompt_frame(data, turn)));
+        // The head stays; readers look again and find the prompt.
+        guard.head.send_modify(|_| {});
+    }
+
     /// Numbers `event`, adds it to the window and queues it for storage;
     /// `durable` holds it back from readers until it is stored (the
     /// returned receiver answers then). `None` when the session's stream
@@ -1032,27 +1141,7 @@ impl SessionHub {
         event: &SessionEvent,
         durable: bool,
     ) -> Option<Appended> {
-        let log = {
-            let mut sessions = lock(&self.sessions);
-            match sessions.loaded(session) {
-                Some(log) => log,
-                None if sessions.forgotten.contains(session) => {
-                    tracing::debug!(session.id = %session, "event for a forgotten session dropped");
-                    return None;
-                }
-                None if self.storage.is_none() => {
-                    // In memory, a stream needs no loading: open it here.
-                    let log: SharedLog = Arc::new(Mutex::new(SessionLog::new(1, u64::MAX)));
-                    let slot = sessions.slots.entry(session.clone()).or_default();
-                    let _ = slot.log.set(Arc::clone(&log));
-                    slot.log.get().cloned().unwrap_or(log)
-                }
-                None => {
-                    tracing::warn!(session.id = %session, "event for a stream that is not open dropped");
-                    return None;
-                }
-            }
-        };
+        let log = self.open_for_events(session)?;
         let (op, data) = encode_event(event, turn);
         let mut guard = lock(&log);
         if !guard.writing {
@@ -1065,6 +1154,7 @@ impl SessionHub {
             seq: Some(seq),
             op,
             json: broadcast_frame(op, data, seq, turn),
+            prompt: guard.prompt.take(),
         });
         let mut stored = None;
         if self.storage.is_some() {
@@ -1093,6 +1183,7 @@ impl SessionHub {
                         turn_id: turn.map(|t| t.as_str().to_owned()),
                         op: op.to_owned(),
                         frame: frame.json.clone(),
+                        prelude: frame.prompt.as_ref().map(|prompt| prompt.json.clone()),
                     },
                 ),
                 ack,
@@ -1120,12 +1211,22 @@ impl SessionEvents for SessionHub {
 
     fn close(&self, session: &SessionId) {
         if let Some(log) = lock(&self.sessions).loaded(session) {
-            self.end_hold(session, &mut lock(&log));
+            let mut guard = lock(&log);
+            self.end_hold(session, &mut guard);
+            if self.sharing.is_none() || !guard.writing {
+                // A turn that ended with nothing to tell: its prompt goes
+                // with no event.
+                guard.prompt = None;
+            }
         }
     }
 
     fn publish(&self, session: &SessionId, turn: Option<TurnId>, event: SessionEvent) {
-        self.append(session, turn.as_ref(), &event, false);
+        if matches!(event, SessionEvent::Prompt { .. }) {
+            self.stage_prompt(session, turn.as_ref(), &event);
+        } else {
+            self.append(session, turn.as_ref(), &event, false);
+        }
     }
 
     async fn publish_durable(
@@ -1167,9 +1268,9 @@ impl SessionEvents for SessionHub {
                     seq: Some(seq),
                     op,
                     json: broadcast_frame(op, data, seq, turn.as_ref()),
+                    prompt: guard.ring[index].prompt.clone(),
                 });
-                guard.ring_bytes =
-                    guard.ring_bytes - guard.ring[index].json.len() + replaced.json.len();
+                guard.ring_bytes = guard.ring_bytes - guard.ring[index].size() + replaced.size();
                 guard.ring[index] = replaced;
             }
         }
@@ -1479,6 +1580,7 @@ mod tests {
             frame: format!(
                 r#"{{"op":"token","data":{{"content":"{seq}"}},"seq":{seq},"turn_id":null}}"#
             ),
+            prelude: None,
         }
     }
 
@@ -1688,5 +1790,144 @@ mod tests {
             .unwrap()
             .unwrap();
         a.close(&sid());
+    }
+
+    fn prompt(content: &str) -> SessionEvent {
+        SessionEvent::Prompt {
+            content: content.into(),
+        }
+    }
+
+    fn ops(frames: &[Arc<Frame>]) -> Vec<&'static str> {
+        frames.iter().map(|f| f.op).collect()
+    }
+
+    #[tokio::test]
+    async fn only_clients_that_ask_for_prompts_get_them_and_the_seqs_stay_gapless() {
+        let hub = hub(16);
+        let mut plain = hub.subscribe(&sid(), None).await.unwrap();
+        let mut asking = hub
+            .subscribe(&sid(), None)
+            .await
+            .unwrap()
+            .with_prompts(true);
+        let turn = TurnId::generate();
+        hub.publish(&sid(), Some(turn.clone()), prompt("hi <b>"));
+        // The prompt is there before the turn's first event is.
+        let early = drain(&mut asking).await;
+        assert_eq!(ops(&early), ["prompt"]);
+        let json: serde_json::Value = serde_json::from_str(&early[0].json).unwrap();
+        assert_eq!(
+            json,
+            json!({"op": "prompt", "data": {"content": "hi <b>"}, "turn_id": turn.as_str()})
+        );
+        hub.publish(&sid(), Some(turn.clone()), token(1));
+        hub.publish(&sid(), Some(turn), done());
+        let later = drain(&mut asking).await;
+        assert_eq!(seqs(&later), [Some(1), Some(2)], "the prompt comes once");
+        let seen = drain(&mut plain).await;
+        assert_eq!(ops(&seen), ["token", "done"]);
+        assert_eq!(seqs(&seen), [Some(1), Some(2)]);
+    }
+
+    #[tokio::test]
+    async fn a_client_resuming_before_a_turn_gets_its_prompt_and_one_resuming_inside_it_does_not() {
+        let hub = hub(16);
+        for (n, content) in [(1, "first"), (3, "second")] {
+            let turn = TurnId::generate();
+            hub.publish(&sid(), Some(turn.clone()), prompt(content));
+            hub.publish(&sid(), Some(turn.clone()), token(n));
+            hub.publish(&sid(), Some(turn), done());
+        }
+        let mut from_start = hub
+            .subscribe(&sid(), Some(0))
+            .await
+            .unwrap()
+            .with_prompts(true);
+        let frames = drain(&mut from_start).await;
+        assert_eq!(
+            ops(&frames),
+            ["prompt", "token", "done", "prompt", "token", "done"]
+        );
+        assert_eq!(
+            seqs(&frames),
+            [None, Some(1), Some(2), None, Some(3), Some(4)]
+        );
+        assert!(frames[3].json.contains("second"));
+        let mut inside = hub
+            .subscribe(&sid(), Some(3))
+            .await
+            .unwrap()
+            .with_prompts(true);
+        assert_eq!(ops(&drain(&mut inside).await), ["done"]);
+    }
+
+    #[tokio::test]
+    async fn a_stored_prompt_comes_back_with_its_event_after_a_restart() {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let hub = SessionHub::stored(
+            StreamSettings::default(),
+            Arc::new(store_after_a_crash(batches.clone())),
+        );
+        hub.open(&sid()).await.unwrap();
+        let turn = TurnId::generate();
+        hub.publish(&sid(), Some(turn.clone()), prompt("again"));
+        hub.publish(&sid(), Some(turn.clone()), token(0));
+        hub.publish_durable(&sid(), Some(turn), done())
+            .await
+            .unwrap();
+        let events: Vec<StoredEvent> = batches
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|b| b.events.iter().map(|(_, e)| e.clone()))
+            .collect();
+        assert_eq!(events.len(), 2, "the prompt is no row of its own");
+        let prelude = events[0]
+            .prelude
+            .clone()
+            .expect("kept with the first event");
+        assert!(prelude.contains(r#""op":"prompt""#) && !prelude.contains("seq"));
+        assert_eq!(events[1].prelude, None);
+
+        // A later life loads them: the prompt comes back before its event.
+        let mut store = MockEventStore::new();
+        store.expect_load().returning(move |_, _| {
+            Ok(StreamState {
+                events: events.clone(),
+                reserved: 20,
+            })
+        });
+        store.expect_write().returning(|_| Ok(()));
+        let restarted = SessionHub::stored(StreamSettings::default(), Arc::new(store));
+        let mut asking = restarted
+            .subscribe(&sid(), Some(10))
+            .await
+            .unwrap()
+            .with_prompts(true);
+        let frames = drain(&mut asking).await;
+        assert_eq!(ops(&frames), ["prompt", "token", "done"]);
+        assert_eq!(frames[0].json, prelude);
+        let mut plain = restarted.subscribe(&sid(), Some(10)).await.unwrap();
+        assert_eq!(ops(&drain(&mut plain).await), ["token", "done"]);
+    }
+
+    #[tokio::test]
+    async fn a_hub_reading_another_hubs_stream_gets_its_prompts_too() {
+        let (a, b, _dir) = shared_pair().await;
+        let mut on_b = b
+            .subscribe(&sid(), Some(0))
+            .await
+            .unwrap()
+            .with_prompts(true);
+        a.open(&sid()).await.unwrap();
+        let turn = TurnId::generate();
+        a.publish(&sid(), Some(turn.clone()), prompt("from A"));
+        a.publish(&sid(), Some(turn.clone()), token(1));
+        a.publish_durable(&sid(), Some(turn), done()).await.unwrap();
+        b.notified(&sid(), 2);
+        let frames = drain(&mut on_b).await;
+        assert_eq!(ops(&frames), ["prompt", "token", "done"]);
+        assert!(frames[0].json.contains("from A"));
     }
 }

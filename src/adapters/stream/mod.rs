@@ -1,8 +1,8 @@
 //! The session stream, whatever carries it: implements the
 //! [`crate::ports::SessionEvents`] port by numbering each session's events
 //! (`seq`), keeping a window of recent ones, replaying it (with a `gap`
-//! notice for what left it) to clients that resume, and delivering every
-//! frame to each client through its own bounded queue.
+//! notice for what left it) to clients that resume, and letting each client
+//! read the window through its own cursor.
 //!
 //! Two thin transports sit on top, each importing this module and never the
 //! other: WebSocket in `src/adapters/ws/` (the endpoint and the ops clients

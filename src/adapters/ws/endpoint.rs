@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use super::protocol::{Incoming, IncomingError, direct_error, parse_incoming};
 use crate::adapters::metrics::LiveConnection;
+use crate::adapters::stream::frames::asks_for_prompts;
 use crate::adapters::stream::{CloseReason, SessionHub, SubscribeError, Subscription};
 use crate::domain::chat::{CancelError, ChatError, ChatService};
 use crate::domain::session::SessionId;
@@ -60,6 +61,8 @@ pub struct WsState {
 pub struct WsQuery {
     /// Resume: replay retained events after this sequence number.
     after_seq: Option<u64>,
+    /// Extra kinds of event, comma-separated: `prompt` (SPEC B13).
+    events: Option<String>,
 }
 
 fn refuse(status: StatusCode, detail: &str) -> Response {
@@ -80,6 +83,10 @@ pub async fn session_socket(
         Ok(id) => id,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, &e.to_string()),
     };
+    let prompts = match asks_for_prompts(query.events.as_deref()) {
+        Ok(prompts) => prompts,
+        Err(message) => return refuse(StatusCode::BAD_REQUEST, &message),
+    };
     match state.sessions.open(&session_id).await {
         Ok(_) => {}
         Err(e @ SessionStoreError::TooManySessions(_)) => {
@@ -96,7 +103,7 @@ pub async fn session_socket(
     // Subscribed before the upgrade so a refusal is a plain HTTP answer; a
     // failed upgrade drops the subscription with the closure.
     let subscription = match state.hub.subscribe(&session_id, query.after_seq).await {
-        Ok(subscription) => subscription,
+        Ok(subscription) => subscription.with_prompts(prompts),
         Err(SubscribeError::Unavailable(error)) => {
             tracing::error!(%error, "session stream unavailable on WebSocket connect");
             return refuse(
