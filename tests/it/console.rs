@@ -30,7 +30,7 @@ async fn the_console_page_and_its_assets_load_without_the_key_and_nothing_else_d
         "no unsafe-inline or unsafe-eval: {csp}"
     );
     let html = page.text().await.unwrap();
-    assert!(html.contains(r#"<script type="module" src="/console/app.js">"#));
+    assert!(html.contains(r#"<script type="module" src="/console/app."#));
     assert!(!html.contains("<script>"), "no inline script");
 
     for (path, kind) in [
@@ -114,4 +114,53 @@ async fn the_console_script_never_writes_server_text_as_html_nor_keeps_the_key_b
         assert!(!script.contains(banned), "{banned} in app.js");
     }
     assert!(script.contains("sessionStorage"));
+}
+
+/// The name the page refers to `plain` by (`/console/app.<hash>.js`).
+fn referenced(html: &str, stem: &str, ext: &str) -> String {
+    let start = html
+        .find(&format!("/console/{stem}."))
+        .unwrap_or_else(|| panic!("no reference to {stem} in {html}"));
+    let end = start + html[start..].find('"').unwrap();
+    let path = html[start..end].to_owned();
+    let hash = path
+        .strip_prefix(&format!("/console/{stem}."))
+        .and_then(|rest| rest.strip_suffix(&format!(".{ext}")))
+        .unwrap_or_else(|| panic!("{path} is not fingerprinted"));
+    assert!(
+        hash.len() == 12 && hash.chars().all(|c| c.is_ascii_hexdigit()),
+        "{path}"
+    );
+    path
+}
+
+#[tokio::test]
+async fn the_page_loads_fingerprinted_assets_cached_for_good_and_is_itself_revalidated() {
+    let app = spawn_with(Options::default()).await;
+    let page = app.client.get(app.url("/")).send().await.unwrap();
+    assert_eq!(page.headers()["cache-control"], "no-cache");
+    let html = page.text().await.unwrap();
+    for (stem, ext, kind) in [
+        ("app", "js", "text/javascript; charset=utf-8"),
+        ("style", "css", "text/css; charset=utf-8"),
+    ] {
+        let path = referenced(&html, stem, ext);
+        let asset = app.client.get(app.url(&path)).send().await.unwrap();
+        assert_eq!(asset.status(), StatusCode::OK, "{path}");
+        assert_eq!(asset.headers()[CONTENT_TYPE], kind, "{path}");
+        assert_eq!(
+            asset.headers()["cache-control"],
+            "public, max-age=31536000, immutable",
+            "{path}"
+        );
+        let fingerprinted = asset.bytes().await.unwrap();
+        let plain = app
+            .client
+            .get(app.url(&format!("/console/{stem}.{ext}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(plain.headers()["cache-control"], "no-cache");
+        assert_eq!(plain.bytes().await.unwrap(), fingerprinted, "the same file");
+    }
 }

@@ -6,15 +6,24 @@
 //! The page and its assets hold no data, so they need no key (like
 //! `/docs`); everything they fetch does. Every answer carries a
 //! `Content-Security-Policy` of `'self'` only (no inline script, no eval,
-//! no other origin), a strong `ETag` (the file's SHA-256) that a
-//! revalidation answers with 304, and `Cache-Control: no-cache`: the files
-//! are not fingerprinted, so a browser revalidates each load (a 304 costs
-//! no body), and a new binary's console is seen at once.
+//! no other origin) and a strong `ETag` (the SHA-256 of what is sent) that a
+//! revalidation answers with 304.
+//!
+//! **Caching.** The page refers to each asset by a fingerprinted name
+//! (`/console/app.<hash>.js`, the hash of its content, fixed at the first
+//! request): those answers are `immutable` for a year, as a new binary with
+//! a changed file names it differently. The page itself, and an asset asked
+//! for by its plain name, are `no-cache`: revalidated on each load (a 304
+//! costs no body), so a new binary's console is seen at once.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
 
 use poem::http::{HeaderValue, Method, StatusCode, header};
 use poem::web::Path;
 use poem::{Endpoint, IntoResponse, Request, Response, handler};
 use rust_embed::RustEmbed;
+use sha2::{Digest, Sha256};
 
 #[derive(RustEmbed)]
 #[folder = "console/"]
@@ -52,20 +61,102 @@ pub fn asset(req: &Request, Path(file): Path<String>) -> Response {
     serve(req, &file)
 }
 
+/// One file as it is served.
+struct Served {
+    body: Vec<u8>,
+    content_type: HeaderValue,
+    /// Quoted hex SHA-256 of `body`.
+    etag: String,
+    /// Whether its name carries its content's hash (cached for good).
+    fingerprinted: bool,
+}
+
+/// The page's name among the embedded files.
+const PAGE: &str = "index.html";
+/// Hex digits of the content hash in a fingerprinted name.
+const FINGERPRINT_DIGITS: usize = 12;
+/// `Cache-Control` for a fingerprinted asset: its name changes with it.
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+
+/// Every file of the console by the names it is served under: each asset
+/// by its plain and its fingerprinted name, the page with its references
+/// rewritten to the fingerprinted ones.
+fn site() -> &'static HashMap<String, Served> {
+    static SITE: OnceLock<HashMap<String, Served>> = OnceLock::new();
+    SITE.get_or_init(|| {
+        let mut files = HashMap::new();
+        let mut renames = Vec::new();
+        for name in Assets::iter().filter(|name| name != PAGE) {
+            let Some(file) = Assets::get(&name) else {
+                continue;
+            };
+            let hash = hex::encode(file.metadata.sha256_hash());
+            let fingerprinted = match name.rsplit_once('.') {
+                Some((stem, ext)) => format!("{stem}.{}.{ext}", &hash[..FINGERPRINT_DIGITS]),
+                None => format!("{name}.{}", &hash[..FINGERPRINT_DIGITS]),
+            };
+            let content_type = content_type(file.metadata.mimetype());
+            let body = file.data.into_owned();
+            let etag = format!("\"{hash}\"");
+            files.insert(
+                fingerprinted.clone(),
+                Served {
+                    body: body.clone(),
+                    content_type: content_type.clone(),
+                    etag: etag.clone(),
+                    fingerprinted: true,
+                },
+            );
+            files.insert(
+                name.to_string(),
+                Served {
+                    body,
+                    content_type,
+                    etag,
+                    fingerprinted: false,
+                },
+            );
+            renames.push((
+                format!("/console/{name}\""),
+                format!("/console/{fingerprinted}\""),
+            ));
+        }
+        if let Some(page) = Assets::get(PAGE) {
+            let mut html = String::from_utf8_lossy(&page.data).into_owned();
+            for (plain, fingerprinted) in &renames {
+                html = html.replace(plain, fingerprinted);
+            }
+            let body = html.into_bytes();
+            files.insert(
+                PAGE.to_owned(),
+                Served {
+                    etag: format!("\"{}\"", hex::encode(Sha256::digest(&body))),
+                    content_type: content_type(page.metadata.mimetype()),
+                    body,
+                    fingerprinted: false,
+                },
+            );
+        }
+        files
+    })
+}
+
 fn serve(req: &Request, name: &str) -> Response {
-    let Some(file) = Assets::get(name) else {
+    let Some(file) = site().get(name) else {
         return (
             StatusCode::NOT_FOUND,
             poem::web::Json(serde_json::json!({"detail": "Not Found"})),
         )
             .into_response();
     };
-    let etag = format!("\"{}\"", hex::encode(file.metadata.sha256_hash()));
     let fresh = req
         .headers()
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|tags| tags.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+        .is_some_and(|tags| {
+            tags.split(',')
+                .any(|t| t.trim() == file.etag || t.trim() == "*")
+        });
     let mut response = if fresh {
         Response::builder()
             .status(StatusCode::NOT_MODIFIED)
@@ -74,17 +165,24 @@ fn serve(req: &Request, name: &str) -> Response {
         let body = if req.method() == Method::HEAD {
             Vec::new()
         } else {
-            file.data.into_owned()
+            file.body.clone()
         };
         Response::builder()
-            .header(header::CONTENT_TYPE, content_type(file.metadata.mimetype()))
+            .header(header::CONTENT_TYPE, file.content_type.clone())
             .body(body)
     };
     let headers = response.headers_mut();
-    if let Ok(etag) = HeaderValue::from_str(&etag) {
+    if let Ok(etag) = HeaderValue::from_str(&file.etag) {
         headers.insert(header::ETAG, etag);
     }
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(if file.fingerprinted {
+            IMMUTABLE
+        } else {
+            "no-cache"
+        }),
+    );
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CONTENT_SECURITY_POLICY),
