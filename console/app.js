@@ -11,7 +11,9 @@ const $ = (id) => document.getElementById(id);
 
 const state = {
   key: sessionStorage.getItem(KEY_ITEM),
-  authOn: false,
+  // The page says whether the API needs the key, so no call has to fail
+  // (a 401) to find out.
+  authOn: document.querySelector('meta[name="autopoiesis-auth"]')?.content === "key",
   version: "",
   status: null,
   stream: "connecting",
@@ -21,6 +23,8 @@ const state = {
   lastSeq: 0,
   running: false,
   turns: new Map(), // turn_id -> the <li> of its answer
+  prompts: new Set(), // turn_ids whose prompt is shown
+  uptime: null, // { seconds, at }: the server's uptime when asked
   retry: 0,
   dashboard: null,
   booted: false,
@@ -42,7 +46,14 @@ async function api(path, options = {}) {
     headers.set("Content-Type", "application/json");
     options = { ...options, body: JSON.stringify(options.json) };
   }
-  const response = await fetch(path, { ...options, headers });
+  let response;
+  try {
+    response = await fetch(path, { ...options, headers });
+  } catch {
+    // The server is unreachable (restarting, say): callers see a failed
+    // answer, and the stream's own state says "reconnecting…".
+    return new Response(null, { status: 503 });
+  }
   if (response.status === 401 && path !== "/api/status") signOut("The key was refused; sign in again.");
   return response;
 }
@@ -64,8 +75,32 @@ function renderStatus() {
     parts.push(state.status.approval_unlocked ? "approvals unlocked" : "approvals locked");
   }
   if (state.version) parts.push(`v${state.version}`);
+  if (state.uptime) {
+    const seconds = state.uptime.seconds + (Date.now() - state.uptime.at) / 1000;
+    parts.push(`up ${duration(seconds)}`);
+  }
   parts.push(state.stream);
   $("status").textContent = parts.join(" · ");
+}
+
+/** 3 d 4 h, 5 h 6 min, 7 min, 42 s. */
+function duration(seconds) {
+  const s = Math.floor(seconds);
+  const [d, h, m] = [Math.floor(s / 86400), Math.floor(s / 3600) % 24, Math.floor(s / 60) % 60];
+  if (d) return `${d} d ${h} h`;
+  if (h) return `${h} h ${m} min`;
+  if (m) return `${m} min`;
+  return `${s} s`;
+}
+
+async function fetchUptime() {
+  const response = await api("/api/tools/system.info", { method: "POST", json: {} });
+  if (!response.ok) return;
+  const info = (await response.json()).data || {};
+  if (typeof info.uptime_seconds === "number") {
+    state.uptime = { seconds: info.uptime_seconds, at: Date.now() };
+    renderStatus();
+  }
 }
 
 function signOut(why) {
@@ -89,24 +124,27 @@ async function boot() {
     setTimeout(boot, 2000);
     return;
   }
-  const status = await api("/api/status");
-  if (status.status === 401) {
-    state.authOn = true;
-    if (state.key) signOut("The key was refused.");
-    else signOut("");
+  if (state.authOn && !state.key) {
+    signOut("");
     renderStatus();
     return;
   }
-  // Auth is on when an unauthenticated request is refused.
-  state.authOn = Boolean(state.key) || (await fetch("/api/sessions")).status === 401;
+  const status = await api("/api/status");
+  if (status.status === 401) {
+    signOut("The key was refused.");
+    renderStatus();
+    return;
+  }
   if (status.ok) state.status = (await status.json()).data;
   $("signin").hidden = true;
   $("app").hidden = false;
   renderStatus();
   await refreshSessions();
+  fetchUptime();
   if (!state.booted) {
     state.booted = true;
     setInterval(refreshSessions, 3000);
+    setInterval(renderStatus, 30000);
   }
   openDashboard();
   const wanted = decodeURIComponent(location.hash.replace(/^#\/s\//, ""));
@@ -165,12 +203,49 @@ async function openSession(id) {
   $("session-title").textContent = `Session ${id}`;
   $("message").disabled = false;
   $("send").disabled = false;
+  $("delete-session").hidden = false;
   await refreshSessions();
   await showHistory();
   state.lastSeq = state.sessions.get(id)?.last_seq ?? 0;
   connect();
   $("message").focus();
 }
+
+function closeSession() {
+  closeSocket();
+  state.session = null;
+  history.replaceState(null, "", location.pathname);
+  $("session-title").textContent = "No session open";
+  $("messages").replaceChildren();
+  $("message").disabled = true;
+  $("send").disabled = true;
+  $("delete-session").hidden = true;
+  setRunning(false);
+  setStream("live");
+}
+
+// Two steps, so one stray click deletes nothing.
+let deleteArmed = null;
+$("delete-session").addEventListener("click", async () => {
+  const button = $("delete-session");
+  if (!deleteArmed) {
+    button.textContent = "Confirm delete";
+    deleteArmed = setTimeout(() => {
+      deleteArmed = null;
+      button.textContent = "Delete session";
+    }, 4000);
+    return;
+  }
+  clearTimeout(deleteArmed);
+  deleteArmed = null;
+  button.textContent = "Delete session";
+  const id = state.session;
+  const response = await api(`/api/sessions/${encodeURIComponent(id)}`, { method: "DELETE" });
+  if (response.ok || response.status === 404) {
+    if (state.session === id) closeSession();
+    await refreshSessions();
+  }
+});
 
 // ---- history ---------------------------------------------------------------
 
@@ -204,6 +279,7 @@ async function showHistory() {
   const response = await api(`/api/sessions/${encodeURIComponent(id)}/history`);
   const ol = $("messages");
   state.turns.clear();
+  state.prompts.clear();
   if (!response.ok) {
     ol.replaceChildren();
     return;
@@ -257,7 +333,8 @@ async function connect() {
   }
   if (id !== state.session) return;
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
-  const params = [`after_seq=${state.lastSeq}`, query].filter(Boolean).join("&");
+  // `events=prompt`: turns sent from another device show their prompt.
+  const params = [`after_seq=${state.lastSeq}`, "events=prompt", query].filter(Boolean).join("&");
   const socket = new WebSocket(`${proto}//${location.host}/api/ws/${encodeURIComponent(id)}?${params}`);
   state.socket = socket;
   socket.onopen = () => {
@@ -271,8 +348,16 @@ async function connect() {
       console.warn("unreadable frame", error);
     }
   };
-  socket.onclose = () => {
-    if (state.socket === socket) reconnectLater(id);
+  socket.onclose = (event) => {
+    if (state.socket !== socket) return;
+    if (event.code === 1000) {
+      // The session was deleted (here or on another device): reconnecting
+      // would make it again.
+      closeSession();
+      refreshSessions();
+      return;
+    }
+    reconnectLater(id);
   };
 }
 
@@ -296,6 +381,22 @@ function answerFor(turnId) {
   return li;
 }
 
+/** A turn's prompt, once: the one this tab sent is shown already. */
+function showPrompt(turnId, content) {
+  if (state.prompts.has(turnId)) return;
+  state.prompts.add(turnId);
+  const mine = [...document.querySelectorAll("#messages li.user.pending")].find(
+    (li) => li.textContent === content,
+  );
+  if (mine) {
+    mine.classList.remove("pending");
+    $("messages").append(mine);
+  } else {
+    $("messages").append(el("li", content, "user"));
+  }
+  answerFor(turnId);
+}
+
 function setRunning(running) {
   state.running = running;
   $("stop").disabled = !running;
@@ -306,6 +407,10 @@ function onFrame(frame) {
   const data = frame.data || {};
   const ol = $("messages");
   switch (frame.op) {
+    case "prompt":
+      setRunning(true);
+      showPrompt(frame.turn_id, data.content);
+      break;
     case "token":
       setRunning(true);
       answerFor(frame.turn_id).querySelector(".text").textContent += data.content;
@@ -320,8 +425,7 @@ function onFrame(frame) {
     case "done":
     case "cancelled":
       setRunning(false);
-      // The stored history is the whole truth (a turn sent from another
-      // device shows its prompt there too).
+      // The stored history is the whole truth once the turn has ended.
       showHistory();
       break;
     case "error":
@@ -349,7 +453,8 @@ $("composer").addEventListener("submit", (event) => {
   const text = $("message").value;
   if (!text.trim() || !state.socket || state.socket.readyState !== WebSocket.OPEN) return;
   state.socket.send(JSON.stringify({ op: "message", data: { content: text } }));
-  $("messages").append(el("li", text, "user"));
+  // Shown at once; its `prompt` event, when the turn starts, places it.
+  $("messages").append(el("li", text, "user pending"));
   $("message").value = "";
   setRunning(true);
 });
@@ -377,6 +482,10 @@ async function openDashboard() {
   }
   const source = new EventSource(`/api/stream${query ? `?${query}` : ""}`);
   state.dashboard = source;
+  // With no session open, this is the connection the status line tells of.
+  source.onopen = () => {
+    if (!state.session) setStream("live");
+  };
   source.addEventListener("dashboard.status", (event) => {
     state.status = JSON.parse(event.data).data;
     renderStatus();

@@ -46,6 +46,8 @@ impl Browser {
             .spawn()
             .unwrap();
         let mut caps = serde_json::Map::new();
+        // The browser's console, read back at the end of each test.
+        caps.insert("goog:loggingPrefs".into(), json!({"browser": "ALL"}));
         caps.insert(
             "goog:chromeOptions".into(),
             json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
@@ -129,9 +131,9 @@ impl Browser {
             .unwrap_or_else(|e| panic!("no session {id} listed: {e}"))
     }
 
-    /// Signs in with `key` on the console of `app`.
-    async fn sign_in(&mut self, app: &TestApp, key: &str) {
-        self.client.goto(&app.url("/")).await.unwrap();
+    /// Signs in with `key` on the console at `page`.
+    async fn sign_in(&mut self, page: &str, key: &str) {
+        self.client.goto(page).await.unwrap();
         let field = self
             .client
             .wait()
@@ -151,8 +153,48 @@ impl Browser {
         serde_json::from_value(texts).unwrap()
     }
 
-    async fn stop(self) {
+    /// Ends the test's browser after checking its console: no `SEVERE`
+    /// entry (a script error, a failed load) but those whose text holds
+    /// one of `expected` (a refused key, a server that is down).
+    async fn finish(self, expected: &[&str]) {
+        let entries = self.client.issue_cmd(BrowserLog).await.unwrap();
+        let severe: Vec<String> = entries
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|entry| entry["level"] == "SEVERE")
+            .filter_map(|entry| entry["message"].as_str().map(str::to_owned))
+            .filter(|message| !expected.iter().any(|e| message.contains(e)))
+            .collect();
         let _ = self.client.clone().close().await;
+        assert!(
+            severe.is_empty(),
+            "the browser console has errors: {severe:#?}"
+        );
+    }
+}
+
+/// chromedriver's read of the browser's console log (`goog:loggingPrefs`).
+#[derive(Debug)]
+struct BrowserLog;
+
+impl fantoccini::wd::WebDriverCompatibleCommand for BrowserLog {
+    fn endpoint(
+        &self,
+        base_url: &url::Url,
+        session_id: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base_url.join(&format!(
+            "session/{}/se/log",
+            session_id.unwrap_or_default()
+        ))
+    }
+
+    fn method_and_body(&self, _: &url::Url) -> (poem::http::Method, Option<String>) {
+        (
+            poem::http::Method::POST,
+            Some(json!({"type": "browser"}).to_string()),
+        )
     }
 }
 
@@ -201,7 +243,7 @@ macro_rules! browser_or_skip {
 async fn signing_in_refuses_a_wrong_key_and_opens_the_console_with_the_right_one() {
     let app = app_with_key(0).await;
     let mut browser = browser_or_skip!("sign-in");
-    browser.sign_in(&app, "not-the-key").await;
+    browser.sign_in(&app.url("/"), "not-the-key").await;
     browser
         .until(
             "the wrong key is refused",
@@ -209,7 +251,7 @@ async fn signing_in_refuses_a_wrong_key_and_opens_the_console_with_the_right_one
         )
         .await;
     browser.shot("wrong-key").await;
-    browser.sign_in(&app, KEY).await;
+    browser.sign_in(&app.url("/"), KEY).await;
     browser.button("New session").await;
     browser.shot("signed-in").await;
     assert_eq!(
@@ -225,7 +267,8 @@ async fn signing_in_refuses_a_wrong_key_and_opens_the_console_with_the_right_one
             .contains(KEY),
         "the key is never in a URL"
     );
-    browser.stop().await;
+    // The one call that fails: checking the wrong key.
+    browser.finish(&["401 (Unauthorized)"]).await;
 }
 
 #[tokio::test]
@@ -233,7 +276,7 @@ async fn a_session_made_over_rest_shows_its_history_and_a_reply_grows_token_by_t
     let app = app_with_key(40).await;
     rest_chat(&app, "from-rest", "hello there").await;
     let mut browser = browser_or_skip!("history-and-stream");
-    browser.sign_in(&app, KEY).await;
+    browser.sign_in(&app.url("/"), KEY).await;
     browser.session("from-rest").await.click().await.unwrap();
     browser
         .until(
@@ -268,7 +311,7 @@ async fn a_session_made_over_rest_shows_its_history_and_a_reply_grows_token_by_t
         lengths.len() >= 4,
         "the reply grew token by token: {lengths:?}"
     );
-    browser.stop().await;
+    browser.finish(&[]).await;
 }
 
 #[tokio::test]
@@ -276,7 +319,7 @@ async fn a_turn_sent_from_another_device_appears_without_a_reload() {
     let app = app_with_key(10).await;
     rest_chat(&app, "shared", "first").await;
     let mut browser = browser_or_skip!("other-device");
-    browser.sign_in(&app, KEY).await;
+    browser.sign_in(&app.url("/"), KEY).await;
     browser.session("shared").await.click().await.unwrap();
     browser
         .until(
@@ -292,14 +335,14 @@ async fn a_turn_sent_from_another_device_appears_without_a_reload() {
         )
         .await;
     browser.shot("other-device").await;
-    browser.stop().await;
+    browser.finish(&[]).await;
 }
 
 #[tokio::test]
 async fn model_text_with_markup_is_shown_as_text() {
     let app = app_with_key(0).await;
     let mut browser = browser_or_skip!("injection");
-    browser.sign_in(&app, KEY).await;
+    browser.sign_in(&app.url("/"), KEY).await;
     browser.button("New session").await.click().await.unwrap();
     let attack = "<img src=x onerror=\"window.pwned=1\"> <b>bold</b>";
     let field = browser
@@ -331,7 +374,7 @@ async fn model_text_with_markup_is_shown_as_text() {
         browser.js("return window.pwned === undefined").await,
         json!(true)
     );
-    browser.stop().await;
+    browser.finish(&[]).await;
 }
 
 #[tokio::test]
@@ -347,7 +390,7 @@ async fn at_phone_width_the_composer_stays_in_view() {
     }
     let mut browser = browser_or_skip!("phone");
     browser.client.set_window_size(390, 844).await.unwrap();
-    browser.sign_in(&app, KEY).await;
+    browser.sign_in(&app.url("/"), KEY).await;
     browser.session("long").await.click().await.unwrap();
     browser
         .until(
@@ -363,5 +406,395 @@ async fn at_phone_width_the_composer_stays_in_view() {
         )
         .await;
     browser.shot("phone").await;
-    browser.stop().await;
+    browser.finish(&[]).await;
+}
+
+/// Posts a chat turn and answers its status, whatever it is.
+async fn post_chat(app: &TestApp, session: &str, content: &str) -> reqwest::StatusCode {
+    app.client
+        .post(app.url("/api/chat"))
+        .header("x-api-key", KEY)
+        .json(&json!({"content": content, "session_id": session}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn a_turn_from_another_device_shows_its_prompt_as_it_streams_and_stop_cancels_it() {
+    let app = app_with_key(150).await;
+    rest_chat(&app, "stoppable", "hello").await;
+    let mut browser = browser_or_skip!("stop");
+    browser.sign_in(&app.url("/"), KEY).await;
+    browser.session("stoppable").await.click().await.unwrap();
+    browser
+        .until(
+            "history",
+            "return document.querySelectorAll('#messages li').length === 2",
+        )
+        .await;
+    let words: Vec<String> = (0..60).map(|i| format!("word{i}")).collect();
+    let prompt = words.join(" ");
+    let phone = tokio::spawn({
+        let app_url = app.url("/api/chat");
+        let client = app.client.clone();
+        let prompt = prompt.clone();
+        async move {
+            client
+                .post(app_url)
+                .header("x-api-key", KEY)
+                .json(&json!({"content": prompt, "session_id": "stoppable"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    // The prompt shows while the turn still streams (its `prompt` event,
+    // not the history read at its end).
+    browser
+        .until(
+            "the other device's prompt, with its answer growing",
+            &format!(
+                "const li = [...document.querySelectorAll('#messages li')]; \
+                 return li.length === 4 && li[2].textContent === '{prompt}' \
+                   && li[3].textContent.length > 0 && !document.querySelector('#stop').disabled"
+            ),
+        )
+        .await;
+    browser.shot("streaming").await;
+    browser.button("Stop").await.click().await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), phone)
+        .await
+        .expect("the turn ends once stopped")
+        .unwrap();
+    assert_eq!(status, reqwest::StatusCode::CONFLICT, "turn_cancelled");
+    browser
+        .until(
+            "the turn shown stopped",
+            "return document.querySelector('#stop').disabled",
+        )
+        .await;
+    browser.shot("stopped").await;
+    let history: Value = app
+        .client
+        .get(app.url("/api/sessions/stoppable/history"))
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let partial = history["messages"][3]["parts"][0]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        partial.len() < prompt.len(),
+        "cut short: {partial} of {prompt}"
+    );
+    browser
+        .until(
+            "the partial answer as the history has it",
+            &format!(
+                "const li = [...document.querySelectorAll('#messages li')]; \
+                 return li.length === 4 && li[3].textContent === '{partial}'"
+            ),
+        )
+        .await;
+    browser.finish(&[]).await;
+}
+
+#[tokio::test]
+async fn a_pending_approval_shows_with_its_call_and_approve_empties_the_queue() {
+    let app = spawn_with(Options {
+        api_key: Some(KEY),
+        approval_key: true,
+        runtime: autopoiesis::domain::chat::RuntimeSlot::Ready(echo(0)),
+        ..Options::default()
+    })
+    .await;
+    let mut browser = browser_or_skip!("approval");
+    browser.sign_in(&app.url("/"), KEY).await;
+    browser.button("New session").await;
+    browser
+        .until(
+            "an empty queue",
+            "return !document.querySelector('#approvals-empty').hidden",
+        )
+        .await;
+    let status = post_chat(&app, "ops", r#"/tool execute {"command":"ls -la"}"#).await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT);
+    browser
+        .until(
+            "the pending approval, with its call",
+            "const li = document.querySelectorAll('#approval-list li'); \
+             return li.length === 1 && li[0].textContent.includes('execute') \
+               && li[0].textContent.includes('ls -la') \
+               && document.querySelector('#approvals-empty').hidden",
+        )
+        .await;
+    browser.shot("pending").await;
+    let reason = browser
+        .client
+        .find(Locator::XPath(
+            "//ul[@id='approval-list']//input[@id=//ul[@id='approval-list']//label[normalize-space()='Reason']/@for]",
+        ))
+        .await
+        .unwrap();
+    reason.send_keys("looked at it").await.unwrap();
+    browser.button("Approve").await.click().await.unwrap();
+    browser
+        .until(
+            "the queue empty again",
+            "return document.querySelectorAll('#approval-list li').length === 0 \
+               && !document.querySelector('#approvals-empty').hidden",
+        )
+        .await;
+    browser.shot("approved").await;
+    let pending: Value = app
+        .client
+        .get(app.url("/api/approvals"))
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(pending["data"]["count"], 0, "{pending}");
+    browser.finish(&[]).await;
+}
+
+/// `autopoiesis serve` as its own process on `port` (0: any), with the key,
+/// keeping its data in `data`.
+fn serve_process(data: &std::path::Path, port: u16) -> (Child, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_autopoiesis"));
+    command
+        .args(["serve", "--port", &port.to_string(), "--data-dir"])
+        .arg(data)
+        .env("AUTOPOIESIS_API_KEY", KEY)
+        .env_remove("AUTOPOIESIS_DATABASE_URL");
+    crate::helpers::spawn_serve(command)
+}
+
+#[tokio::test]
+async fn a_server_restart_shows_reconnecting_and_then_the_console_works_again() {
+    let data = tempfile::tempdir().unwrap();
+    let (mut server, address) = serve_process(data.path(), 0);
+    let base = format!("http://{address}");
+    let client = reqwest::Client::new();
+    let chat = |content: &'static str| {
+        client
+            .post(format!("{base}/api/chat"))
+            .header("x-api-key", KEY)
+            .json(&json!({"content": content, "session_id": "lasting"}))
+            .send()
+    };
+    assert!(
+        chat("before the restart")
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+    let mut browser = browser_or_skip!("restart");
+    browser.sign_in(&format!("{base}/"), KEY).await;
+    browser.session("lasting").await.click().await.unwrap();
+    browser
+        .until(
+            "history",
+            "return document.querySelectorAll('#messages li').length === 2",
+        )
+        .await;
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    server.wait().unwrap();
+    browser
+        .until(
+            "the reconnecting state",
+            "return document.querySelector('#stream-state').textContent.includes('reconnecting')",
+        )
+        .await;
+    browser.shot("reconnecting").await;
+
+    let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
+    let (mut server, _) = serve_process(data.path(), port);
+    // Reconnecting backs off up to 16 s between tries.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while browser
+        .js("return document.querySelector('#stream-state').textContent")
+        .await
+        != json!("")
+    {
+        assert!(Instant::now() < deadline, "not live again within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let field = browser.client.find(Locator::Css("#message")).await.unwrap();
+    field.send_keys("after the restart").await.unwrap();
+    field.send_keys(ENTER).await.unwrap();
+    browser
+        .until(
+            "the answer after the restart",
+            "const li = [...document.querySelectorAll('#messages li')].map(l => l.textContent); \
+             return li.length === 4 && li[3] === 'after the restart' \
+               && document.querySelector('#stop').disabled",
+        )
+        .await;
+    browser.shot("live-again").await;
+    let _ = server.kill();
+    let _ = server.wait();
+    // What the browser says while the server is down.
+    browser
+        .finish(&["ERR_CONNECTION_REFUSED", "WebSocket connection to"])
+        .await;
+}
+
+#[tokio::test]
+async fn the_console_works_from_the_keyboard_alone() {
+    const TAB: &str = "\u{E004}";
+    const SHIFT: &str = "\u{E008}";
+    const RELEASE: &str = "\u{E000}";
+    let app = app_with_key(0).await;
+    let mut browser = browser_or_skip!("keyboard");
+    browser.client.goto(&app.url("/")).await.unwrap();
+    let field = browser
+        .client
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css("#key"))
+        .await
+        .unwrap();
+    field.send_keys(&format!("{KEY}{ENTER}")).await.unwrap();
+    browser.button("New session").await;
+    // Tab reaches "New session" first; Enter makes a session and puts the
+    // caret in the message field.
+    browser
+        .client
+        .active_element()
+        .await
+        .unwrap()
+        .send_keys(TAB)
+        .await
+        .unwrap();
+    assert_eq!(
+        browser
+            .js("return document.activeElement.textContent")
+            .await,
+        json!("New session")
+    );
+    browser
+        .client
+        .active_element()
+        .await
+        .unwrap()
+        .send_keys(ENTER)
+        .await
+        .unwrap();
+    browser
+        .until(
+            "the message field focused in a new session",
+            "return document.activeElement.id === 'message' && !document.activeElement.disabled",
+        )
+        .await;
+    // Shift+Enter is a new line; Enter sends.
+    browser
+        .client
+        .active_element()
+        .await
+        .unwrap()
+        .send_keys(&format!(
+            "first line{SHIFT}{ENTER}{RELEASE}second line{ENTER}"
+        ))
+        .await
+        .unwrap();
+    browser
+        .until(
+            "the two-line message and its answer",
+            "const li = [...document.querySelectorAll('#messages li')].map(l => l.textContent); \
+             return li.length === 2 && li[0] === 'first line\\nsecond line' \
+               && li[1] === li[0] && document.querySelector('#stop').disabled",
+        )
+        .await;
+    browser.shot("keyboard").await;
+    browser.finish(&[]).await;
+}
+
+#[tokio::test]
+async fn a_session_is_deleted_from_the_console_and_one_deleted_elsewhere_closes() {
+    let app = app_with_key(0).await;
+    rest_chat(&app, "doomed", "bye").await;
+    rest_chat(&app, "elsewhere", "bye too").await;
+    let mut browser = browser_or_skip!("delete");
+    browser.sign_in(&app.url("/"), KEY).await;
+    browser.session("doomed").await.click().await.unwrap();
+    browser
+        .button("Delete session")
+        .await
+        .click()
+        .await
+        .unwrap();
+    // The first click only asks to confirm.
+    browser
+        .button("Confirm delete")
+        .await
+        .click()
+        .await
+        .unwrap();
+    browser
+        .until(
+            "the session gone from the view and the list",
+            "return document.querySelector('#session-title').textContent === 'No session open' \
+               && ![...document.querySelectorAll('#session-list button')].some(b => b.textContent.includes('doomed'))",
+        )
+        .await;
+    let gone = app
+        .client
+        .get(app.url("/api/sessions/doomed/history"))
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), reqwest::StatusCode::NOT_FOUND);
+
+    browser.session("elsewhere").await.click().await.unwrap();
+    browser
+        .until(
+            "history",
+            "return document.querySelectorAll('#messages li').length === 2",
+        )
+        .await;
+    let deleted = app
+        .client
+        .delete(app.url("/api/sessions/elsewhere"))
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert!(deleted.status().is_success());
+    browser
+        .until(
+            "the view closed, not reconnected",
+            "return document.querySelector('#session-title').textContent === 'No session open'",
+        )
+        .await;
+    browser.shot("deleted").await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let again = app
+        .client
+        .get(app.url("/api/sessions/elsewhere/history"))
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        again.status(),
+        reqwest::StatusCode::NOT_FOUND,
+        "no reconnect made it again"
+    );
+    browser.finish(&[]).await;
 }

@@ -621,3 +621,24 @@ async fn instances_started_together_on_a_new_schema_both_migrate_and_serve() {
     let (_, listed) = a.get("/api/sessions").await;
     assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
 }
+
+#[tokio::test]
+async fn a_client_asking_for_prompts_gets_them_from_turns_run_on_the_other_instance() {
+    let Some(data) = shared_data().await else {
+        return;
+    };
+    let [a, b] = two_instances(&data, 2, &[], &[]);
+    let mut on_b = b.ws("/api/ws/prompted?after_seq=0&events=prompt").await;
+    let res = post(
+        &a.base,
+        "/api/chat",
+        json!({"content": "asked on A", "session_id": "prompted"}),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let seen = until_terminal(&mut on_b).await;
+    assert_eq!(seen[0]["op"], "prompt", "{seen:?}");
+    assert_eq!(seen[0]["data"]["content"], "asked on A");
+    assert!(seen[0].get("seq").is_none());
+    assert_contiguous(&seen[1..], 1);
+}

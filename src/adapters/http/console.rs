@@ -36,11 +36,17 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'
 /// API, nested at the root) for every other request.
 pub struct Root<E> {
     inner: E,
+    /// Whether the API needs the key: the page says so, so that it asks
+    /// for the key before any call instead of finding out from a 401.
+    key_required: bool,
 }
 
 impl<E> Root<E> {
-    pub fn new(inner: E) -> Self {
-        Self { inner }
+    pub fn new(inner: E, key_required: bool) -> Self {
+        Self {
+            inner,
+            key_required,
+        }
     }
 }
 
@@ -49,7 +55,8 @@ impl<E: Endpoint> Endpoint for Root<E> {
 
     async fn call(&self, req: Request) -> poem::Result<Response> {
         if req.uri().path() == "/" && matches!(*req.method(), Method::GET | Method::HEAD) {
-            return Ok(serve(&req, "index.html"));
+            let page = if self.key_required { KEY_PAGE } else { PAGE };
+            return Ok(serve(&req, page));
         }
         self.inner.call(req).await.map(IntoResponse::into_response)
     }
@@ -71,8 +78,14 @@ struct Served {
     fingerprinted: bool,
 }
 
-/// The page's name among the embedded files.
+/// The page's name among the embedded files, and as served when the API
+/// needs no key.
 const PAGE: &str = "index.html";
+/// The page as served when the API needs the key.
+const KEY_PAGE: &str = "index.html;key";
+/// What the page says about the key: `<meta name="autopoiesis-auth">`.
+const AUTH_OPEN: &str = r#"<meta name="autopoiesis-auth" content="open">"#;
+const AUTH_KEY: &str = r#"<meta name="autopoiesis-auth" content="key">"#;
 /// Hex digits of the content hash in a fingerprinted name.
 const FINGERPRINT_DIGITS: usize = 12;
 /// `Cache-Control` for a fingerprinted asset: its name changes with it.
@@ -126,16 +139,21 @@ fn site() -> &'static HashMap<String, Served> {
             for (plain, fingerprinted) in &renames {
                 html = html.replace(plain, fingerprinted);
             }
-            let body = html.into_bytes();
-            files.insert(
-                PAGE.to_owned(),
-                Served {
-                    etag: format!("\"{}\"", hex::encode(Sha256::digest(&body))),
-                    content_type: content_type(page.metadata.mimetype()),
-                    body,
-                    fingerprinted: false,
-                },
-            );
+            for (name, html) in [
+                (PAGE, html.clone()),
+                (KEY_PAGE, html.replace(AUTH_OPEN, AUTH_KEY)),
+            ] {
+                let body = html.into_bytes();
+                files.insert(
+                    name.to_owned(),
+                    Served {
+                        etag: format!("\"{}\"", hex::encode(Sha256::digest(&body))),
+                        content_type: content_type(page.metadata.mimetype()),
+                        body,
+                        fingerprinted: false,
+                    },
+                );
+            }
         }
         files
     })

@@ -268,7 +268,10 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
         // console's page takes the root itself.
         .nest(
             "/",
-            console::Root::new(poem::IntoEndpoint::into_endpoint(api)),
+            console::Root::new(
+                poem::IntoEndpoint::into_endpoint(api),
+                settings.api_key.is_some(),
+            ),
         )
         // The body is read only once the request passed the guard: a client
         // without the key makes the server hold nothing.
