@@ -23,8 +23,8 @@ print(versions[newest]["dist"]["tarball"])')
         # lib/node_modules/npm).
         curl -fsS "$ci_node_tarball" | tar -xz -C "$ci_node_dir" --strip-components=1
         # That package is node alone: npm (and npx) come from npm's own
-        # package, run by this node.
-        ci_npm_tarball=$(curl -fsS https://registry.npmjs.org/npm/latest-10 | python3 -c 'import json, sys; print(json.load(sys.stdin)["dist"]["tarball"])')
+        # package (the 10.x that Node 22 ships with), run by this node.
+        ci_npm_tarball=$(curl -fsS https://registry.npmjs.org/npm/10.9.2 | python3 -c 'import json, sys; print(json.load(sys.stdin)["dist"]["tarball"])')
         mkdir -p "$ci_node_dir/lib/node_modules/npm"
         curl -fsS "$ci_npm_tarball" | tar -xz -C "$ci_node_dir/lib/node_modules/npm" --strip-components=1
         for ci_tool in npm npx; do
