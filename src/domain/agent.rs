@@ -165,3 +165,128 @@ pub enum AgentError {
     #[error("{0}")]
     InvalidRequest(String),
 }
+
+/// Longest provider message a client is shown, in characters.
+const CLIENT_MESSAGE_CHARS: usize = 300;
+
+/// A provider's error text as clients see it (SPEC B14): one line, without
+/// a traceback or file paths, at most [`CLIENT_MESSAGE_CHARS`] characters.
+/// Proxies such as LiteLLM put a Python traceback, with the paths of their
+/// installation, in the error they answer; the runtime logs that whole text
+/// once, and clients get the line that says what went wrong.
+///
+/// The line kept is the first one that is not part of a traceback (and
+/// within it, what comes before `Traceback (most recent call last)`); a text
+/// that is only a traceback keeps its last line (the exception). Words that
+/// look like file paths become `…`.
+#[must_use]
+pub fn provider_message_for_clients(text: &str) -> String {
+    // A traceback inside a line (a runtime that folded the text) ends it too.
+    const TRACEBACK: &str = "Traceback (most recent call last)";
+    let text = match text.split_once(TRACEBACK) {
+        Some((before, _)) if !before.trim().is_empty() => before,
+        _ => text,
+    };
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let in_traceback = |line: &str| {
+        let trimmed = line.trim_start();
+        line.starts_with(char::is_whitespace)
+            || trimmed.starts_with(TRACEBACK)
+            || trimmed.starts_with("File \"")
+            || trimmed.starts_with("During handling of the above exception")
+            || trimmed.starts_with("The above exception was the direct cause")
+            || trimmed.starts_with("at ")
+    };
+    let line = lines
+        .iter()
+        .find(|l| !in_traceback(l))
+        .or(lines.last())
+        .map_or("", |l| l.trim());
+    let words: Vec<String> = line
+        .split_whitespace()
+        .map(|word| {
+            if looks_like_a_path(word) {
+                "…".to_owned()
+            } else {
+                word.to_owned()
+            }
+        })
+        .collect();
+    let one_line = words.join(" ");
+    let message = if one_line.chars().count() > CLIENT_MESSAGE_CHARS {
+        let cut: String = one_line.chars().take(CLIENT_MESSAGE_CHARS - 1).collect();
+        format!("{cut}…")
+    } else {
+        one_line
+    };
+    if message.is_empty() {
+        "The model provider failed".to_owned()
+    } else {
+        message
+    }
+}
+
+/// `/usr/lib/python3/site-packages/litellm/main.py`, `"/app/x.py",`,
+/// `C:\srv\app.py`, `./src/lib.rs:12`: not a URL (`https://...`).
+fn looks_like_a_path(word: &str) -> bool {
+    let word = word.trim_matches(|c: char| "\"'(),;:[]".contains(c));
+    if word.contains("://") {
+        return false;
+    }
+    let rooted = word.starts_with('/') && word[1..].contains('/');
+    let relative = (word.starts_with("./") || word.starts_with("../")) && word.len() > 3;
+    let windows =
+        word.len() > 3 && word.as_bytes()[0].is_ascii_alphabetic() && word[1..].starts_with(":\\");
+    rooted || relative || windows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_litellm_traceback_reaches_clients_as_its_one_line_without_paths() {
+        let text = "litellm.BadRequestError: OpenAIException - Error code: 400 - model `gpt-9` does not exist\n\
+Traceback (most recent call last):\n  File \"/usr/lib/python3.11/site-packages/litellm/main.py\", line 1012, in completion\n    response = openai_chat_completions.completion(\n  File \"/usr/lib/python3.11/site-packages/litellm/llms/openai.py\", line 88, in completion\n    raise OpenAIError(status_code=400, message=str(e))\nlitellm.llms.openai.OpenAIError: model `gpt-9` does not exist";
+        assert_eq!(
+            provider_message_for_clients(text),
+            "litellm.BadRequestError: OpenAIException - Error code: 400 - model `gpt-9` does not exist"
+        );
+    }
+
+    #[test]
+    fn a_traceback_folded_into_one_line_is_cut_off_there() {
+        let text = "the provider answered 400: litellm.BadRequestError: not allowed Traceback (most recent call last): File \"/srv/x.py\", line 3";
+        assert_eq!(
+            provider_message_for_clients(text),
+            "the provider answered 400: litellm.BadRequestError: not allowed"
+        );
+    }
+
+    #[test]
+    fn a_bare_traceback_keeps_its_exception_line_and_paths_go() {
+        let text = "Traceback (most recent call last):\n  File \"/srv/proxy/app.py\", line 3, in <module>\nRuntimeError: cannot read /etc/proxy/config.yaml";
+        assert_eq!(
+            provider_message_for_clients(text),
+            "RuntimeError: cannot read …"
+        );
+    }
+
+    #[test]
+    fn urls_and_short_messages_stay_and_long_ones_are_cut() {
+        let text = "provider answered 503 at https://api.example.com/v1/chat/completions";
+        assert_eq!(provider_message_for_clients(text), text);
+        let long = "x".repeat(1000);
+        let cut = provider_message_for_clients(&long);
+        assert_eq!(cut.chars().count(), CLIENT_MESSAGE_CHARS);
+        assert!(cut.ends_with('…'));
+        assert_eq!(
+            provider_message_for_clients(" \n "),
+            "The model provider failed"
+        );
+    }
+}

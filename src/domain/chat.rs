@@ -30,7 +30,7 @@ use serde_json::json;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::agent::{AgentError, AgentEvent, AgentReply};
+use super::agent::{AgentError, AgentEvent, AgentReply, provider_message_for_clients};
 use super::approvals::{ApprovalScope, ApprovalService, RecordError, ToolCallRequest};
 use super::events::SessionEvent;
 use super::message::{ModelMessage, ResponsePart};
@@ -269,15 +269,25 @@ enum Outcome {
 
 /// A submitted turn. Awaiting [`TurnHandle::outcome`] waits for its end;
 /// dropping the handle leaves the turn running.
-pub struct TurnHandle(tokio::task::JoinHandle<Result<ChatReply, ChatError>>);
+pub struct TurnHandle {
+    task: tokio::task::JoinHandle<Result<ChatReply, ChatError>>,
+    turn_id: TurnId,
+}
 
 impl TurnHandle {
+    /// The id its events carry on the session's stream, from its first
+    /// (the turn may still wait behind others).
+    #[must_use]
+    pub fn turn_id(&self) -> &TurnId {
+        &self.turn_id
+    }
+
     /// How the turn ended.
     ///
     /// # Errors
     /// See [`ChatError`].
     pub async fn outcome(self) -> Result<ChatReply, ChatError> {
-        match self.0.await {
+        match self.task.await {
             Ok(result) => result,
             // A panicking turn is a bug: surface it where it would have been
             // had the turn run in the caller's task.
@@ -475,7 +485,9 @@ impl ChatService {
         let core = Arc::clone(&self.core);
         let max_history_bytes = self.max_history_bytes;
         let max_queued_turns = self.max_queued_turns;
-        Ok(TurnHandle(tokio::spawn(async move {
+        let turn_id = TurnId::generate();
+        let handle_turn_id = turn_id.clone();
+        let task = tokio::spawn(async move {
             let mut place = place;
             let mut known = known;
             if let Some(before) = wait {
@@ -492,7 +504,6 @@ impl ChatService {
             if core.is_closing() {
                 return Err(ChatError::ShuttingDown);
             }
-            let turn_id = TurnId::generate();
             let queued = core.shared_turns().is_some();
             if queued {
                 let first = core
@@ -521,7 +532,11 @@ impl ChatService {
             }
             drop(place);
             result
-        })))
+        });
+        Ok(TurnHandle {
+            task,
+            turn_id: handle_turn_id,
+        })
     }
 
     /// Stops the turn running on `session_id`. Its clients get `cancelled`
@@ -1187,9 +1202,11 @@ impl Core {
                     Some(SessionEvent::approval_unsupported()),
                 )
             }
-            Outcome::Finished(Err(AgentError::Provider(message))) => {
+            Outcome::Finished(Err(AgentError::Provider(text))) => {
                 // The failed exchange is not kept: the next turn starts from
                 // the last good state, as if this one had not been sent.
+                // The runtime logged the whole text; clients get one line.
+                let message = provider_message_for_clients(&text);
                 let event = SessionEvent::Error {
                     code: None,
                     message: message.clone(),

@@ -160,3 +160,37 @@ fn an_openai_model_without_its_settings_is_a_clear_runtime_error() {
     };
     assert!(why.contains("OPENAI_API_KEY"), "{why}");
 }
+
+#[tokio::test]
+async fn a_proxys_python_traceback_reaches_clients_as_one_line_without_paths() {
+    // What a LiteLLM proxy answers when its upstream refuses.
+    let traceback = "litellm.BadRequestError: OpenAIException - model `gpt-test` is not allowed\n\
+Traceback (most recent call last):\n  File \"/usr/lib/python3.11/site-packages/litellm/main.py\", line 1012, in completion\n    response = client.completion(model)\nlitellm.llms.openai.OpenAIError: model `gpt-test` is not allowed";
+    let fake = FakeOpenAi::start(vec![Reply::status(
+        400,
+        json!({"error": {"message": traceback}}).to_string(),
+    )])
+    .await;
+    let app = app_against(fake.base_url.clone()).await;
+    let mut ws = app.ws("tb").await;
+    app.wait_for_clients("tb", 1).await;
+    let res = app.chat(json!({"content": "hi", "session_id": "tb"})).await;
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    let detail = res.json::<Value>().await.unwrap()["detail"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let frames = until_terminal(&mut ws).await;
+    let streamed = frames.last().unwrap()["data"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for message in [&detail, &streamed] {
+        assert!(message.contains("is not allowed"), "{message}");
+        assert!(!message.contains('\n'), "one line: {message}");
+        assert!(
+            !message.contains("Traceback") && !message.contains("site-packages"),
+            "{message}"
+        );
+    }
+}
