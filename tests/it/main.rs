@@ -16,6 +16,7 @@ mod fake_openai;
 mod helpers;
 mod mcp;
 mod openai_chat;
+mod openai_facade;
 mod openai_runtime;
 mod rest;
 mod sse;

@@ -12,6 +12,7 @@ pub mod health;
 pub mod limits;
 pub mod mcp_gate;
 pub mod metrics;
+pub mod openai_facade;
 pub mod request_log;
 pub mod server;
 pub mod session_id;
@@ -143,6 +144,8 @@ pub const MCP_PATH: &str = "/mcp";
 /// both, so a route added without auth fails it.
 pub const PLAIN_ROUTES: &[(&str, &str)] = &[
     ("GET", WEBSOCKET_PATH),
+    ("GET", "/v1/models"),
+    ("POST", "/v1/chat/completions"),
     ("POST", MCP_PATH),
     ("GET", MCP_PATH),
     ("DELETE", MCP_PATH),
@@ -250,8 +253,22 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
             stored: services.mcp_sessions.clone(),
         },
     );
+    let facade = Arc::new(openai_facade::Facade {
+        chat: Arc::clone(&services.chat),
+        sessions: Arc::clone(&services.sessions),
+        hub: Arc::clone(&services.hub),
+        control: Arc::clone(&services.control),
+    });
     Route::new()
         .at("/console/:file", get(console::asset).head(console::asset))
+        .at(
+            "/v1/models",
+            get(openai_facade::models).data(Arc::clone(&facade)),
+        )
+        .at(
+            "/v1/chat/completions",
+            post(openai_facade::completions).data(facade),
+        )
         .at("/openapi.json", api.spec_endpoint())
         .nest("/docs", api.swagger_ui())
         .at("/api/health", get(health::fast_health))
