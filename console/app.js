@@ -20,6 +20,7 @@ const state = {
   session: null,
   sessions: new Map(),
   socket: null,
+  outbox: [], // messages sent while the socket was not open yet
   lastSeq: 0,
   running: false,
   turns: new Map(), // turn_id -> the <li> of its answer
@@ -198,6 +199,7 @@ $("new-session").addEventListener("click", async () => {
 
 async function openSession(id) {
   closeSocket();
+  state.outbox = [];
   state.session = id;
   location.hash = `#/s/${encodeURIComponent(id)}`;
   $("session-title").textContent = `Session ${id}`;
@@ -213,6 +215,7 @@ async function openSession(id) {
 
 function closeSession() {
   closeSocket();
+  state.outbox = [];
   state.session = null;
   history.replaceState(null, "", location.pathname);
   $("session-title").textContent = "No session open";
@@ -340,6 +343,10 @@ async function connect() {
   socket.onopen = () => {
     state.retry = 0;
     setStream("live");
+    // What was sent while connecting goes now, in order.
+    for (const text of state.outbox.splice(0)) {
+      socket.send(JSON.stringify({ op: "message", data: { content: text } }));
+    }
   };
   socket.onmessage = (event) => {
     try {
@@ -451,8 +458,13 @@ function onFrame(frame) {
 $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = $("message").value;
-  if (!text.trim() || !state.socket || state.socket.readyState !== WebSocket.OPEN) return;
-  state.socket.send(JSON.stringify({ op: "message", data: { content: text } }));
+  if (!text.trim() || !state.session) return;
+  if (state.socket && state.socket.readyState === WebSocket.OPEN) {
+    state.socket.send(JSON.stringify({ op: "message", data: { content: text } }));
+  } else {
+    // Still connecting (or reconnecting): it goes once the socket opens.
+    state.outbox.push(text);
+  }
   // Shown at once; its `prompt` event, when the turn starts, places it.
   $("messages").append(el("li", text, "user pending"));
   $("message").value = "";

@@ -17,20 +17,100 @@ use crate::helpers::{Options, TestApp, echo, spawn_with};
 const KEY: &str = "browser-key";
 const ENTER: &str = "\u{E007}";
 
-/// A chromedriver process and a headless Chromium session on it.
+/// The browsers the console is tested in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Debian's `chromium` with `chromium-driver`.
+    Chromium,
+    /// Debian's `firefox-esr` with geckodriver (which Debian does not
+    /// package: `.ci/run` builds it from crates.io into `target/tools`).
+    Firefox,
+}
+
+impl Kind {
+    fn driver(self) -> &'static str {
+        match self {
+            Self::Chromium => "chromedriver",
+            Self::Firefox => "geckodriver",
+        }
+    }
+
+    fn install(self) -> &'static str {
+        match self {
+            Self::Chromium => "apt-get install chromium chromium-driver",
+            Self::Firefox => {
+                "apt-get install firefox-esr; cargo install geckodriver --root target/tools"
+            }
+        }
+    }
+
+    /// The WebDriver server's path, where this machine has one.
+    fn driver_path(self) -> Option<std::path::PathBuf> {
+        let tools = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/bin");
+        let candidates: Vec<std::path::PathBuf> = match self {
+            Self::Chromium => vec![
+                "/usr/bin/chromedriver".into(),
+                "/usr/lib/chromium/chromedriver".into(),
+            ],
+            Self::Firefox => {
+                if !std::path::Path::new("/usr/bin/firefox-esr").exists() {
+                    return None;
+                }
+                vec![
+                    tools.join("geckodriver"),
+                    "/usr/local/bin/geckodriver".into(),
+                ]
+            }
+        };
+        candidates.into_iter().find(|p| p.exists())
+    }
+
+    /// Headless, 1280×900, and (Chromium) its console kept for
+    /// [`Browser::finish`].
+    fn capabilities(self) -> serde_json::Map<String, Value> {
+        let mut caps = serde_json::Map::new();
+        match self {
+            Self::Chromium => {
+                caps.insert("goog:loggingPrefs".into(), json!({"browser": "ALL"}));
+                caps.insert(
+                    "goog:chromeOptions".into(),
+                    json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                                    "--disable-dev-shm-usage", "--window-size=1280,900"]}),
+                );
+            }
+            Self::Firefox => {
+                caps.insert(
+                    "moz:firefoxOptions".into(),
+                    json!({"binary": "/usr/bin/firefox-esr",
+                           "args": ["-headless", "--width=1280", "--height=900"]}),
+                );
+            }
+        }
+        caps
+    }
+}
+
+/// One browser at a time: a browser takes a core of its own, and two of
+/// them beside the other tests on a 2-core machine starve the servers under
+/// test (a SQLite pool's wait runs out and a chat answers 503).
+static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
+/// A WebDriver server process and a headless browser session on it.
 struct Browser {
     client: Client,
     driver: Child,
+    _turn: tokio::sync::SemaphorePermit<'static>,
+    kind: Kind,
     name: &'static str,
     step: usize,
 }
 
 impl Browser {
-    /// `None` (after saying why) when there is no chromedriver here.
-    async fn start(name: &'static str) -> Option<Self> {
-        let driver_path = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())?;
+    /// `None` (after saying why) when this machine lacks the browser or its
+    /// WebDriver server.
+    async fn start(kind: Kind, name: &'static str) -> Option<Self> {
+        let driver_path = kind.driver_path()?;
+        let turn = ONE_AT_A_TIME.acquire().await.unwrap();
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -45,14 +125,7 @@ impl Browser {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut caps = serde_json::Map::new();
-        // The browser's console, read back at the end of each test.
-        caps.insert("goog:loggingPrefs".into(), json!({"browser": "ALL"}));
-        caps.insert(
-            "goog:chromeOptions".into(),
-            json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                            "--disable-dev-shm-usage", "--window-size=1280,900"]}),
-        );
+        let caps = kind.capabilities();
         let deadline = Instant::now() + Duration::from_secs(20);
         let client = loop {
             let plain = hyper_util::client::legacy::connect::HttpConnector::new();
@@ -69,6 +142,8 @@ impl Browser {
         Some(Self {
             client,
             driver,
+            _turn: turn,
+            kind,
             name,
             step: 0,
         })
@@ -81,7 +156,8 @@ impl Browser {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser-screenshots");
         std::fs::create_dir_all(&dir).unwrap();
         if let Ok(png) = self.client.screenshot().await {
-            let file = dir.join(format!("{}-{:02}-{what}.png", self.name, self.step));
+            let kind = format!("{:?}", self.kind).to_lowercase();
+            let file = dir.join(format!("{kind}-{}-{:02}-{what}.png", self.name, self.step));
             std::fs::write(file, png).unwrap();
         }
     }
@@ -94,7 +170,14 @@ impl Browser {
     async fn until(&self, what: &str, script: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.js(script).await != json!(true) {
-            assert!(Instant::now() < deadline, "not within 10 s: {what}");
+            if Instant::now() > deadline {
+                // What the page showed, for whoever reads the failure.
+                let page = self.js("return document.body.innerText").await;
+                panic!(
+                    "not within 10 s: {what}; the page said:\n{}",
+                    page.as_str().unwrap_or_default()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -134,15 +217,22 @@ impl Browser {
     /// Signs in with `key` on the console at `page`.
     async fn sign_in(&mut self, page: &str, key: &str) {
         self.client.goto(page).await.unwrap();
-        let field = self
-            .client
-            .wait()
-            .at_most(Duration::from_secs(10))
-            .for_element(Locator::Css("#key"))
-            .await
-            .unwrap();
-        field.send_keys(key).await.unwrap();
+        self.key_field().await.send_keys(key).await.unwrap();
         self.button("Sign in").await.click().await.unwrap();
+    }
+
+    /// The key field, once the page shows it (it decides after loading).
+    async fn key_field(&self) -> fantoccini::elements::Element {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(field) = self.client.find(Locator::Css("#key")).await
+                && field.is_displayed().await.unwrap_or(false)
+            {
+                return field;
+            }
+            assert!(Instant::now() < deadline, "no key field within 10 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Text of the conversation's messages, in order.
@@ -156,7 +246,14 @@ impl Browser {
     /// Ends the test's browser after checking its console: no `SEVERE`
     /// entry (a script error, a failed load) but those whose text holds
     /// one of `expected` (a refused key, a server that is down).
+    ///
+    /// geckodriver has no way to read Firefox's console, so there the check
+    /// is Chromium's alone.
     async fn finish(self, expected: &[&str]) {
+        if self.kind == Kind::Firefox {
+            let _ = self.client.clone().close().await;
+            return;
+        }
         let entries = self.client.issue_cmd(BrowserLog).await.unwrap();
         let severe: Vec<String> = entries
             .as_array()
@@ -228,21 +325,52 @@ async fn rest_chat(app: &TestApp, session: &str, content: &str) {
 }
 
 macro_rules! browser_or_skip {
-    ($name:expr) => {
-        match Browser::start($name).await {
+    ($kind:expr, $name:expr) => {
+        match Browser::start($kind, $name).await {
             Some(browser) => browser,
             None => {
-                eprintln!("skipped: no chromedriver (apt-get install chromium chromium-driver)");
+                eprintln!("skipped: no {} here ({})", $kind.driver(), $kind.install());
                 return;
             }
         }
     };
 }
 
-#[tokio::test]
-async fn signing_in_refuses_a_wrong_key_and_opens_the_console_with_the_right_one() {
+/// Each test below, once per browser: `browser::chromium::NAME` and
+/// `browser::firefox::NAME`.
+macro_rules! in_both_browsers {
+    ($($name:ident),* $(,)?) => {
+        mod chromium {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Kind::Chromium).await;
+            })*
+        }
+        mod firefox {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Kind::Firefox).await;
+            })*
+        }
+    };
+}
+
+in_both_browsers!(
+    signing_in_refuses_a_wrong_key_and_opens_the_console_with_the_right_one,
+    a_session_made_over_rest_shows_its_history_and_a_reply_grows_token_by_token,
+    a_turn_sent_from_another_device_appears_without_a_reload,
+    model_text_with_markup_is_shown_as_text,
+    at_phone_width_the_composer_stays_in_view,
+    a_turn_from_another_device_shows_its_prompt_as_it_streams_and_stop_cancels_it,
+    a_pending_approval_shows_with_its_call_and_approve_empties_the_queue,
+    a_server_restart_shows_reconnecting_and_then_the_console_works_again,
+    the_console_works_from_the_keyboard_alone,
+    a_session_is_deleted_from_the_console_and_one_deleted_elsewhere_closes,
+);
+
+async fn signing_in_refuses_a_wrong_key_and_opens_the_console_with_the_right_one(kind: Kind) {
     let app = app_with_key(0).await;
-    let mut browser = browser_or_skip!("sign-in");
+    let mut browser = browser_or_skip!(kind, "sign-in");
     browser.sign_in(&app.url("/"), "not-the-key").await;
     browser
         .until(
@@ -271,11 +399,10 @@ async fn signing_in_refuses_a_wrong_key_and_opens_the_console_with_the_right_one
     browser.finish(&["401 (Unauthorized)"]).await;
 }
 
-#[tokio::test]
-async fn a_session_made_over_rest_shows_its_history_and_a_reply_grows_token_by_token() {
+async fn a_session_made_over_rest_shows_its_history_and_a_reply_grows_token_by_token(kind: Kind) {
     let app = app_with_key(40).await;
     rest_chat(&app, "from-rest", "hello there").await;
-    let mut browser = browser_or_skip!("history-and-stream");
+    let mut browser = browser_or_skip!(kind, "history-and-stream");
     browser.sign_in(&app.url("/"), KEY).await;
     browser.session("from-rest").await.click().await.unwrap();
     browser
@@ -314,11 +441,10 @@ async fn a_session_made_over_rest_shows_its_history_and_a_reply_grows_token_by_t
     browser.finish(&[]).await;
 }
 
-#[tokio::test]
-async fn a_turn_sent_from_another_device_appears_without_a_reload() {
+async fn a_turn_sent_from_another_device_appears_without_a_reload(kind: Kind) {
     let app = app_with_key(10).await;
     rest_chat(&app, "shared", "first").await;
-    let mut browser = browser_or_skip!("other-device");
+    let mut browser = browser_or_skip!(kind, "other-device");
     browser.sign_in(&app.url("/"), KEY).await;
     browser.session("shared").await.click().await.unwrap();
     browser
@@ -338,10 +464,9 @@ async fn a_turn_sent_from_another_device_appears_without_a_reload() {
     browser.finish(&[]).await;
 }
 
-#[tokio::test]
-async fn model_text_with_markup_is_shown_as_text() {
+async fn model_text_with_markup_is_shown_as_text(kind: Kind) {
     let app = app_with_key(0).await;
-    let mut browser = browser_or_skip!("injection");
+    let mut browser = browser_or_skip!(kind, "injection");
     browser.sign_in(&app.url("/"), KEY).await;
     browser.button("New session").await.click().await.unwrap();
     let attack = "<img src=x onerror=\"window.pwned=1\"> <b>bold</b>";
@@ -377,8 +502,7 @@ async fn model_text_with_markup_is_shown_as_text() {
     browser.finish(&[]).await;
 }
 
-#[tokio::test]
-async fn at_phone_width_the_composer_stays_in_view() {
+async fn at_phone_width_the_composer_stays_in_view(kind: Kind) {
     let app = app_with_key(0).await;
     for i in 0..6 {
         rest_chat(
@@ -388,7 +512,7 @@ async fn at_phone_width_the_composer_stays_in_view() {
         )
         .await;
     }
-    let mut browser = browser_or_skip!("phone");
+    let mut browser = browser_or_skip!(kind, "phone");
     browser.client.set_window_size(390, 844).await.unwrap();
     browser.sign_in(&app.url("/"), KEY).await;
     browser.session("long").await.click().await.unwrap();
@@ -421,11 +545,10 @@ async fn post_chat(app: &TestApp, session: &str, content: &str) -> reqwest::Stat
         .status()
 }
 
-#[tokio::test]
-async fn a_turn_from_another_device_shows_its_prompt_as_it_streams_and_stop_cancels_it() {
+async fn a_turn_from_another_device_shows_its_prompt_as_it_streams_and_stop_cancels_it(kind: Kind) {
     let app = app_with_key(150).await;
     rest_chat(&app, "stoppable", "hello").await;
-    let mut browser = browser_or_skip!("stop");
+    let mut browser = browser_or_skip!(kind, "stop");
     browser.sign_in(&app.url("/"), KEY).await;
     browser.session("stoppable").await.click().await.unwrap();
     browser
@@ -507,8 +630,7 @@ async fn a_turn_from_another_device_shows_its_prompt_as_it_streams_and_stop_canc
     browser.finish(&[]).await;
 }
 
-#[tokio::test]
-async fn a_pending_approval_shows_with_its_call_and_approve_empties_the_queue() {
+async fn a_pending_approval_shows_with_its_call_and_approve_empties_the_queue(kind: Kind) {
     let app = spawn_with(Options {
         api_key: Some(KEY),
         approval_key: true,
@@ -516,7 +638,7 @@ async fn a_pending_approval_shows_with_its_call_and_approve_empties_the_queue() 
         ..Options::default()
     })
     .await;
-    let mut browser = browser_or_skip!("approval");
+    let mut browser = browser_or_skip!(kind, "approval");
     browser.sign_in(&app.url("/"), KEY).await;
     browser.button("New session").await;
     browser
@@ -580,8 +702,7 @@ fn serve_process(data: &std::path::Path, port: u16) -> (Child, String) {
     crate::helpers::spawn_serve(command)
 }
 
-#[tokio::test]
-async fn a_server_restart_shows_reconnecting_and_then_the_console_works_again() {
+async fn a_server_restart_shows_reconnecting_and_then_the_console_works_again(kind: Kind) {
     let data = tempfile::tempdir().unwrap();
     let (mut server, address) = serve_process(data.path(), 0);
     let base = format!("http://{address}");
@@ -600,7 +721,7 @@ async fn a_server_restart_shows_reconnecting_and_then_the_console_works_again() 
             .status()
             .is_success()
     );
-    let mut browser = browser_or_skip!("restart");
+    let mut browser = browser_or_skip!(kind, "restart");
     browser.sign_in(&format!("{base}/"), KEY).await;
     browser.session("lasting").await.click().await.unwrap();
     browser
@@ -654,22 +775,18 @@ async fn a_server_restart_shows_reconnecting_and_then_the_console_works_again() 
         .await;
 }
 
-#[tokio::test]
-async fn the_console_works_from_the_keyboard_alone() {
+async fn the_console_works_from_the_keyboard_alone(kind: Kind) {
     const TAB: &str = "\u{E004}";
     const SHIFT: &str = "\u{E008}";
-    const RELEASE: &str = "\u{E000}";
     let app = app_with_key(0).await;
-    let mut browser = browser_or_skip!("keyboard");
+    let mut browser = browser_or_skip!(kind, "keyboard");
     browser.client.goto(&app.url("/")).await.unwrap();
-    let field = browser
-        .client
-        .wait()
-        .at_most(Duration::from_secs(10))
-        .for_element(Locator::Css("#key"))
+    browser
+        .key_field()
+        .await
+        .send_keys(&format!("{KEY}{ENTER}"))
         .await
         .unwrap();
-    field.send_keys(&format!("{KEY}{ENTER}")).await.unwrap();
     browser.button("New session").await;
     // Tab reaches "New session" first; Enter makes a session and puts the
     // caret in the message field.
@@ -701,15 +818,15 @@ async fn the_console_works_from_the_keyboard_alone() {
             "return document.activeElement.id === 'message' && !document.activeElement.disabled",
         )
         .await;
-    // Shift+Enter is a new line; Enter sends.
-    browser
-        .client
-        .active_element()
+    // Shift+Enter is a new line; Enter sends. (Two calls: each ends with
+    // its modifiers released, which geckodriver does not do mid-call.)
+    let field = browser.client.active_element().await.unwrap();
+    field
+        .send_keys(&format!("first line{SHIFT}{ENTER}"))
         .await
-        .unwrap()
-        .send_keys(&format!(
-            "first line{SHIFT}{ENTER}{RELEASE}second line{ENTER}"
-        ))
+        .unwrap();
+    field
+        .send_keys(&format!("second line{ENTER}"))
         .await
         .unwrap();
     browser
@@ -724,12 +841,11 @@ async fn the_console_works_from_the_keyboard_alone() {
     browser.finish(&[]).await;
 }
 
-#[tokio::test]
-async fn a_session_is_deleted_from_the_console_and_one_deleted_elsewhere_closes() {
+async fn a_session_is_deleted_from_the_console_and_one_deleted_elsewhere_closes(kind: Kind) {
     let app = app_with_key(0).await;
     rest_chat(&app, "doomed", "bye").await;
     rest_chat(&app, "elsewhere", "bye too").await;
-    let mut browser = browser_or_skip!("delete");
+    let mut browser = browser_or_skip!(kind, "delete");
     browser.sign_in(&app.url("/"), KEY).await;
     browser.session("doomed").await.click().await.unwrap();
     browser
