@@ -214,6 +214,17 @@ impl Browser {
             .unwrap_or_else(|e| panic!("no session {id} listed: {e}"))
     }
 
+    /// Opens session `id` from the list and waits until its history shows
+    /// `messages` messages.
+    async fn open_session(&self, id: &str, messages: usize) {
+        self.session(id).await.click().await.unwrap();
+        self.until(
+            &format!("the history of {id}"),
+            &format!("return document.querySelectorAll('#messages li').length === {messages}"),
+        )
+        .await;
+    }
+
     /// Signs in with `key` on the console at `page`.
     async fn sign_in(&mut self, page: &str, key: &str) {
         self.client.goto(page).await.unwrap();
@@ -313,15 +324,8 @@ async fn app_with_key(delay_ms: u64) -> TestApp {
 }
 
 async fn rest_chat(app: &TestApp, session: &str, content: &str) {
-    let res = app
-        .client
-        .post(app.url("/api/chat"))
-        .header("x-api-key", KEY)
-        .json(&json!({"content": content, "session_id": session}))
-        .send()
-        .await
-        .unwrap();
-    assert!(res.status().is_success(), "{}", res.status());
+    let status = post_chat(app, session, content).await;
+    assert!(status.is_success(), "{status}");
 }
 
 macro_rules! browser_or_skip {
@@ -404,13 +408,7 @@ async fn a_session_made_over_rest_shows_its_history_and_a_reply_grows_token_by_t
     rest_chat(&app, "from-rest", "hello there").await;
     let mut browser = browser_or_skip!(kind, "history-and-stream");
     browser.sign_in(&app.url("/"), KEY).await;
-    browser.session("from-rest").await.click().await.unwrap();
-    browser
-        .until(
-            "the history is shown",
-            "return document.querySelectorAll('#messages li').length === 2",
-        )
-        .await;
+    browser.open_session("from-rest", 2).await;
     assert_eq!(browser.messages().await, ["hello there", "hello there"]);
     browser.shot("history").await;
 
@@ -446,13 +444,7 @@ async fn a_turn_sent_from_another_device_appears_without_a_reload(kind: Kind) {
     rest_chat(&app, "shared", "first").await;
     let mut browser = browser_or_skip!(kind, "other-device");
     browser.sign_in(&app.url("/"), KEY).await;
-    browser.session("shared").await.click().await.unwrap();
-    browser
-        .until(
-            "history",
-            "return document.querySelectorAll('#messages li').length === 2",
-        )
-        .await;
+    browser.open_session("shared", 2).await;
     rest_chat(&app, "shared", "from my phone").await;
     browser
         .until(
@@ -515,13 +507,7 @@ async fn at_phone_width_the_composer_stays_in_view(kind: Kind) {
     let mut browser = browser_or_skip!(kind, "phone");
     browser.client.set_window_size(390, 844).await.unwrap();
     browser.sign_in(&app.url("/"), KEY).await;
-    browser.session("long").await.click().await.unwrap();
-    browser
-        .until(
-            "history",
-            "return document.querySelectorAll('#messages li').length === 12",
-        )
-        .await;
+    browser.open_session("long", 12).await;
     browser
         .until(
             "the composer in view",
@@ -550,13 +536,7 @@ async fn a_turn_from_another_device_shows_its_prompt_as_it_streams_and_stop_canc
     rest_chat(&app, "stoppable", "hello").await;
     let mut browser = browser_or_skip!(kind, "stop");
     browser.sign_in(&app.url("/"), KEY).await;
-    browser.session("stoppable").await.click().await.unwrap();
-    browser
-        .until(
-            "history",
-            "return document.querySelectorAll('#messages li').length === 2",
-        )
-        .await;
+    browser.open_session("stoppable", 2).await;
     let words: Vec<String> = (0..60).map(|i| format!("word{i}")).collect();
     let prompt = words.join(" ");
     let phone = tokio::spawn({
@@ -600,16 +580,7 @@ async fn a_turn_from_another_device_shows_its_prompt_as_it_streams_and_stop_canc
         )
         .await;
     browser.shot("stopped").await;
-    let history: Value = app
-        .client
-        .get(app.url("/api/sessions/stoppable/history"))
-        .header("x-api-key", KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history: Value = get_json(&app, "/api/sessions/stoppable/history").await;
     let partial = history["messages"][3]["parts"][0]["content"]
         .as_str()
         .unwrap()
@@ -676,16 +647,7 @@ async fn a_pending_approval_shows_with_its_call_and_approve_empties_the_queue(ki
         )
         .await;
     browser.shot("approved").await;
-    let pending: Value = app
-        .client
-        .get(app.url("/api/approvals"))
-        .header("x-api-key", KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pending: Value = get_json(&app, "/api/approvals").await;
     assert_eq!(pending["data"]["count"], 0, "{pending}");
     browser.finish(&[]).await;
 }
@@ -723,13 +685,7 @@ async fn a_server_restart_shows_reconnecting_and_then_the_console_works_again(ki
     );
     let mut browser = browser_or_skip!(kind, "restart");
     browser.sign_in(&format!("{base}/"), KEY).await;
-    browser.session("lasting").await.click().await.unwrap();
-    browser
-        .until(
-            "history",
-            "return document.querySelectorAll('#messages li').length === 2",
-        )
-        .await;
+    browser.open_session("lasting", 2).await;
 
     let _ = Command::new("kill")
         .args(["-TERM", &server.id().to_string()])
@@ -877,13 +833,7 @@ async fn a_session_is_deleted_from_the_console_and_one_deleted_elsewhere_closes(
         .unwrap();
     assert_eq!(gone.status(), reqwest::StatusCode::NOT_FOUND);
 
-    browser.session("elsewhere").await.click().await.unwrap();
-    browser
-        .until(
-            "history",
-            "return document.querySelectorAll('#messages li').length === 2",
-        )
-        .await;
+    browser.open_session("elsewhere", 2).await;
     let deleted = app
         .client
         .delete(app.url("/api/sessions/elsewhere"))
@@ -913,4 +863,17 @@ async fn a_session_is_deleted_from_the_console_and_one_deleted_elsewhere_closes(
         "no reconnect made it again"
     );
     browser.finish(&[]).await;
+}
+
+/// `GET path` with the key, as JSON.
+async fn get_json(app: &TestApp, path: &str) -> Value {
+    app.client
+        .get(app.url(path))
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }

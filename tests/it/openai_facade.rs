@@ -48,16 +48,7 @@ fn data_lines(body: &str) -> Vec<String> {
 #[tokio::test]
 async fn models_lists_the_configured_agents_in_openais_shape() {
     let app = app().await;
-    let models: Value = app
-        .client
-        .get(app.url("/v1/models"))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = get_json(&app, "/v1/models").await;
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], "default");
     assert_eq!(models["data"][0]["object"], "model");
@@ -90,16 +81,7 @@ async fn a_completion_continues_its_session_by_x_session_id_and_the_history_hold
         .await
         .unwrap();
     assert_eq!(second["choices"][0]["message"]["content"], "second words");
-    let history: Value = app
-        .client
-        .get(app.url("/api/sessions/chat-1/history"))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history: Value = get_json(&app, "/api/sessions/chat-1/history").await;
     let prompts: Vec<&str> = history["messages"]
         .as_array()
         .unwrap()
@@ -262,4 +244,17 @@ async fn the_facade_needs_the_key_like_every_route() {
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
     let res = app.client.get(app.url("/v1/models")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+}
+
+/// `GET path` with the key, as JSON.
+async fn get_json(app: &TestApp, path: &str) -> Value {
+    app.client
+        .get(app.url(path))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
