@@ -18,22 +18,8 @@ if [ ! -x "$venv/bin/schemathesis" ]; then
   "$venv/bin/pip" install --quiet "schemathesis==4.32.5"
 fi
 
-cargo build --quiet --locked --bin autopoiesis
-data=$(mktemp -d)
-log="$data/server.log"
-key="schemathesis-$RANDOM$RANDOM"
-AUTOPOIESIS_API_KEY="$key" RUST_LOG=info NO_COLOR=1 \
-  target/debug/autopoiesis serve --port 0 --data-dir "$data" 2>"$log" &
-server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$data"' EXIT
-
-address=""
-for _ in $(seq 1 100); do
-  address=$(sed -n 's/.*listening on http:\/\/\([0-9.:]*\).*/\1/p' "$log" | head -n 1)
-  [ -n "$address" ] && break
-  sleep 0.1
-done
-[ -n "$address" ] || { echo "server did not start:"; cat "$log"; exit 1; }
+key_prefix=schemathesis
+source scripts/serve-with-key.sh
 
 "$venv/bin/schemathesis" --config-file scripts/schemathesis.toml run "http://$address/openapi.json" \
   --header "X-API-Key: $key" \
