@@ -254,13 +254,28 @@ impl Browser {
         serde_json::from_value(texts).unwrap()
     }
 
-    /// Ends the test's browser after checking its console: no `SEVERE`
-    /// entry (a script error, a failed load) but those whose text holds
-    /// one of `expected` (a refused key, a server that is down).
+    /// Ends the test's browser after checking that the page asked no other
+    /// origin for anything, and its console: no `SEVERE` entry (a script
+    /// error, a failed load) but those whose text holds one of `expected`
+    /// (a refused key, a server that is down).
     ///
     /// geckodriver has no way to read Firefox's console, so there the check
     /// is Chromium's alone.
     async fn finish(self, expected: &[&str]) {
+        let foreign = self
+            .js(
+                "return performance.getEntriesByType('resource').map(e => e.name) \
+                   .filter(n => !n.startsWith(location.origin + '/'))",
+            )
+            .await;
+        assert_eq!(foreign, json!([]), "requests to another origin");
+        let seen = self
+            .js("return performance.getEntriesByType('resource').length")
+            .await;
+        assert!(
+            seen.as_u64() > Some(2),
+            "the page's own requests are seen: {seen}"
+        );
         if self.kind == Kind::Firefox {
             let _ = self.client.clone().close().await;
             return;
