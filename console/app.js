@@ -20,6 +20,7 @@ const state = {
   session: null,
   sessions: new Map(),
   socket: null,
+  deleting: null, // the session being deleted: no stream opens for it
   outbox: [], // messages sent while the socket was not open yet
   lastSeq: 0,
   running: false,
@@ -243,12 +244,30 @@ $("delete-session").addEventListener("click", async () => {
   deleteArmed = null;
   button.textContent = "Delete session";
   const id = state.session;
+  // The stream's socket makes the session again if its upgrade reaches the
+  // server after the delete: no new one starts, one connecting settles,
+  // and then it closes.
+  state.deleting = id;
+  await settled(state.socket);
+  closeSocket();
   const response = await api(`/api/sessions/${encodeURIComponent(id)}`, { method: "DELETE" });
+  state.deleting = null;
   if (response.ok || response.status === 404) {
     if (state.session === id) closeSession();
     await refreshSessions();
+  } else if (state.session === id) {
+    connect();
   }
 });
+
+/** Resolves once `socket` is no longer connecting. */
+function settled(socket) {
+  if (!socket || socket.readyState !== WebSocket.CONNECTING) return Promise.resolve();
+  return new Promise((resolve) => {
+    socket.addEventListener("open", resolve, { once: true });
+    socket.addEventListener("close", resolve, { once: true });
+  });
+}
 
 // ---- history ---------------------------------------------------------------
 
@@ -328,13 +347,15 @@ function closeSocket() {
 
 async function connect() {
   const id = state.session;
+  // Shown until the socket opens: a first connection, not a lost one.
+  if (state.stream !== "reconnecting…") setStream("connecting…");
   let query;
   try {
     query = await ticketQuery();
   } catch {
     return reconnectLater(id);
   }
-  if (id !== state.session) return;
+  if (id !== state.session || state.deleting === id) return;
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
   // `events=prompt`: turns sent from another device show their prompt.
   const params = [`after_seq=${state.lastSeq}`, "events=prompt", query].filter(Boolean).join("&");

@@ -225,11 +225,17 @@ impl Browser {
 
     /// Opens session `id` from the list and waits until its history shows
     /// `messages` messages.
+    /// Opens session `id` from the list and waits for its `messages` and
+    /// for its stream to be live (`#stream-state` is empty once the socket
+    /// is open): a REST call made sooner would race the console's connect.
     async fn open_session(&self, id: &str, messages: usize) {
         self.session(id).await.click().await.unwrap();
         self.until(
-            &format!("the history of {id}"),
-            &format!("return document.querySelectorAll('#messages li').length === {messages}"),
+            &format!("the history of {id}, live"),
+            &format!(
+                "return document.querySelectorAll('#messages li').length === {messages} \
+                   && document.querySelector('#stream-state').textContent === ''"
+            ),
         )
         .await;
     }
@@ -827,7 +833,7 @@ async fn a_session_is_deleted_from_the_console_and_one_deleted_elsewhere_closes(
     rest_chat(&app, "elsewhere", "bye too").await;
     let mut browser = browser_or_skip!(kind, "delete");
     browser.sign_in(&app.url("/"), KEY).await;
-    browser.session("doomed").await.click().await.unwrap();
+    browser.open_session("doomed", 2).await;
     browser
         .button("Delete session")
         .await
