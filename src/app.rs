@@ -59,6 +59,9 @@ pub struct Settings {
     /// `sqlite:PATH` or `postgres://...`; `None`: `approvals.sqlite` in the
     /// data dir.
     pub database_url: Option<String>,
+    /// The database pool: its size and how long an operation waits for a
+    /// connection (and SQLite for another writer's lock) before a 503.
+    pub database: ConnectSettings,
     /// The Ed25519 approval key file; `None`: approvals locked.
     pub approval_key_file: Option<PathBuf>,
     /// The agents file; `None`: the built-in agent alone.
@@ -102,6 +105,7 @@ impl Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8420)),
             data_dir: data_dir.into(),
             database_url: None,
+            database: ConnectSettings::default(),
             approval_key_file: None,
             agents_file: None,
             agent: "default".into(),
@@ -326,7 +330,7 @@ pub async fn build(settings: Settings) -> Result<App, BuildError> {
         .database_url
         .clone()
         .unwrap_or_else(|| sqlite_url(&settings.data_dir.join("approvals.sqlite")));
-    let approval_db = connect(&database_url, &ConnectSettings::default())
+    let approval_db = connect(&database_url, &settings.database)
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, "approval database unavailable; chat and MCP answer 'runtime uninitialized' until this is fixed");

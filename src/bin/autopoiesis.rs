@@ -12,6 +12,7 @@ use autopoiesis::adapters::ed25519::Ed25519ApprovalKey;
 use autopoiesis::adapters::http::HttpSettings;
 use autopoiesis::adapters::http::auth::{ApiKey, OriginPolicy};
 use autopoiesis::adapters::http::server::ServerSettings;
+use autopoiesis::adapters::persistence::ConnectSettings;
 use autopoiesis::adapters::stream::StreamSettings;
 use autopoiesis::adapters::ws::endpoint::WsSettings;
 use autopoiesis::app::{self, SessionStoreKind, Settings};
@@ -77,6 +78,12 @@ struct ServeArgs {
     /// file approvals.sqlite in the data dir]
     #[arg(long, env = "AUTOPOIESIS_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
+    /// How long a database operation waits for a connection from the pool
+    /// (and, on SQLite, for another writer's lock) before the request gets
+    /// 503 "storage unavailable". Short, so a database that is down is
+    /// reported at once; raise it where the database is slow or shared.
+    #[arg(long, env = "AUTOPOIESIS_DATABASE_WAIT", default_value = "1s", value_parser = positive_duration)]
+    database_wait: Duration,
     /// Ed25519 approval key (from `autopoiesis keygen`). Loaded, it unlocks
     /// approvals: deferred turns are recorded for a human to decide.
     #[arg(long, env = "AUTOPOIESIS_APPROVAL_KEY_FILE")]
@@ -300,6 +307,7 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
             retention: (!args.session_retention.is_zero()).then_some(args.session_retention),
         }),
         session_store: args.session_store,
+        database: ConnectSettings::waiting(args.database_wait),
         instance_lease: args.instance_lease,
         http: HttpSettings {
             api_key,

@@ -301,7 +301,13 @@ async fn tools_are_listed_and_callable_with_their_own_envelopes() {
 
 #[tokio::test]
 async fn a_locked_approval_database_answers_503_within_a_second_and_recovers() {
-    let app = unlocked().await;
+    let app = spawn_with(Options {
+        approval_key: true,
+        // The server's own default wait, which this measures.
+        database_wait: Duration::from_secs(1),
+        ..Options::default()
+    })
+    .await;
     defer_a_tool_call(&app).await;
     let (_, list) = get(&app, "/api/approvals").await;
     let id = list["data"]["items"][0]["id"].as_str().unwrap().to_owned();

@@ -352,6 +352,8 @@ async fn a_stale_cursor_after_delete_and_re_create_gets_a_reset_then_the_new_str
 async fn a_database_that_fails_while_running_answers_503_within_a_second_and_runs_no_turn() {
     let app = spawn_with(Options {
         runtime: RuntimeSlot::Ready(echo(0)),
+        // The server's own default wait, which this measures.
+        database_wait: Duration::from_secs(1),
         ..Options::default()
     })
     .await;

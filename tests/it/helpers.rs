@@ -11,6 +11,7 @@ use autopoiesis::adapters::ed25519::Ed25519ApprovalKey;
 use autopoiesis::adapters::http::auth::ApiKey;
 use autopoiesis::adapters::http::server::ServerSettings;
 use autopoiesis::adapters::http::{HttpSettings, Services};
+use autopoiesis::adapters::persistence::ConnectSettings;
 use autopoiesis::adapters::stream::StreamSettings;
 use autopoiesis::app::{self, SessionStoreKind, Settings, StoreLayer};
 use autopoiesis::domain::agent::AgentConfig;
@@ -42,7 +43,16 @@ pub struct Options {
     /// The approval database; `None`: a SQLite file in the app's temp dir.
     pub database_url: Option<String>,
     pub session_store: SessionStoreKind,
+    /// How long an operation waits for the database before a 503
+    /// ([`TEST_DATABASE_WAIT`] unless a test measures that answer).
+    pub database_wait: Duration,
 }
+
+/// The database wait of the servers tests start: long, because two cores
+/// running the whole suite (browsers included) can keep a pool busy past
+/// the server's one-second default, and a 503 there says nothing about the
+/// behaviour under test. Tests of the 503 itself set the default back.
+pub const TEST_DATABASE_WAIT: Duration = Duration::from_secs(10);
 
 impl Default for Options {
     fn default() -> Self {
@@ -62,6 +72,7 @@ impl Default for Options {
             approval_key: false,
             database_url: None,
             session_store: SessionStoreKind::Database,
+            database_wait: TEST_DATABASE_WAIT,
         }
     }
 }
@@ -116,6 +127,7 @@ pub async fn spawn_with(options: Options) -> TestApp {
     let app = app::build(Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
         database_url: options.database_url,
+        database: ConnectSettings::waiting(options.database_wait),
         approval_key_file,
         runtime: Some(options.runtime),
         store_layer: Some(store_layer),
@@ -292,6 +304,15 @@ pub async fn postgres_schema_url() -> Option<String> {
 /// background.
 pub fn spawn_serve(mut command: std::process::Command) -> (std::process::Child, String) {
     use std::io::{BufRead, BufReader};
+    if !command
+        .get_envs()
+        .any(|(name, _)| name == "AUTOPOIESIS_DATABASE_WAIT")
+    {
+        command.env(
+            "AUTOPOIESIS_DATABASE_WAIT",
+            format!("{}s", TEST_DATABASE_WAIT.as_secs()),
+        );
+    }
     let mut child = command
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")

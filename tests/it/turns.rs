@@ -16,8 +16,9 @@ use tokio::sync::Barrier;
 use crate::helpers::{Options, echo, next, spawn_with, until_terminal};
 
 /// A runtime that records when turns start and end. A prompt `meet` waits
-/// until two such turns run at once (failing after 5 s): it can only succeed
-/// if turns really run in parallel.
+/// until two such turns run at once: it can only succeed if turns really
+/// run in parallel. It fails after 30 s, which detects turns run one after
+/// the other and measures nothing: a loaded machine may start one late.
 struct Probe {
     log: Mutex<Vec<String>>,
     meeting: Barrier,
@@ -50,7 +51,7 @@ impl AgentRuntime for Probe {
             .unwrap()
             .push(format!("start {}", input.prompt));
         if input.prompt == "meet" {
-            tokio::time::timeout(Duration::from_secs(5), self.meeting.wait())
+            tokio::time::timeout(Duration::from_secs(30), self.meeting.wait())
                 .await
                 .map_err(|_| AgentError::Provider("the other turn never ran alongside".into()))?;
         }
@@ -84,8 +85,10 @@ async fn turns_on_two_sessions_run_in_parallel() {
         app.chat(json!({"content": "meet", "session_id": "one"})),
         app.chat(json!({"content": "meet", "session_id": "two"})),
     );
-    assert_eq!(a.status(), StatusCode::OK);
-    assert_eq!(b.status(), StatusCode::OK);
+    for res in [a, b] {
+        let status = res.status();
+        assert_eq!(status, StatusCode::OK, "{}", res.text().await.unwrap());
+    }
 }
 
 #[tokio::test]

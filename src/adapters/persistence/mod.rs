@@ -74,13 +74,24 @@ pub struct ConnectSettings {
     pub busy_timeout: Duration,
 }
 
-impl Default for ConnectSettings {
-    fn default() -> Self {
+impl ConnectSettings {
+    /// The default pool, where an operation waits up to `wait` for a
+    /// connection and, on SQLite, three quarters of it for a lock (so the
+    /// lock's error, which names the cause, comes first).
+    #[must_use]
+    pub fn waiting(wait: Duration) -> Self {
         Self {
             max_connections: 8,
-            acquire_timeout: Duration::from_secs(1),
-            busy_timeout: Duration::from_millis(750),
+            acquire_timeout: wait,
+            busy_timeout: wait * 3 / 4,
         }
+    }
+}
+
+impl Default for ConnectSettings {
+    /// A one-second wait: a database that is down answers 503 quickly.
+    fn default() -> Self {
+        Self::waiting(Duration::from_secs(1))
     }
 }
 
