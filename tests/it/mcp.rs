@@ -12,7 +12,8 @@ use autopoiesis::domain::chat::RuntimeSlot;
 use reqwest::StatusCode;
 use reqwest::header::{HeaderName, HeaderValue};
 use rmcp::model::{
-    CallToolRequestParams, ErrorCode, ProtocolVersion, ServerNotification, SubscriptionFilter,
+    CallToolRequestParams, CallToolResult, ErrorCode, ProtocolVersion, ServerNotification,
+    SubscriptionFilter,
 };
 use rmcp::service::{
     ClientInitializeError, NotificationContext, RoleClient, RunningService, ServiceError,
@@ -95,19 +96,33 @@ async fn connect_2026(app: &TestApp) -> Client {
         .unwrap()
 }
 
-/// Calls `name` and returns the envelope of its one text content.
+/// Calls `name` and returns the envelope of its one text content, checking
+/// that the result is flagged `isError` exactly when the envelope is an
+/// `error.*` one.
 async fn call(client: &Client, name: &str, args: Value) -> Value {
     let mut params = CallToolRequestParams::new(name.to_owned());
     if let Value::Object(args) = args {
         params = params.with_arguments(args);
     }
     let result = client.call_tool(params).await.unwrap();
-    assert_ne!(result.is_error, Some(true), "{name}: {result:?}");
+    envelope_of(name, &result)
+}
+
+/// The envelope of a tool's result, checked as [`call`] says.
+fn envelope_of(name: &str, result: &CallToolResult) -> Value {
     assert_eq!(result.content.len(), 1, "{name}: {result:?}");
     let text = &result.content[0].as_text().expect("a text content").text;
     let envelope: Value = serde_json::from_str(text).unwrap();
     assert_eq!(envelope["meta"]["tool"], name, "{envelope}");
     chrono::DateTime::parse_from_rfc3339(envelope["meta"]["timestamp"].as_str().unwrap()).unwrap();
+    let failed = envelope["type"]
+        .as_str()
+        .is_some_and(|kind| kind.starts_with("error."));
+    assert_eq!(
+        result.is_error,
+        Some(failed),
+        "{name}: isError must say whether the envelope is an error: {envelope}"
+    );
     envelope
 }
 
@@ -280,6 +295,33 @@ async fn an_unknown_tool_is_a_protocol_error() {
     };
     assert_eq!(error.code, ErrorCode::INVALID_PARAMS);
     assert!(error.message.contains("format.disk"), "{error:?}");
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_tool_answers_is_error_true_with_its_error_envelope_as_the_content() {
+    let app = unlocked_app().await;
+    let client = connect(&app).await;
+    let result = client
+        .call_tool(
+            CallToolRequestParams::new("approval.decide").with_arguments(
+                json!({"approval_id": "no-such-approval", "approved": true})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(result.is_error, Some(true), "{result:?}");
+    assert_eq!(result.content.len(), 1, "{result:?}");
+    let envelope: Value = serde_json::from_str(&result.content[0].as_text().unwrap().text).unwrap();
+    assert_eq!(envelope["type"], "error.approval_not_found");
+    assert_eq!(envelope["data"]["approval_id"], "no-such-approval");
+    assert_eq!(envelope["meta"]["tool"], "approval.decide");
+
+    let fine = call(&client, "dashboard.status", json!({})).await;
+    assert_eq!(fine["type"], "dashboard.status");
     client.cancel().await.unwrap();
 }
 

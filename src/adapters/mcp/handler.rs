@@ -15,12 +15,12 @@ use rmcp::{ErrorData, ServerHandler};
 use serde_json::Value;
 
 use super::clients::McpClients;
-use crate::adapters::control::{self, ControlTools, Failed, Failure, ToolInfo};
+use crate::adapters::control::{self, ControlTools, Envelope, Failed, Failure, ToolInfo};
 
 const INSTRUCTIONS: &str = "The autopoiesis control plane: runtime status, pending tool approvals \
 (list, approve, reject), system info, chat with the agent and its sessions. Every tool answers \
 one text content holding a JSON envelope {\"type\", \"data\", \"meta\"}; a type starting with \
-\"error.\" reports a failure. notifications/tools/list_changed is sent whenever an approval is \
+\"error.\" reports a failure (and the result is flagged isError). notifications/tools/list_changed is sent whenever an approval is \
 created or decided: call approval.list again.";
 
 /// One per MCP session (rmcp builds one per `initialize`, and one per
@@ -43,6 +43,11 @@ impl McpHandler {
             clients,
         }
     }
+}
+
+/// An envelope as a tool's one text content.
+fn content(envelope: &Envelope) -> ContentBlock {
+    ContentBlock::text(envelope.to_json().to_string())
 }
 
 fn mcp_tool(info: ToolInfo) -> Tool {
@@ -82,17 +87,18 @@ impl ServerHandler for McpHandler {
         self.tools.iter().find(|tool| tool.name == name).cloned()
     }
 
-    /// An error envelope is still a result the caller reads, so only an
-    /// unknown tool is a protocol error (`invalid_params`, as rmcp's own
-    /// tool router answers).
+    /// An error envelope is still a result the caller reads, flagged
+    /// `isError` so that clients (and the models they serve) see the tool
+    /// failed; only an unknown tool is a protocol error (`invalid_params`,
+    /// as rmcp's own tool router answers).
     async fn call_tool(
         &self,
         request: CallToolRequestParams,
         _context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let args = request.arguments.map_or(Value::Null, Value::Object);
-        let envelope = match self.control.call(&request.name, args).await {
-            Ok(envelope) => envelope,
+        let result = match self.control.call(&request.name, args).await {
+            Ok(envelope) => CallToolResult::success(vec![content(&envelope)]),
             Err(Failed {
                 error: Failure::UnknownTool(name),
                 ..
@@ -102,12 +108,9 @@ impl ServerHandler for McpHandler {
                     None,
                 ));
             }
-            Err(failed) => failed.envelope(),
+            Err(failed) => CallToolResult::error(vec![content(&failed.envelope())]),
         };
-        Ok(
-            CallToolResult::success(vec![ContentBlock::text(envelope.to_json().to_string())])
-                .into(),
-        )
+        Ok(result.into())
     }
 
     async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
