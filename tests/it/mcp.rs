@@ -19,9 +19,10 @@ use reqwest::StatusCode;
 use reqwest::header::{HeaderName, HeaderValue};
 use rmcp::model::{
     ArgumentInfo, CallToolRequestParams, CallToolResult, CompleteRequestParams, ErrorCode,
-    LoggingLevel, LoggingMessageNotificationParam, ProgressNotificationParam, ProtocolVersion,
-    ReadResourceRequestParams, Reference, ResourceUpdatedNotificationParam, ServerNotification,
-    SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter, UnsubscribeRequestParams,
+    LoggingLevel, LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken,
+    ProtocolVersion, ReadResourceRequestParams, Reference, RequestMetaObject,
+    ResourceUpdatedNotificationParam, ServerNotification, SetLevelRequestParams,
+    SubscribeRequestParams, SubscriptionFilter, UnsubscribeRequestParams,
 };
 use rmcp::service::{
     ClientInitializeError, NotificationContext, RoleClient, RunningService, ServiceError,
@@ -1055,6 +1056,130 @@ async fn log_notifications_start_with_set_level_and_only_at_or_above_it() {
     assert!(events.contains(&json!("turn.started")), "{events:?}");
     listener.cancel().await.unwrap();
     silent.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn chat_send_with_a_progress_token_reports_each_token_as_progress() {
+    let app = unlocked_app().await;
+    let client = connect(&app).await;
+    let mut params = CallToolRequestParams::new("chat.send").with_arguments(
+        json!({"content": "one two three", "session_id": "p"})
+            .as_object()
+            .unwrap()
+            .clone(),
+    );
+    let mut meta = RequestMetaObject::default();
+    meta.set_progress_token(ProgressToken(rmcp::model::NumberOrString::String(
+        "mine".into(),
+    )));
+    params.meta = Some(meta);
+    let result = client.call_tool(params).await.unwrap();
+    let reply = envelope_of("chat.send", &result);
+    assert_eq!(reply["data"]["content"], "one two three");
+    let progress = &client.service().progress;
+    assert!(
+        until(progress, |p| p.len() >= 3).await,
+        "{:?}",
+        progress.borrow()
+    );
+    assert_eq!(
+        *progress.borrow(),
+        vec![
+            (1.0, Some("one ".to_owned())),
+            (2.0, Some("two ".to_owned())),
+            (3.0, Some("three".to_owned())),
+        ]
+    );
+    client.cancel().await.unwrap();
+}
+
+/// A raw `initialize`-era session: its id, after `notifications/initialized`.
+async fn raw_session(app: &TestApp) -> String {
+    let res = raw_initialize(app, &[]).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let session = session_of(&res);
+    let res = raw_post(
+        app,
+        &session,
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    )
+    .await;
+    assert!(res.status().is_success(), "{}", res.status());
+    session
+}
+
+async fn raw_post(app: &TestApp, session: &str, body: Value) -> reqwest::Response {
+    app.client
+        .post(app.url("/mcp"))
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", session)
+        .header("mcp-protocol-version", "2025-06-18")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The JSON-RPC messages of an SSE answer, in the order they came.
+async fn sse_messages(res: reqwest::Response) -> Vec<Value> {
+    let text = res.text().await.unwrap();
+    text.lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .filter_map(|data| serde_json::from_str(data.trim()).ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn chat_send_streams_progress_before_its_result_only_when_the_request_has_a_token() {
+    let app = unlocked_app().await;
+    let session = raw_session(&app).await;
+    let call = |id: u64, meta: Value| {
+        let session = session.clone();
+        let app = &app;
+        async move {
+            let mut params = json!({
+                "name": "chat.send",
+                "arguments": {"content": "alpha beta", "session_id": "raw"},
+            });
+            if !meta.is_null() {
+                params["_meta"] = meta;
+            }
+            let body =
+                json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params});
+            sse_messages(raw_post(app, &session, body).await).await
+        }
+    };
+    let messages = call(7, json!({"progressToken": "tok-7"})).await;
+    let methods: Vec<&str> = messages
+        .iter()
+        .map(|m| {
+            m["method"]
+                .as_str()
+                .unwrap_or(if m.get("result").is_some() {
+                    "result"
+                } else {
+                    "?"
+                })
+        })
+        .collect();
+    assert_eq!(
+        methods,
+        ["notifications/progress", "notifications/progress", "result"],
+        "{messages:?}"
+    );
+    assert_eq!(messages[0]["params"]["progressToken"], "tok-7");
+    assert_eq!(messages[0]["params"]["progress"], 1.0);
+    assert_eq!(messages[1]["params"]["progress"], 2.0);
+    assert_eq!(messages[1]["params"]["message"], "beta");
+    assert_eq!(messages[2]["id"], 7);
+    assert_eq!(messages[2]["result"]["isError"], false);
+
+    let plain = call(8, Value::Null).await;
+    assert_eq!(plain.len(), 1, "no progress without a token: {plain:?}");
+    assert_eq!(plain[0]["id"], 8);
+    let text = plain[0]["result"]["content"][0]["text"].as_str().unwrap();
+    let envelope: Value = serde_json::from_str(text).unwrap();
+    assert_eq!(envelope["data"]["content"], "alpha beta");
 }
 
 #[tokio::test]

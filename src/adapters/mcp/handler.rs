@@ -20,9 +20,13 @@ use rmcp::{ErrorData, ServerHandler};
 use serde_json::Value;
 
 use super::clients::McpClients;
+use super::progress;
 use super::resources::{self, ResourceUri, Resources};
 use super::state::{MAX_SUBSCRIPTIONS, SessionState};
-use crate::adapters::control::{self, ControlTools, Envelope, Failed, Failure, ToolInfo};
+use crate::adapters::control::{
+    self, CHAT_SEND, ControlTools, Envelope, Failed, Failure, ToolInfo,
+};
+use crate::adapters::stream::SessionHub;
 
 const INSTRUCTIONS: &str = "The autopoiesis control plane: runtime status, pending tool approvals \
 (list, approve, reject), system info, chat with the agent and its sessions. Every tool answers \
@@ -32,7 +36,8 @@ notifications/tools/list_changed is sent whenever an approval is created or deci
 approval.list again. Resources (JSON): autopoiesis://sessions, autopoiesis://approvals and \
 autopoiesis://sessions/{id}/history (ids complete through completion/complete); subscribe to \
 one to hear when it changes. logging/setLevel turns on log notifications of turns, approvals \
-and deletions (none are sent before it).";
+and deletions (none are sent before it). chat.send with a progressToken streams its tokens as \
+notifications/progress.";
 
 /// One per MCP session (rmcp builds one per `initialize`, and one per
 /// request of the session-less 2026-07-28 era); all share the control
@@ -44,6 +49,8 @@ pub struct McpHandler {
     /// The control plane's tools in MCP's shape, built once.
     tools: Arc<[Tool]>,
     resources: Arc<Resources>,
+    /// Where `chat.send` with a progress token reads its turn's tokens.
+    hub: Arc<SessionHub>,
     clients: Arc<McpClients>,
     /// This session's subscriptions and log level.
     state: Arc<SessionState>,
@@ -54,12 +61,14 @@ impl McpHandler {
     pub fn new(
         control: Arc<ControlTools>,
         resources: Arc<Resources>,
+        hub: Arc<SessionHub>,
         clients: Arc<McpClients>,
     ) -> Self {
         Self {
             control,
             tools: control::tools().into_iter().map(mcp_tool).collect(),
             resources,
+            hub,
             clients,
             state: Arc::default(),
         }
@@ -139,10 +148,15 @@ impl ServerHandler for McpHandler {
     async fn call_tool(
         &self,
         request: CallToolRequestParams,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let args = request.arguments.map_or(Value::Null, Value::Object);
-        let answer = self.control.call(&request.name, args).await;
+        let answer = match context.meta.get_progress_token() {
+            Some(token) if request.name == CHAT_SEND => {
+                progress::chat_send(&self.control, &self.hub, args, &context.peer, token).await
+            }
+            _ => self.control.call(&request.name, args).await,
+        };
         let result = match answer {
             Ok(envelope) => CallToolResult::success(vec![content(&envelope)]),
             Err(Failed {

@@ -1,6 +1,6 @@
 //! The MCP adapter (SPEC A5, B7, B14): the control plane's tools, the
 //! sessions, histories and approvals as resources, completion, resource
-//! subscriptions and log notifications, served over
+//! subscriptions, log notifications and `chat.send` progress, served over
 //! rmcp's Streamable HTTP transport, which the HTTP adapter mounts at
 //! `/mcp`; and the push of notifications to connected clients whenever
 //! approvals or sessions change. rmcp types stop here.
@@ -8,6 +8,7 @@
 mod clients;
 mod handler;
 mod notifier;
+mod progress;
 mod resources;
 mod sessions;
 mod state;
@@ -82,7 +83,7 @@ pub fn service(
         settings.close_streams.clone(),
     );
     let resources = Arc::new(resources::Resources::new(Arc::clone(&control), sessions));
-    let handler = McpHandler::new(control, resources, clients);
+    let handler = McpHandler::new(control, resources, Arc::clone(&hub), clients);
     let config = StreamableHttpServerConfig::default()
         // Both protocol eras: `initialize` sessions (with a GET stream for
         // notifications and DELETE to end them), and the session-less
