@@ -128,6 +128,7 @@ impl Cluster {
                 if let Ok(session) = SessionId::parse(session) {
                     self.chat.end_session(&session);
                     self.hub.forget(&session).await;
+                    self.hub.deleted(&session);
                 }
             }
             (Some("approvals"), Some(owner), None) if owner != self.owner => {

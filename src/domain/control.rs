@@ -15,7 +15,7 @@ use super::agent::{AgentConfig, ShellTier};
 use super::approvals::{
     ApprovalEnvelope, ApprovalService, DecideError, PageError, PageRequest, PendingPage,
 };
-use super::chat::{ChatError, ChatReply, ChatService};
+use super::chat::{ChatError, ChatReply, ChatService, TurnHandle, check_prompt};
 use super::session::{SessionId, SessionInfo};
 use super::session_service::SessionService;
 
@@ -267,29 +267,65 @@ impl ControlPlane {
         content: String,
         session_id: Option<&str>,
     ) -> Result<ChatReply, ControlError> {
-        let session_id = session_id
-            .map(SessionId::parse)
-            .transpose()
-            .map_err(|e| ControlError::InvalidArguments(e.to_string()))?;
+        let session_id = session_id.map(parse_session).transpose()?;
         self.chat
             .send(session_id, content)
             .await
-            .map_err(|error| match error {
-                ChatError::ApprovalUnsupported {
-                    session_id,
-                    approval_id,
-                } => ControlError::ApprovalUnsupported {
-                    session_id,
-                    approval_id,
-                },
-                ChatError::RuntimeUnavailable(why) => ControlError::RuntimeUninitialized(why),
-                e @ (ChatError::EmptyMessage | ChatError::InvalidRequest { .. }) => {
-                    ControlError::InvalidArguments(e.to_string())
-                }
-                ChatError::Storage(e) => storage(Store::Sessions, &e),
-                e @ ChatError::ApprovalStorage { .. } => storage(Store::Approvals, &e),
-                e => ControlError::TurnFailed(e.to_string()),
-            })
+            .map_err(chat_failure)
+    }
+
+    /// The first step of [`Self::send_message`] for a caller that watches
+    /// the turn's stream as it runs (progress for an MCP client): checks
+    /// `content` and the runtime, then opens `session_id` (a new session
+    /// when absent, created when unknown) and returns it, so the caller can
+    /// subscribe to its stream before [`Self::submit_message`].
+    ///
+    /// # Errors
+    /// As [`Self::send_message`] before its turn starts:
+    /// [`ControlError::InvalidArguments`],
+    /// [`ControlError::RuntimeUninitialized`],
+    /// [`ControlError::StorageUnavailable`].
+    pub async fn open_chat(
+        &self,
+        content: &str,
+        session_id: Option<&str>,
+    ) -> Result<SessionId, ControlError> {
+        check_prompt(content).map_err(chat_failure)?;
+        if let Some(why) = self.chat.unavailable_reason() {
+            return Err(ControlError::RuntimeUninitialized(why.to_owned()));
+        }
+        let session_id = match session_id {
+            Some(id) => parse_session(id)?,
+            None => SessionId::generate(),
+        };
+        self.sessions
+            .open(&session_id)
+            .await
+            .map_err(|e| chat_failure(ChatError::Storage(e)))?;
+        Ok(session_id)
+    }
+
+    /// Queues a turn on a session [opened](Self::open_chat) for it; its
+    /// events carry the handle's [`TurnHandle::turn_id`] on the stream.
+    ///
+    /// # Errors
+    /// [`ControlError::InvalidArguments`],
+    /// [`ControlError::RuntimeUninitialized`], [`ControlError::TurnFailed`]
+    /// (a full queue, shutting down).
+    pub fn submit_message(
+        &self,
+        session_id: &SessionId,
+        content: String,
+    ) -> Result<TurnHandle, ControlError> {
+        self.chat.submit(session_id, content).map_err(chat_failure)
+    }
+
+    /// Waits for a [submitted](Self::submit_message) turn's reply.
+    ///
+    /// # Errors
+    /// As [`Self::send_message`].
+    pub async fn reply(&self, turn: TurnHandle) -> Result<ChatReply, ControlError> {
+        turn.outcome().await.map_err(chat_failure)
     }
 
     /// The chat sessions, oldest first.
@@ -303,6 +339,30 @@ impl ControlPlane {
             .list()
             .await
             .map_err(|e| storage(Store::Sessions, &e))
+    }
+}
+
+fn parse_session(id: &str) -> Result<SessionId, ControlError> {
+    SessionId::parse(id).map_err(|e| ControlError::InvalidArguments(e.to_string()))
+}
+
+/// How a chat turn's failure is told by the control plane.
+fn chat_failure(error: ChatError) -> ControlError {
+    match error {
+        ChatError::ApprovalUnsupported {
+            session_id,
+            approval_id,
+        } => ControlError::ApprovalUnsupported {
+            session_id,
+            approval_id,
+        },
+        ChatError::RuntimeUnavailable(why) => ControlError::RuntimeUninitialized(why),
+        e @ (ChatError::EmptyMessage | ChatError::InvalidRequest { .. }) => {
+            ControlError::InvalidArguments(e.to_string())
+        }
+        ChatError::Storage(e) => storage(Store::Sessions, &e),
+        e @ ChatError::ApprovalStorage { .. } => storage(Store::Approvals, &e),
+        e => ControlError::TurnFailed(e.to_string()),
     }
 }
 
@@ -561,6 +621,71 @@ mod tests {
         assert_eq!(
             control.send_message(String::new(), None).await,
             Err(ControlError::InvalidArguments("Empty message".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn opening_a_chat_refuses_a_bad_message_or_a_missing_runtime_before_any_session_is_made()
+    {
+        // The session store expects nothing: a call would panic.
+        let control = Ports::new().control();
+        assert_eq!(
+            control.open_chat("  ", None).await,
+            Err(ControlError::InvalidArguments("Empty message".into()))
+        );
+        assert!(matches!(
+            control.open_chat("hi", Some("no spaces")).await,
+            Err(ControlError::InvalidArguments(_))
+        ));
+        let mut ports = Ports::new();
+        ports.runtime = RuntimeSlot::Unavailable("no provider configured".into());
+        assert_eq!(
+            ports.control().open_chat("hi", Some("s")).await,
+            Err(ControlError::RuntimeUninitialized(
+                "no provider configured".into()
+            ))
+        );
+    }
+
+    #[tokio::test]
+    async fn opening_a_chat_opens_the_named_session_or_a_new_one() {
+        let mut ports = Ports::new();
+        ports
+            .sessions
+            .expect_get_or_create()
+            .times(2)
+            .returning(|id, now| {
+                Ok(SessionInfo {
+                    id: id.clone(),
+                    created_at: now,
+                    message_count: 0,
+                    history_bytes: 0,
+                    last_seq: 0,
+                })
+            });
+        let control = ports.control();
+        assert_eq!(
+            control
+                .open_chat("hi", Some("named"))
+                .await
+                .unwrap()
+                .as_str(),
+            "named"
+        );
+        let fresh = control.open_chat("hi", None).await.unwrap();
+        assert_ne!(fresh.as_str(), "named");
+    }
+
+    #[tokio::test]
+    async fn opening_a_chat_on_a_failing_session_store_is_storage_unavailable() {
+        let mut ports = Ports::new();
+        ports
+            .sessions
+            .expect_get_or_create()
+            .returning(|_, _| Err(SessionStoreError::Unavailable("disk gone".into())));
+        assert_eq!(
+            ports.control().open_chat("hi", Some("s")).await,
+            Err(ControlError::StorageUnavailable(Store::Sessions))
         );
     }
 

@@ -119,7 +119,9 @@ impl SessionService {
         // written, so the store's delete leaves no row of it behind.
         self.chat.end_session(id);
         self.events.forget(id).await;
-        self.store.delete(id).await
+        self.store.delete(id).await?;
+        self.events.deleted(id);
+        Ok(())
     }
 
     /// Sessions idle for longer than `policy.idle_ttl` that have neither a
@@ -233,6 +235,11 @@ mod tests {
             .withf(|s| s == &id("idle"))
             .times(1)
             .return_const(());
+        events
+            .expect_deleted()
+            .withf(|s| s == &id("idle"))
+            .times(1)
+            .return_const(());
         events.expect_evict().never();
         let sessions = service(store, events);
         let policy = SweepPolicy {
@@ -271,6 +278,11 @@ mod tests {
             .return_const(());
         events
             .expect_forget()
+            .withf(|s| s == &id("ancient"))
+            .times(1)
+            .return_const(());
+        events
+            .expect_deleted()
             .withf(|s| s == &id("ancient"))
             .times(1)
             .return_const(());

@@ -82,6 +82,11 @@ pub trait SessionEvents: Send + Sync {
     /// afterwards are dropped, until it is [opened](Self::open) again.
     async fn forget(&self, session: &SessionId);
 
+    /// The session is deleted from storage (after [`forget`](Self::forget)
+    /// and the store's delete, here or on another instance): tell whoever
+    /// watches every session. Must not block.
+    fn deleted(&self, session: &SessionId);
+
     /// The session is idle: let go of its stream's memory (it stays stored
     /// and loads again on use). Does nothing while the stream has clients.
     fn evict(&self, session: &SessionId);

@@ -281,7 +281,9 @@ pub(super) fn reply(tool: &str, kind: &str, reply: &ChatReply) -> Envelope {
     )
 }
 
-pub(super) fn sessions(list: &[SessionInfo]) -> Envelope {
+/// `session.list`; its `data` is also what the MCP sessions resource reads.
+#[must_use]
+pub fn sessions(list: &[SessionInfo]) -> Envelope {
     const TOOL: &str = "session.list";
     let items: Vec<Value> = list
         .iter()

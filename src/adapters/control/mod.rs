@@ -17,7 +17,12 @@ pub use self::envelope::{Answer, Envelope, ErrorKind, Failed, Failure, envelope_
 use self::tools::{ChatSendArgs, DecideArgs, ListArgs, NoArgs};
 pub use self::tools::{ToolInfo, tools};
 use crate::adapters::approval_broadcast::ApprovalBroadcast;
+use crate::domain::chat::TurnHandle;
 use crate::domain::control::{ControlError, ControlPlane};
+use crate::domain::session::SessionId;
+
+/// The tool that chats with the agent.
+pub const CHAT_SEND: &str = "chat.send";
 
 /// The tools over one control plane.
 pub struct ControlTools {
@@ -65,10 +70,9 @@ impl ControlTools {
                 let a = parse::<DecideArgs>("approval.decide", args)?;
                 self.decide(&a.approval_id, a.approved, a.reason).await
             }
-            "chat.send" => {
-                const TOOL: &str = "chat.send";
-                let a = parse::<ChatSendArgs>(TOOL, args)?;
-                self.send_message(TOOL, "chat.reply", a.content, a.session_id.as_deref())
+            CHAT_SEND => {
+                let a = parse::<ChatSendArgs>(CHAT_SEND, args)?;
+                self.send_message(CHAT_SEND, "chat.reply", a.content, a.session_id.as_deref())
                     .await
             }
             other => Err(Failed::new(
@@ -153,6 +157,42 @@ impl ControlTools {
             .await
             .map_err(failed(tool))?;
         Ok(envelope::reply(tool, kind, &reply))
+    }
+
+    /// `chat.send` in three steps, for a transport that streams the turn
+    /// as it runs (MCP progress): first its arguments checked and its
+    /// session opened, so the caller can subscribe to the session's stream
+    /// before [`Self::chat_submit`].
+    ///
+    /// # Errors
+    /// As `chat.send` before its turn starts.
+    pub async fn chat_open(&self, args: Value) -> Result<(SessionId, String), Failed> {
+        let args = parse::<ChatSendArgs>(CHAT_SEND, args)?;
+        let session = self
+            .control
+            .open_chat(&args.content, args.session_id.as_deref())
+            .await
+            .map_err(failed(CHAT_SEND))?;
+        Ok((session, args.content))
+    }
+
+    /// Queues the turn of [`Self::chat_open`].
+    ///
+    /// # Errors
+    /// As `chat.send`.
+    pub fn chat_submit(&self, session: &SessionId, content: String) -> Result<TurnHandle, Failed> {
+        self.control
+            .submit_message(session, content)
+            .map_err(failed(CHAT_SEND))
+    }
+
+    /// The `chat.send` answer once the turn of [`Self::chat_submit`] ended.
+    ///
+    /// # Errors
+    /// As `chat.send`.
+    pub async fn chat_reply(&self, turn: TurnHandle) -> Answer {
+        let reply = self.control.reply(turn).await.map_err(failed(CHAT_SEND))?;
+        Ok(envelope::reply(CHAT_SEND, "chat.reply", &reply))
     }
 
     /// A dashboard action: `approve` / `reject` an approval, or

@@ -240,6 +240,7 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
     });
     let (mcp, mcp_sessions) = mcp::service(
         control_tools(services),
+        Arc::clone(&services.sessions),
         &services.approval_events,
         Arc::clone(&services.hub),
         &McpSettings {

@@ -1,11 +1,17 @@
-//! The MCP adapter (SPEC A5, B7): the control plane's tools served over
+//! The MCP adapter (SPEC A5, B7, B14): the control plane's tools, the
+//! sessions, histories and approvals as resources, completion, resource
+//! subscriptions, log notifications and `chat.send` progress, served over
 //! rmcp's Streamable HTTP transport, which the HTTP adapter mounts at
-//! `/mcp`, and the push of `notifications/tools/list_changed` to connected
-//! clients whenever approvals change. rmcp types stop here.
+//! `/mcp`; and the push of notifications to connected clients whenever
+//! approvals or sessions change. rmcp types stop here.
 
 mod clients;
 mod handler;
+mod notifier;
+mod progress;
+mod resources;
 mod sessions;
+mod state;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +26,7 @@ use crate::adapters::approval_broadcast::ApprovalBroadcast;
 use crate::adapters::control::ControlTools;
 use crate::adapters::persistence::SeaOrmMcpSessions;
 use crate::adapters::stream::SessionHub;
+use crate::domain::session_service::SessionService;
 use rmcp::transport::streamable_http_server::session::store::{
     SessionState, SessionStore, SessionStoreError,
 };
@@ -50,13 +57,18 @@ pub struct McpSettings {
     pub stored: Option<SeaOrmMcpSessions>,
 }
 
-/// The endpoint over `control`, and its sessions (to refuse a new one
-/// before rmcp does); `events` gets a listener that tells every connected
-/// client when approvals change (and says whether there is one), and `hub`
-/// counts the sessions as clients.
+/// The endpoint over `control` and `sessions`, and its MCP sessions (to
+/// refuse a new one before rmcp does); `events` gets a listener that tells
+/// every connected client when approvals change (and says whether there is
+/// one), and `hub` counts the MCP sessions as clients, tells them of
+/// session activity and streams `chat.send` progress.
+///
+/// Spawns the task that turns session activity into notifications: call
+/// from within a tokio runtime.
 #[must_use]
 pub fn service(
     control: Arc<ControlTools>,
+    sessions: Arc<SessionService>,
     events: &ApprovalBroadcast,
     hub: Arc<SessionHub>,
     settings: &McpSettings,
@@ -65,7 +77,13 @@ pub fn service(
     // Weak: the broadcast outlives an app built and dropped (tests build
     // many); a dropped endpoint has nobody to tell.
     events.add_listener(Box::new(clients::Listener(Arc::downgrade(&clients))));
-    let handler = McpHandler::new(control, clients);
+    notifier::spawn(
+        Arc::downgrade(&clients),
+        hub.activities(),
+        settings.close_streams.clone(),
+    );
+    let resources = Arc::new(resources::Resources::new(Arc::clone(&control), sessions));
+    let handler = McpHandler::new(control, resources, Arc::clone(&hub), clients);
     let config = StreamableHttpServerConfig::default()
         // Both protocol eras: `initialize` sessions (with a GET stream for
         // notifications and DELETE to end them), and the session-less
@@ -94,8 +112,11 @@ pub fn service(
         settings.max_sessions,
         settings.session_idle,
     ));
-    let service =
-        StreamableHttpService::new(move || Ok(handler.clone()), Arc::clone(&sessions), config);
+    let service = StreamableHttpService::new(
+        move || Ok(handler.for_session()),
+        Arc::clone(&sessions),
+        config,
+    );
     (service, sessions)
 }
 

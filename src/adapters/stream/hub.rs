@@ -36,6 +36,7 @@ use serde_json::json;
 use tokio::sync::{OnceCell, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::activity::{Activities, Activity, ActivityKind, Ending};
 use super::frames::{broadcast_frame, direct_frame, encode_event, known_op, prompt_frame};
 use super::writer::{self, Queued, Write};
 use crate::domain::events::SessionEvent;
@@ -379,6 +380,9 @@ pub struct SessionHub {
     next_client: AtomicU64,
     /// Subscriptions alive now, across sessions.
     clients: AtomicUsize,
+    /// Turns started and ended, sessions deleted: for observers of every
+    /// session (see [`Self::activities`]).
+    activities: Activities,
 }
 
 /// A client's cursor over a session's stream.
@@ -602,7 +606,17 @@ impl SessionHub {
             storage,
             next_client: AtomicU64::new(1),
             clients: AtomicUsize::new(0),
+            activities: Activities::default(),
         })
+    }
+
+    /// Every session's turns starting and ending (once their ending is
+    /// visible to clients) and deletions, from now on, as this instance
+    /// sees them: its own turns, and other instances' turns on streams it
+    /// has loaded. Holding a receiver costs the hub nothing per client.
+    #[must_use]
+    pub fn activities(&self) -> tokio::sync::broadcast::Receiver<Activity> {
+        self.activities.subscribe()
     }
 
     /// The session's log, loaded from storage when it is not in memory. A
@@ -778,9 +792,26 @@ impl SessionHub {
             if guard.writing {
                 return Ok(());
             }
+            let news: Vec<(Option<TurnId>, ActivityKind)> = events
+                .iter()
+                .filter(|event| event.seq >= guard.next_seq)
+                .flat_map(|event| {
+                    let turn = event.turn_id.as_deref().map(TurnId::from);
+                    let started = event
+                        .prelude
+                        .is_some()
+                        .then(|| (turn.clone(), ActivityKind::TurnStarted));
+                    let ended = Ending::of_frame(&event.op, &event.frame)
+                        .map(|ending| (turn, ActivityKind::TurnEnded(ending)));
+                    started.into_iter().chain(ended)
+                })
+                .collect();
             self.retain_stored(session, &mut guard, events);
             guard.wake_readers();
             drop(guard);
+            for (turn, kind) in news {
+                self.activities.tell(session, turn.as_ref(), kind);
+            }
             metrics::counter!("autopoiesis_cluster_events_fetched_total").increment(fetched as u64);
             if fetched < limit {
                 return Ok(());
@@ -1128,6 +1159,9 @@ impl SessionHub {
         guard.prompt = Some(Frame::prompt(prompt_frame(data, turn)));
         // The head stays; readers look again and find the prompt.
         guard.head.send_modify(|_| {});
+        drop(guard);
+        self.activities
+            .tell(session, turn, ActivityKind::TurnStarted);
     }
 
     /// Numbers `event`, adds it to the window and queues it for storage;
@@ -1243,7 +1277,25 @@ impl SessionEvents for SessionHub {
                 None => Ok(()),
             };
         };
-        let Some(stored) = stored else { return Ok(()) };
+        // Observers hear of a turn's ending once clients can read it.
+        let ended = |stored: bool| {
+            let ending = match Ending::of_event(&event) {
+                Some(_) if !stored => Ending::Failed {
+                    code: Some("storage_unavailable".to_owned()),
+                    message: "this turn's ending was not stored".to_owned(),
+                },
+                Some(ending) => ending,
+                None => return,
+            };
+            if turn.is_some() {
+                self.activities
+                    .tell(session, turn.as_ref(), ActivityKind::TurnEnded(ending));
+            }
+        };
+        let Some(stored) = stored else {
+            ended(true);
+            return Ok(());
+        };
         let result = stored
             .await
             .unwrap_or_else(|_| Err(EventStoreError("the event writer stopped".into())));
@@ -1275,6 +1327,8 @@ impl SessionEvents for SessionHub {
             }
         }
         guard.wake_readers();
+        drop(guard);
+        ended(result.is_ok());
         result
     }
 
@@ -1315,6 +1369,10 @@ impl SessionEvents for SessionHub {
             // Its events still queued must land before its rows go.
             self.flush(std::time::Duration::from_secs(5)).await;
         }
+    }
+
+    fn deleted(&self, session: &SessionId) {
+        self.activities.tell(session, None, ActivityKind::Deleted);
     }
 
     fn evict(&self, session: &SessionId) {
@@ -1554,6 +1612,45 @@ mod tests {
         assert_eq!(frames[0].op, "reset");
         assert!(frames[0].json.contains(r#""head_seq":1"#));
         assert_eq!(seqs(&frames[1..]), vec![Some(1)]);
+    }
+
+    #[tokio::test]
+    async fn observers_hear_a_turn_start_and_end_and_a_deletion_but_no_token() {
+        let hub = hub(8);
+        let mut activities = hub.activities();
+        let turn = TurnId::generate();
+        hub.open(&sid()).await.unwrap();
+        hub.publish(
+            &sid(),
+            Some(turn.clone()),
+            SessionEvent::Prompt {
+                content: "hi".into(),
+            },
+        );
+        hub.publish(&sid(), Some(turn.clone()), token(1));
+        hub.publish_durable(
+            &sid(),
+            Some(turn.clone()),
+            SessionEvent::Done {
+                content: "1".into(),
+            },
+        )
+        .await
+        .unwrap();
+        hub.forget(&sid()).await;
+        hub.deleted(&sid());
+        let mut heard = Vec::new();
+        while let Ok(activity) = activities.try_recv() {
+            heard.push((activity.session, activity.turn, activity.kind));
+        }
+        assert_eq!(
+            heard,
+            vec![
+                (sid(), Some(turn.clone()), ActivityKind::TurnStarted),
+                (sid(), Some(turn), ActivityKind::TurnEnded(Ending::Done)),
+                (sid(), None, ActivityKind::Deleted),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -10,10 +10,12 @@
 //! routes that serve it: SSE is plain HTTP and its frame is a poem-openapi
 //! type). This module knows neither.
 
+pub mod activity;
 pub mod frames;
 pub mod hub;
 pub mod writer;
 
+pub use activity::{Activity, ActivityKind, Ending};
 pub use hub::{
     ClientSlot, CloseReason, Frame, SessionHub, Sharing, StreamSettings, SubscribeError,
     Subscription,
