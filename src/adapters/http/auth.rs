@@ -307,10 +307,10 @@ impl OriginPolicy {
 
 /// Paths anyone may read: the health check, and the API description (it is
 /// generated from public code and holds nothing secret; client generators
-/// and test tools fetch it before they have a key).
-fn is_public(req: &Request) -> bool {
-    let path = req.uri().path();
-    let reads = req.method() == Method::GET || req.method() == Method::HEAD;
+/// and test tools fetch it before they have a key). Also what the spec
+/// says needs no key ([`super::spec`]).
+pub(super) fn is_public(method: &Method, path: &str) -> bool {
+    let reads = method == Method::GET || method == Method::HEAD;
     // The console's page and assets hold no data (like `/docs`); every
     // call they make needs the key.
     (reads
@@ -324,7 +324,7 @@ fn is_public(req: &Request) -> bool {
 
 /// The URLs a browser opens with `WebSocket`/`EventSource`: the only ones
 /// that take `?ticket=`.
-fn takes_ticket(path: &str) -> bool {
+pub(super) fn takes_ticket(path: &str) -> bool {
     path.starts_with("/api/ws/")
         || (path.starts_with("/api/sessions/") && path.ends_with("/events"))
         || path == "/api/stream"
@@ -334,9 +334,8 @@ fn takes_ticket(path: &str) -> bool {
 /// browser and act on: every one that changes state (a browser sends
 /// simple cross-site POSTs without asking), the WebSocket (no CORS
 /// applies to it) and `/mcp`. They check `Origin`.
-fn checks_origin(req: &Request) -> bool {
-    let path = req.uri().path();
-    !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+pub(super) fn checks_origin(method: &Method, path: &str) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
         || path.starts_with("/api/ws/")
         || path == "/mcp"
         || path.starts_with("/mcp/")
@@ -459,11 +458,11 @@ impl Guard {
         if !self.hosts.admits(req.headers()) {
             return Some(Refusal::Host.response(path));
         }
-        if checks_origin(req) && !self.origins.admits(req.headers()) {
+        if checks_origin(req.method(), path) && !self.origins.admits(req.headers()) {
             return Some(Refusal::Origin.response(path));
         }
         let key = self.key.as_ref()?;
-        if is_public(req) || presented_key(req).is_some_and(|k| key.matches(k)) {
+        if is_public(req.method(), path) || presented_key(req).is_some_and(|k| key.matches(k)) {
             return None;
         }
         if takes_ticket(path) && ticket_param(req).is_some_and(|t| self.tickets.redeem(&t)) {
