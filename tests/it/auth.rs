@@ -53,7 +53,8 @@ fn is_public(method: &Method, path: &str) -> bool {
 }
 
 #[tokio::test]
-async fn every_route_refuses_missing_and_wrong_keys_and_accepts_both_header_forms() {
+async fn every_route_refuses_missing_and_wrong_keys_with_a_challenge_and_accepts_both_header_forms()
+{
     let app = locked_app(HttpSettings::default()).await;
     for (method, path) in all_routes(&app) {
         let url = app.url(&path);
@@ -72,11 +73,8 @@ async fn every_route_refuses_missing_and_wrong_keys_and_accepts_both_header_form
             }
             request.send()
         };
-        let none = send(None).await.unwrap().status();
-        let wrong = send(Some(("x-api-key", "nope".into())))
-            .await
-            .unwrap()
-            .status();
+        let none = send(None).await.unwrap();
+        let wrong = send(Some(("x-api-key", "nope".into()))).await.unwrap();
         let header = send(Some(("x-api-key", KEY.into())))
             .await
             .unwrap()
@@ -86,18 +84,11 @@ async fn every_route_refuses_missing_and_wrong_keys_and_accepts_both_header_form
             .unwrap()
             .status();
         if is_public(&method, &path) {
-            assert_eq!(none, StatusCode::OK, "{method} {path}");
+            assert_eq!(none.status(), StatusCode::OK, "{method} {path}");
         } else {
-            assert_eq!(
-                none,
-                StatusCode::UNAUTHORIZED,
-                "{method} {path} without a key"
-            );
-            assert_eq!(
-                wrong,
-                StatusCode::UNAUTHORIZED,
-                "{method} {path} with a wrong key"
-            );
+            for (refused, how) in [(none, "without a key"), (wrong, "with a wrong key")] {
+                assert_refused_with_a_challenge(refused, &format!("{method} {path} {how}")).await;
+            }
         }
         assert_ne!(
             header,
@@ -112,6 +103,39 @@ async fn every_route_refuses_missing_and_wrong_keys_and_accepts_both_header_form
     }
 }
 
+/// The challenge every 401 carries (RFC 9110), naming both ways to send
+/// the key.
+const CHALLENGE: &str = "Bearer realm=\"autopoiesis\", error=\"invalid_token\", \
+     error_description=\"send the API key in X-API-Key or as a Bearer token\"";
+
+/// A 401 with the challenge, and the body its route's clients parse:
+/// OpenAI's error object on `/v1` (the SDKs' `AuthenticationError`), the
+/// server's `detail` everywhere else.
+async fn assert_refused_with_a_challenge(res: reqwest::Response, what: &str) {
+    let on_the_facade = res.url().path().starts_with("/v1/");
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "{what}");
+    assert_eq!(
+        res.headers()
+            .get_all("www-authenticate")
+            .iter()
+            .collect::<Vec<_>>(),
+        [CHALLENGE],
+        "{what}"
+    );
+    let body: Value = res.json().await.unwrap();
+    let expected = if on_the_facade {
+        serde_json::json!({"error": {
+            "message": "Invalid or missing API key",
+            "type": "invalid_request_error",
+            "param": null,
+            "code": "invalid_api_key",
+        }})
+    } else {
+        serde_json::json!({"detail": "Invalid or missing API key"})
+    };
+    assert_eq!(body, expected, "{what}");
+}
+
 #[tokio::test]
 async fn the_websocket_checks_the_key_before_the_upgrade() {
     let app = locked_app(HttpSettings::default()).await;
@@ -122,6 +146,7 @@ async fn the_websocket_checks_the_key_before_the_upgrade() {
         panic!("expected an HTTP refusal");
     };
     assert_eq!(res.status(), 401);
+    assert_eq!(res.headers()["www-authenticate"], CHALLENGE);
     let mut request = app.ws_url("/api/ws/w").into_client_request().unwrap();
     request
         .headers_mut()

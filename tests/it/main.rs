@@ -18,6 +18,7 @@ mod mcp;
 mod openai_chat;
 mod openai_facade;
 mod openai_runtime;
+mod openapi;
 mod rest;
 mod sse;
 mod turns;

@@ -231,9 +231,9 @@ async fn bad_requests_get_openai_shaped_errors_with_their_status() {
 }
 
 #[tokio::test]
-async fn the_facade_needs_the_key_like_every_route() {
+async fn a_missing_or_wrong_key_is_a_401_that_openai_sdks_read_as_an_authentication_error() {
     let app = app().await;
-    let res = app
+    let wrong = app
         .client
         .post(app.url("/v1/chat/completions"))
         .bearer_auth("wrong")
@@ -241,9 +241,25 @@ async fn the_facade_needs_the_key_like_every_route() {
         .send()
         .await
         .unwrap();
-    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
-    let res = app.client.get(app.url("/v1/models")).send().await.unwrap();
-    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let missing = app.client.get(app.url("/v1/models")).send().await.unwrap();
+    for res in [wrong, missing] {
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        let challenge = res.headers()["www-authenticate"].to_str().unwrap();
+        assert!(
+            challenge.starts_with("Bearer realm=\"autopoiesis\"")
+                && challenge.contains("X-API-Key"),
+            "{challenge}"
+        );
+        assert_eq!(
+            res.json::<Value>().await.unwrap(),
+            json!({"error": {
+                "message": "Invalid or missing API key",
+                "type": "invalid_request_error",
+                "param": null,
+                "code": "invalid_api_key",
+            }})
+        );
+    }
 }
 
 /// `GET path` with the key, as JSON.

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use poem::http::{HeaderMap, Method, StatusCode};
+use poem::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use poem::web::Json;
 use poem::{Endpoint, IntoResponse, Middleware, Request, Response, Result};
 use serde::Deserialize;
@@ -307,10 +307,10 @@ impl OriginPolicy {
 
 /// Paths anyone may read: the health check, and the API description (it is
 /// generated from public code and holds nothing secret; client generators
-/// and test tools fetch it before they have a key).
-fn is_public(req: &Request) -> bool {
-    let path = req.uri().path();
-    let reads = req.method() == Method::GET || req.method() == Method::HEAD;
+/// and test tools fetch it before they have a key). Also what the spec
+/// says needs no key ([`super::spec`]).
+pub(super) fn is_public(method: &Method, path: &str) -> bool {
+    let reads = method == Method::GET || method == Method::HEAD;
     // The console's page and assets hold no data (like `/docs`); every
     // call they make needs the key.
     (reads
@@ -324,7 +324,7 @@ fn is_public(req: &Request) -> bool {
 
 /// The URLs a browser opens with `WebSocket`/`EventSource`: the only ones
 /// that take `?ticket=`.
-fn takes_ticket(path: &str) -> bool {
+pub(super) fn takes_ticket(path: &str) -> bool {
     path.starts_with("/api/ws/")
         || (path.starts_with("/api/sessions/") && path.ends_with("/events"))
         || path == "/api/stream"
@@ -334,9 +334,8 @@ fn takes_ticket(path: &str) -> bool {
 /// browser and act on: every one that changes state (a browser sends
 /// simple cross-site POSTs without asking), the WebSocket (no CORS
 /// applies to it) and `/mcp`. They check `Origin`.
-fn checks_origin(req: &Request) -> bool {
-    let path = req.uri().path();
-    !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+pub(super) fn checks_origin(method: &Method, path: &str) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
         || path.starts_with("/api/ws/")
         || path == "/mcp"
         || path.starts_with("/mcp/")
@@ -364,10 +363,66 @@ fn ticket_param(req: &Request) -> Option<String> {
     req.params::<TicketQuery>().ok()?.ticket
 }
 
-fn refuse(status: StatusCode, detail: &str) -> Response {
-    Json(json!({ "detail": detail }))
-        .with_status(status)
-        .into_response()
+/// The challenge every 401 carries (RFC 9110 section 11.6.1). Without one,
+/// OAuth-aware clients (the MCP Inspector) take a bare 401 for "OAuth
+/// required". The key goes as a Bearer token, so the challenge is Bearer;
+/// the other way to send it, `X-API-Key`, has no challenge scheme, so the
+/// description names it.
+pub const CHALLENGE: &str = "Bearer realm=\"autopoiesis\", error=\"invalid_token\", \
+     error_description=\"send the API key in X-API-Key or as a Bearer token\"";
+
+/// Why the guard refused a request.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    Host,
+    Origin,
+    Key,
+}
+
+impl Refusal {
+    fn status(self) -> StatusCode {
+        match self {
+            Self::Host | Self::Origin => StatusCode::FORBIDDEN,
+            Self::Key => StatusCode::UNAUTHORIZED,
+        }
+    }
+
+    fn detail(self) -> &'static str {
+        match self {
+            Self::Host => "Host not allowed",
+            Self::Origin => "Origin not allowed",
+            Self::Key => "Invalid or missing API key",
+        }
+    }
+
+    /// The OpenAI error `code` of the refusal, for `/v1`.
+    fn openai_code(self) -> &'static str {
+        match self {
+            Self::Host => "host_not_allowed",
+            Self::Origin => "origin_not_allowed",
+            Self::Key => "invalid_api_key",
+        }
+    }
+
+    /// The answer: `{"detail"}` like every other error of the server, but
+    /// OpenAI's error object on the OpenAI facade, which is what its
+    /// clients parse (a 401 becomes the SDKs' `AuthenticationError`).
+    fn response(self, path: &str) -> Response {
+        let mut response = if path == "/v1" || path.starts_with("/v1/") {
+            super::openai_facade::refusal(self.status(), self.openai_code(), self.detail())
+        } else {
+            Json(json!({ "detail": self.detail() }))
+                .with_status(self.status())
+                .into_response()
+        };
+        if matches!(self, Self::Key) {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(CHALLENGE),
+            );
+        }
+        response
+    }
 }
 
 /// Everything the guard needs.
@@ -401,22 +456,19 @@ impl Guard {
     fn check(&self, req: &Request) -> Option<Response> {
         let path = req.uri().path();
         if !self.hosts.admits(req.headers()) {
-            return Some(refuse(StatusCode::FORBIDDEN, "Host not allowed"));
+            return Some(Refusal::Host.response(path));
         }
-        if checks_origin(req) && !self.origins.admits(req.headers()) {
-            return Some(refuse(StatusCode::FORBIDDEN, "Origin not allowed"));
+        if checks_origin(req.method(), path) && !self.origins.admits(req.headers()) {
+            return Some(Refusal::Origin.response(path));
         }
         let key = self.key.as_ref()?;
-        if is_public(req) || presented_key(req).is_some_and(|k| key.matches(k)) {
+        if is_public(req.method(), path) || presented_key(req).is_some_and(|k| key.matches(k)) {
             return None;
         }
         if takes_ticket(path) && ticket_param(req).is_some_and(|t| self.tickets.redeem(&t)) {
             return None;
         }
-        Some(refuse(
-            StatusCode::UNAUTHORIZED,
-            "Invalid or missing API key",
-        ))
+        Some(Refusal::Key.response(path))
     }
 }
 

@@ -34,7 +34,8 @@ enum ChatReply {
     /// session was deleted before or during the turn (nothing kept).
     #[oai(status = 409)]
     Conflict(Json<CodedErrorBody>),
-    /// The session's history is full: start a new session.
+    /// The session's history is full: start a new session. Or the request
+    /// body is larger than `--max-body-bytes`.
     #[oai(status = 413)]
     HistoryFull(Json<ErrorBody>),
     /// `content` is empty, or asks for what the agent cannot do as written

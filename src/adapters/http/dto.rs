@@ -6,11 +6,12 @@ use std::fmt;
 use std::marker::PhantomData;
 
 use chrono::{DateTime, Utc};
-use poem_openapi::Object;
 use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
 use poem_openapi::types::{ParseError, ParseFromJSON, ParseResult, ToJSON, Type};
+use poem_openapi::{Object, Union};
 use serde_json::Value;
 
+use crate::domain::message::{ModelMessage, RequestPart, ResponsePart};
 use crate::domain::session::SessionInfo;
 
 /// The items of poem-openapi's `Type` for a type that is its own raw value:
@@ -117,8 +118,236 @@ impl From<SessionInfo> for SessionInfoBody {
 #[oai(rename = "SessionHistory")]
 pub struct HistoryBody {
     pub session_id: String,
-    /// `{"kind":"request"|"response","parts":[...]}` messages, oldest first.
-    pub messages: Vec<Value>,
+    /// The messages, oldest first.
+    pub messages: Vec<MessageBody>,
+}
+
+// The history's DTOs mirror `domain::message` field for field: the domain
+// types' serde shape is what is stored and what the MCP and WebSocket
+// transports send, these add the schema. A test below checks that both
+// write the same JSON.
+
+/// One message of a history (pydantic-ai's `ModelMessage`), told apart by
+/// `kind`.
+#[derive(Debug, Union)]
+#[oai(rename = "ModelMessage", discriminator_name = "kind", one_of)]
+pub enum MessageBody {
+    #[oai(mapping = "request")]
+    Request(RequestBody),
+    #[oai(mapping = "response")]
+    Response(ResponseBody),
+}
+
+/// What was sent to the model: the user's prompt, tool returns.
+#[derive(Debug, Object)]
+#[oai(rename = "ModelRequest")]
+pub struct RequestBody {
+    pub parts: Vec<RequestPartBody>,
+}
+
+/// What the model answered.
+#[derive(Debug, Object)]
+#[oai(rename = "ModelResponse")]
+pub struct ResponseBody {
+    pub parts: Vec<ResponsePartBody>,
+    /// The model that answered, when known.
+    pub model_name: NullableString,
+    /// When the answer was recorded.
+    pub timestamp: HistoryTimestamp,
+}
+
+/// A part of a request message, told apart by `part_kind`.
+#[derive(Debug, Union)]
+#[oai(rename = "ModelRequestPart", discriminator_name = "part_kind", one_of)]
+pub enum RequestPartBody {
+    #[oai(mapping = "user-prompt")]
+    UserPrompt(UserPromptPart),
+    #[oai(mapping = "tool-return")]
+    ToolReturn(ToolReturnPart),
+}
+
+/// The user's prompt.
+#[derive(Debug, Object)]
+pub struct UserPromptPart {
+    pub content: String,
+    pub timestamp: HistoryTimestamp,
+}
+
+/// A tool's result, sent back to the model.
+#[derive(Debug, Object)]
+pub struct ToolReturnPart {
+    pub tool_name: String,
+    /// What the tool returned (any JSON).
+    pub content: Value,
+    /// The `tool_call_id` of the call this answers.
+    pub tool_call_id: String,
+    pub timestamp: HistoryTimestamp,
+}
+
+/// A part of a response message, told apart by `part_kind`.
+#[derive(Debug, Union)]
+#[oai(rename = "ModelResponsePart", discriminator_name = "part_kind", one_of)]
+pub enum ResponsePartBody {
+    #[oai(mapping = "text")]
+    Text(TextPart),
+    #[oai(mapping = "thinking")]
+    Thinking(ThinkingPart),
+    #[oai(mapping = "tool-call")]
+    ToolCall(ToolCallPart),
+}
+
+/// Answer text.
+#[derive(Debug, Object)]
+pub struct TextPart {
+    pub content: String,
+}
+
+/// The model's reasoning.
+#[derive(Debug, Object)]
+pub struct ThinkingPart {
+    pub content: String,
+}
+
+/// A tool call the model asked for.
+#[derive(Debug, Object)]
+pub struct ToolCallPart {
+    pub tool_name: String,
+    /// The call's arguments (a JSON object for the built-in tools).
+    pub args: Value,
+    pub tool_call_id: String,
+}
+
+impl From<&ModelMessage> for MessageBody {
+    fn from(message: &ModelMessage) -> Self {
+        match message {
+            ModelMessage::Request { parts } => Self::Request(RequestBody {
+                parts: parts.iter().map(Into::into).collect(),
+            }),
+            ModelMessage::Response {
+                parts,
+                model_name,
+                timestamp,
+            } => Self::Response(ResponseBody {
+                parts: parts.iter().map(Into::into).collect(),
+                model_name: NullableString(model_name.clone()),
+                timestamp: HistoryTimestamp(*timestamp),
+            }),
+        }
+    }
+}
+
+impl From<&RequestPart> for RequestPartBody {
+    fn from(part: &RequestPart) -> Self {
+        match part {
+            RequestPart::UserPrompt { content, timestamp } => Self::UserPrompt(UserPromptPart {
+                content: content.clone(),
+                timestamp: HistoryTimestamp(*timestamp),
+            }),
+            RequestPart::ToolReturn {
+                tool_name,
+                content,
+                tool_call_id,
+                timestamp,
+            } => Self::ToolReturn(ToolReturnPart {
+                tool_name: tool_name.clone(),
+                content: content.clone(),
+                tool_call_id: tool_call_id.clone(),
+                timestamp: HistoryTimestamp(*timestamp),
+            }),
+        }
+    }
+}
+
+impl From<&ResponsePart> for ResponsePartBody {
+    fn from(part: &ResponsePart) -> Self {
+        match part {
+            ResponsePart::Text { content } => Self::Text(TextPart {
+                content: content.clone(),
+            }),
+            ResponsePart::Thinking { content } => Self::Thinking(ThinkingPart {
+                content: content.clone(),
+            }),
+            ResponsePart::ToolCall {
+                tool_name,
+                args,
+                tool_call_id,
+            } => Self::ToolCall(ToolCallPart {
+                tool_name: tool_name.clone(),
+                args: args.clone(),
+                tool_call_id: tool_call_id.clone(),
+            }),
+        }
+    }
+}
+
+/// A history timestamp written as the stored history writes it (chrono's
+/// serde: `Z`, fractions of a second only when there are any), which the
+/// Python original's clients read; poem-openapi's `DateTime` would write
+/// `+00:00`.
+#[derive(Debug)]
+pub struct HistoryTimestamp(pub DateTime<Utc>);
+
+impl Type for HistoryTimestamp {
+    self_raw_value!();
+
+    fn name() -> Cow<'static, str> {
+        "string_date-time".into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        MetaSchemaRef::Inline(Box::new(MetaSchema::new_with_format("string", "date-time")))
+    }
+}
+
+impl ParseFromJSON for HistoryTimestamp {
+    fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
+        let value = value.unwrap_or_default();
+        serde_json::from_value(value.clone())
+            .map(Self)
+            .map_err(|_| ParseError::expected_type(value))
+    }
+}
+
+impl ToJSON for HistoryTimestamp {
+    fn to_json(&self) -> Option<Value> {
+        serde_json::to_value(self.0).ok()
+    }
+}
+
+/// A string that is always sent and may be `null`: required and nullable in
+/// the schema, where poem-openapi's `Option<String>` is optional and never
+/// `null` there (yet writes `null`).
+#[derive(Debug)]
+pub struct NullableString(pub Option<String>);
+
+impl Type for NullableString {
+    self_raw_value!();
+
+    fn name() -> Cow<'static, str> {
+        "string".into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        let mut schema = MetaSchema::new("string");
+        schema.nullable = true;
+        MetaSchemaRef::Inline(Box::new(schema))
+    }
+}
+
+impl ParseFromJSON for NullableString {
+    fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
+        match value {
+            Some(Value::String(s)) => Ok(Self(Some(s))),
+            None | Some(Value::Null) => Ok(Self(None)),
+            Some(other) => Err(ParseError::expected_type(other)),
+        }
+    }
+}
+
+impl ToJSON for NullableString {
+    fn to_json(&self) -> Option<Value> {
+        Some(self.0.clone().map_or(Value::Null, Value::String))
+    }
 }
 
 /// `POST /api/chat` body.
@@ -278,5 +507,81 @@ impl<R: TextRule> ParseFromJSON for StrictString<R> {
 impl<R: TextRule> ToJSON for StrictString<R> {
     fn to_json(&self) -> Option<Value> {
         Some(Value::String(self.0.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use serde_json::json;
+
+    use super::*;
+
+    /// Every kind of message and part, with and without a model name, on a
+    /// whole second and between two.
+    fn every_kind_of_message() -> Vec<ModelMessage> {
+        let whole = Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
+        let fraction = whole + chrono::Duration::microseconds(123_456);
+        vec![
+            ModelMessage::user_prompt("hi \u{e9}", whole),
+            ModelMessage::Response {
+                parts: vec![
+                    ResponsePart::Thinking {
+                        content: "hm".into(),
+                    },
+                    ResponsePart::Text {
+                        content: "hello".into(),
+                    },
+                    ResponsePart::ToolCall {
+                        tool_name: "execute".into(),
+                        args: json!({"command": "ls", "z": [1, {"b": null, "a": 2.5}]}),
+                        tool_call_id: "c1".into(),
+                    },
+                ],
+                model_name: Some("echo".into()),
+                timestamp: fraction,
+            },
+            ModelMessage::Request {
+                parts: vec![RequestPart::ToolReturn {
+                    tool_name: "execute".into(),
+                    content: json!("file.txt"),
+                    tool_call_id: "c1".into(),
+                    timestamp: fraction,
+                }],
+            },
+            ModelMessage::Response {
+                parts: vec![],
+                model_name: None,
+                timestamp: whole,
+            },
+        ]
+    }
+
+    #[test]
+    fn the_typed_history_writes_the_same_bytes_as_the_stored_history() {
+        let messages = every_kind_of_message();
+        let typed: Vec<Value> = messages
+            .iter()
+            .map(|m| MessageBody::from(m).to_json().unwrap())
+            .collect();
+        let stored: Vec<Value> = messages
+            .iter()
+            .map(|m| serde_json::to_value(m).unwrap())
+            .collect();
+        assert_eq!(
+            serde_json::to_string(&typed).unwrap(),
+            serde_json::to_string(&stored).unwrap()
+        );
+        assert_eq!(typed[1]["timestamp"], "2026-01-02T03:04:05.123456Z");
+        assert_eq!(typed[3]["model_name"], Value::Null);
+    }
+
+    #[test]
+    fn the_typed_history_reads_back_what_it_writes() {
+        for message in &every_kind_of_message() {
+            let json = MessageBody::from(message).to_json();
+            let back = MessageBody::parse_from_json(json.clone()).unwrap();
+            assert_eq!(back.to_json(), json);
+        }
     }
 }

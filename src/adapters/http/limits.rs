@@ -59,12 +59,18 @@ fn is_json(req: &Request) -> bool {
         })
 }
 
+/// Whether a request's body is read (and so limited): a GET's or HEAD's
+/// body means nothing here and is never read. Also where the spec declares
+/// the 413 and 408 ([`super::spec`]).
+pub(super) fn reads_body(method: &Method) -> bool {
+    method != Method::GET && method != Method::HEAD
+}
+
 impl<E: Endpoint> Endpoint for BodyLimitEndpoint<E> {
     type Output = Response;
 
     async fn call(&self, mut req: Request) -> Result<Self::Output> {
-        // A GET's or HEAD's body means nothing here and is never read.
-        if req.method() != Method::GET && req.method() != Method::HEAD {
+        if reads_body(req.method()) {
             if let Some(ContentLength(length)) = req.headers().typed_get::<ContentLength>()
                 && usize::try_from(length).map_or(true, |length| length > self.max_bytes)
             {

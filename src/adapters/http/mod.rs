@@ -17,6 +17,7 @@ pub mod request_log;
 pub mod server;
 pub mod session_id;
 pub mod sessions;
+pub mod spec;
 pub mod sse;
 pub mod tickets;
 
@@ -27,7 +28,7 @@ use poem::endpoint::{BoxEndpoint, TowerCompatExt};
 use poem::http::StatusCode;
 use poem::web::Json;
 use poem::{EndpointExt, IntoResponse, Response, Route, get, post};
-use poem_openapi::{OpenApiService, Tags};
+use poem_openapi::{LicenseObject, OpenApiService, ServerObject, Tags};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +42,7 @@ use self::mcp_gate::McpSessionGate;
 use self::metrics::MetricsApi;
 use self::request_log::RequestLog;
 use self::sessions::SessionsApi;
+use self::spec::Guarded;
 use self::tickets::TicketApi;
 use crate::adapters::approval_broadcast::ApprovalBroadcast;
 use crate::adapters::control::ControlTools;
@@ -151,14 +153,15 @@ pub const PLAIN_ROUTES: &[(&str, &str)] = &[
     ("DELETE", MCP_PATH),
 ];
 
-type Apis = (
+/// The operations, with what the middleware answers before them.
+type Apis = Guarded<(
     HealthApi,
     MetricsApi,
     TicketApi,
     SessionsApi,
     ChatApi,
     DashboardApi,
-);
+)>;
 
 /// The typed REST API; its spec is `openapi.yaml`.
 #[must_use]
@@ -169,7 +172,7 @@ pub fn api_service(
 ) -> OpenApiService<Apis, ()> {
     let tools = control_tools(services);
     OpenApiService::new(
-        (
+        Guarded((
             HealthApi,
             MetricsApi {
                 handle: crate::adapters::metrics::prometheus(),
@@ -197,7 +200,7 @@ pub fn api_service(
                 hub: Arc::clone(&services.hub),
                 close_streams: settings.close_streams.clone(),
             },
-        ),
+        )),
         "autopoiesis",
         env!("CARGO_PKG_VERSION"),
     )
@@ -206,6 +209,9 @@ pub fn api_service(
          session, and a deferred tool-approval policy. The WebSocket protocol \
          (`GET /api/ws/{session_id}`) is described in docs/websocket.md.",
     )
+    .license(LicenseObject::new("MIT").url("https://opensource.org/licenses/MIT"))
+    // Relative: the server that serves this spec, wherever it runs.
+    .server(ServerObject::new("/").description("The server this spec was fetched from"))
 }
 
 /// The control plane's tools, as `/mcp` and the dashboard routes serve them.

@@ -116,6 +116,20 @@ impl IntoResponse for OpenAiError {
     }
 }
 
+/// A refusal of the guard (`super::auth`) on a `/v1` route, as OpenAI's
+/// servers answer it: a 401 is what the SDKs parse into
+/// `AuthenticationError`, a 403 into `PermissionDeniedError`.
+pub(super) fn refusal(status: StatusCode, code: &'static str, message: &str) -> Response {
+    OpenAiError {
+        status,
+        kind: "invalid_request_error",
+        code,
+        message: message.to_owned(),
+        param: None,
+    }
+    .into_response()
+}
+
 impl From<ChatError> for OpenAiError {
     fn from(error: ChatError) -> Self {
         let (status, kind, code) = match &error {

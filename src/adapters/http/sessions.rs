@@ -190,10 +190,7 @@ impl SessionsApi {
         match self.sessions.history(&id).await {
             Ok(messages) => HistoryReply::Ok(Json(HistoryBody {
                 session_id: id.to_string(),
-                messages: messages
-                    .iter()
-                    .map(|m| serde_json::to_value(m).unwrap_or_default())
-                    .collect(),
+                messages: messages.iter().map(Into::into).collect(),
             })),
             Err(SessionStoreError::NotFound) => {
                 HistoryReply::NotFound(Json(ErrorBody::new(NOT_FOUND)))
