@@ -262,6 +262,66 @@ async fn a_missing_or_wrong_key_is_a_401_that_openai_sdks_read_as_an_authenticat
     }
 }
 
+#[tokio::test]
+async fn errors_outside_the_handlers_are_openai_shaped_under_v1_too() {
+    let app = app().await;
+    let unknown = app
+        .client
+        .post(app.url("/v1/embeddings"))
+        .bearer_auth(KEY)
+        .json(&json!({"input": "x"}))
+        .send()
+        .await
+        .unwrap();
+    let wrong_method = app
+        .client
+        .get(app.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    let too_large = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body(vec![b' '; 3 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    for (res, status, code) in [
+        (unknown, StatusCode::NOT_FOUND, "not_found"),
+        (
+            wrong_method,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            too_large,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+        ),
+    ] {
+        assert_eq!(res.status(), status);
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+        assert!(body["error"]["message"].is_string(), "{body}");
+    }
+    // Elsewhere the server's own shape stays.
+    let elsewhere = app
+        .client
+        .get(app.url("/api/nowhere"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        elsewhere.json::<Value>().await.unwrap(),
+        json!({"detail": "Not Found"})
+    );
+}
+
 /// `GET path` with the key, as JSON.
 async fn get_json(app: &TestApp, path: &str) -> Value {
     app.client

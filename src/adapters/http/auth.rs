@@ -408,7 +408,7 @@ impl Refusal {
     /// OpenAI's error object on the OpenAI facade, which is what its
     /// clients parse (a 401 becomes the SDKs' `AuthenticationError`).
     fn response(self, path: &str) -> Response {
-        let mut response = if path == "/v1" || path.starts_with("/v1/") {
+        let mut response = if super::openai_facade::serves(path) {
             super::openai_facade::refusal(self.status(), self.openai_code(), self.detail())
         } else {
             Json(json!({ "detail": self.detail() }))

@@ -27,7 +27,7 @@ use std::time::Duration;
 use poem::endpoint::{BoxEndpoint, TowerCompatExt};
 use poem::http::StatusCode;
 use poem::web::Json;
-use poem::{EndpointExt, IntoResponse, Response, Route, get, post};
+use poem::{Endpoint, EndpointExt, IntoResponse, Response, Route, get, post};
 use poem_openapi::{LicenseObject, OpenApiService, ServerObject, Tags};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -311,15 +311,22 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
                 allowed: settings.allowed_hosts.clone(),
             },
         })
-        .catch_all_error(error_response)
+        .around(|endpoint, req| async move {
+            let facade = openai_facade::serves(req.uri().path());
+            Ok(match endpoint.call(req).await {
+                Ok(response) => response.into_response(),
+                Err(error) => error_response(&error, facade),
+            })
+        })
         .with(AllowHeader::new(&spec, PLAIN_ROUTES))
         .with(RequestLog)
         .boxed()
 }
 
 /// Errors raised outside an operation (unknown route, wrong method, body
-/// too large, refused auth) get the same JSON `detail` body as the API's own.
-async fn error_response(error: poem::Error) -> Response {
+/// too large or too slow) get the same JSON `detail` body as the API's own,
+/// and under `/v1` OpenAI's error object, which OpenAI clients parse.
+fn error_response(error: &poem::Error, facade: bool) -> Response {
     let status = error.status();
     let detail = match status {
         StatusCode::NOT_FOUND => "Not Found".to_owned(),
@@ -328,6 +335,9 @@ async fn error_response(error: poem::Error) -> Response {
         StatusCode::REQUEST_TIMEOUT => "Request body took too long to arrive".to_owned(),
         _ => error.to_string(),
     };
+    if facade {
+        return openai_facade::route_error(status, &detail);
+    }
     Json(json!({ "detail": detail }))
         .with_status(status)
         .into_response()

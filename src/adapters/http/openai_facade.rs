@@ -116,6 +116,38 @@ impl IntoResponse for OpenAiError {
     }
 }
 
+/// Whether `path` is the facade's: its errors are OpenAI's error object,
+/// whoever raises them (the guard, the body limit, the router).
+pub(super) fn serves(path: &str) -> bool {
+    path == "/v1" || path.starts_with("/v1/")
+}
+
+/// An error raised outside a facade handler (an unknown `/v1` path, a wrong
+/// method, a body too large or too slow), as OpenAI's servers answer it.
+pub(super) fn route_error(status: StatusCode, message: &str) -> Response {
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        _ if status.is_server_error() => "server_error",
+        _ => "invalid_request",
+    };
+    let kind = if status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    OpenAiError {
+        status,
+        kind,
+        code,
+        message: message.to_owned(),
+        param: None,
+    }
+    .into_response()
+}
+
 /// A refusal of the guard (`super::auth`) on a `/v1` route, as OpenAI's
 /// servers answer it: a 401 is what the SDKs parse into
 /// `AuthenticationError`, a 403 into `PermissionDeniedError`.
