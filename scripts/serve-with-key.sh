@@ -9,12 +9,17 @@
 cargo build --quiet --locked --bin autopoiesis
 data=$(mktemp -d)
 log="$data/server.log"
+# Made here, not by the server's redirection: the background job opens it
+# only once it runs, and the loop below may read it before that.
+: >"$log"
 key="${key_prefix:-test}-$RANDOM$RANDOM"
 if [ "${without_key:-}" = 1 ]; then key=""; fi
 env -u AUTOPOIESIS_API_KEY ${key:+"AUTOPOIESIS_API_KEY=$key"} RUST_LOG=info NO_COLOR=1 \
   target/debug/autopoiesis serve --port 0 --data-dir "$data" 2>"$log" &
 server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$data"' EXIT
+# `|| true`: the caller runs under `set -e`, and `wait` gives the server's
+# 143 (SIGTERM) status, which would otherwise become the script's own.
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true; rm -rf "$data"' EXIT
 
 address=""
 for _ in $(seq 1 100); do
