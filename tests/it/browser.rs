@@ -1,8 +1,11 @@
-//! The web console in a real browser (SPEC B13): headless Chromium from
-//! Debian's `chromium` and `chromium-driver` packages, driven over WebDriver
-//! (`fantoccini`) against the real server on 127.0.0.1. `.ci/run` installs
-//! both; without `chromedriver` on the PATH the tests say so and pass.
-//! Screenshots of each step are kept under `target/browser-screenshots/`.
+//! The web console in real browsers (SPEC B13): headless Chromium from
+//! Debian's `chromium` and `chromium-driver` packages, and Firefox ESR with
+//! geckodriver (only with `AUTOPOIESIS_TEST_FIREFOX` set), driven over
+//! WebDriver (`fantoccini`) against the real server on 127.0.0.1. `.ci/run`
+//! installs them; without a browser's driver its tests say so and pass.
+//! Every test ends by checking the browser's console for errors (Chromium's
+//! log, Firefox's over WebDriver BiDi). Screenshots of each step are kept
+//! under `target/browser-screenshots/`.
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -74,8 +77,8 @@ impl Kind {
         candidates.into_iter().find(|p| p.exists())
     }
 
-    /// Headless, 1280×900, and (Chromium) its console kept for
-    /// [`Browser::finish`].
+    /// Headless, 1280×900, and its console kept for [`Browser::finish`]
+    /// (Chromium's through `goog:loggingPrefs`, Firefox's over BiDi).
     fn capabilities(self) -> serde_json::Map<String, Value> {
         let mut caps = serde_json::Map::new();
         match self {
@@ -88,6 +91,9 @@ impl Kind {
                 );
             }
             Self::Firefox => {
+                // WebDriver BiDi: geckodriver has no read of the console
+                // over classic WebDriver ([`Console`]).
+                caps.insert("webSocketUrl".into(), json!(true));
                 caps.insert(
                     "moz:firefoxOptions".into(),
                     json!({"binary": "/usr/bin/firefox-esr",
@@ -112,6 +118,8 @@ struct Browser {
     kind: Kind,
     name: &'static str,
     step: usize,
+    /// Firefox's console, read over WebDriver BiDi from the start.
+    console: Option<Console>,
 }
 
 impl Browser {
@@ -120,16 +128,16 @@ impl Browser {
     async fn start(kind: Kind, name: &'static str) -> Option<Self> {
         let driver_path = kind.driver_path()?;
         let turn = ONE_AT_A_TIME.acquire().await.unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         // Its own process group, which the Chromium it starts joins: one
         // kill ends both, however the test ends.
-        let driver = Command::new(driver_path)
-            .process_group(0)
-            .arg(format!("--port={port}"))
+        let mut driver = Command::new(driver_path);
+        driver.process_group(0).arg(format!("--port={port}"));
+        if kind == Kind::Firefox {
+            // BiDi's port (geckodriver's default is a fixed 9222).
+            driver.arg(format!("--websocket-port={}", free_port()));
+        }
+        let driver = driver
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -148,6 +156,18 @@ impl Browser {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         };
+        let console = match kind {
+            Kind::Chromium => None,
+            Kind::Firefox => {
+                let url = client
+                    .capabilities()
+                    .and_then(|caps| caps.get("webSocketUrl"))
+                    .and_then(Value::as_str)
+                    .expect("geckodriver gave no BiDi URL")
+                    .to_owned();
+                Some(Console::listen(&url).await)
+            }
+        };
         Some(Self {
             client,
             driver,
@@ -155,6 +175,7 @@ impl Browser {
             kind,
             name,
             step: 0,
+            console,
         })
     }
 
@@ -270,13 +291,12 @@ impl Browser {
     }
 
     /// Ends the test's browser after checking that the page asked no other
-    /// origin for anything, and its console: no `SEVERE` entry (a script
-    /// error, a failed load) but those whose text holds one of `expected`
-    /// (a refused key, a server that is down).
+    /// origin for anything, and its console: no error (a script error, a
+    /// failed load) but those whose text holds one of `expected` (a refused
+    /// key, a server that is down).
     ///
-    /// geckodriver has no way to read Firefox's console, so there the check
-    /// is Chromium's alone.
-    async fn finish(self, expected: &[&str]) {
+    /// The errors are those of [`Self::console_errors`].
+    async fn finish(mut self, expected: &[&str]) {
         let foreign = self
             .js(
                 "return performance.getEntriesByType('resource').map(e => e.name) \
@@ -291,24 +311,153 @@ impl Browser {
             seen.as_u64() > Some(2),
             "the page's own requests are seen: {seen}"
         );
-        if self.kind == Kind::Firefox {
-            let _ = self.client.clone().close().await;
-            return;
+        let errors = self.console_errors().await;
+        let _ = self.client.clone().close().await;
+        let unexpected: Vec<&String> = errors
+            .iter()
+            .filter(|message| !expected.iter().any(|e| message.contains(e)))
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "the browser console has errors: {unexpected:#?}"
+        );
+    }
+}
+
+impl Browser {
+    /// The errors the browser's console has shown since the last call, a
+    /// line each. Chromium's are its `SEVERE` entries. Firefox's are what
+    /// BiDi tells ([`Console`]): script errors, `console.error`, and the
+    /// requests that failed or were answered with an error status.
+    async fn console_errors(&mut self) -> Vec<String> {
+        if let Some(console) = &self.console {
+            return console.take_errors().await;
         }
         let entries = self.client.issue_cmd(BrowserLog).await.unwrap();
-        let severe: Vec<String> = entries
+        entries
             .as_array()
             .into_iter()
             .flatten()
             .filter(|entry| entry["level"] == "SEVERE")
             .filter_map(|entry| entry["message"].as_str().map(str::to_owned))
-            .filter(|message| !expected.iter().any(|e| message.contains(e)))
-            .collect();
-        let _ = self.client.clone().close().await;
-        assert!(
-            severe.is_empty(),
-            "the browser console has errors: {severe:#?}"
-        );
+            .collect()
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A browser's console over WebDriver BiDi (`webSocketUrl`), read from
+/// before the first page loads: geckodriver implements no read of it over
+/// classic WebDriver. (Firefox puts a WebSocket that cannot connect in no
+/// BiDi event; Chromium's log has it.) Keeps, as one line each, the `log.entryAdded` entries
+/// of level `error` (script errors and `console.error`), the requests that
+/// failed (`network.fetchError`) and those answered with a status of 400
+/// or more (`network.responseCompleted`), like Chromium's `SEVERE` entries.
+struct Console {
+    reader: tokio::task::JoinHandle<()>,
+    errors: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Console {
+    async fn listen(url: &str) -> Self {
+        use futures::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+
+        let (mut socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .unwrap_or_else(|e| panic!("no BiDi connection at {url}: {e}"));
+        let subscribe = json!({
+            "id": 1,
+            "method": "session.subscribe",
+            "params": {"events": ["log.entryAdded", "network.fetchError",
+                                  "network.responseCompleted"]},
+        });
+        socket
+            .send(Message::text(subscribe.to_string()))
+            .await
+            .unwrap();
+        // The subscription holds once it is answered: nothing the first
+        // page does comes before it.
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), socket.next())
+                .await
+                .expect("BiDi did not answer the subscription within 10 s")
+                .expect("BiDi closed before answering the subscription")
+                .unwrap();
+            let Message::Text(text) = message else {
+                continue;
+            };
+            let answer: Value = serde_json::from_str(&text).unwrap();
+            if answer["id"] == 1 {
+                assert_eq!(answer["type"], "success", "BiDi subscription: {answer}");
+                break;
+            }
+        }
+        let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = std::sync::Arc::clone(&errors);
+        let reader = tokio::spawn(async move {
+            while let Some(Ok(message)) = socket.next().await {
+                let Message::Text(text) = message else {
+                    continue;
+                };
+                let Ok(event) = serde_json::from_str::<Value>(&text) else {
+                    continue;
+                };
+                if let Some(error) = Self::error_of(&event) {
+                    kept.lock().unwrap().push(error);
+                }
+            }
+        });
+        Self { reader, errors }
+    }
+
+    /// The event's line, where it tells of an error.
+    fn error_of(event: &Value) -> Option<String> {
+        let params = &event["params"];
+        let url = params["request"]["url"].as_str().unwrap_or_default();
+        match event["method"].as_str()? {
+            "log.entryAdded" if params["level"] == "error" => Some(format!(
+                "{} ({}): {}",
+                params["type"].as_str().unwrap_or_default(),
+                params["source"]["context"].as_str().unwrap_or_default(),
+                params["text"].as_str().unwrap_or_default()
+            )),
+            "network.fetchError" => Some(format!(
+                "{url} - {}",
+                params["errorText"].as_str().unwrap_or_default()
+            )),
+            "network.responseCompleted" => {
+                let status = params["response"]["status"].as_u64()?;
+                (status >= 400).then(|| {
+                    format!(
+                        "{url} - the server responded with a status of {status} ({})",
+                        params["response"]["statusText"]
+                            .as_str()
+                            .unwrap_or_default()
+                    )
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// What it has seen since the last call, once what the browser has
+    /// sent by now has had a moment to be read.
+    async fn take_errors(&self) -> Vec<String> {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::mem::take(&mut *self.errors.lock().unwrap())
     }
 }
 
@@ -400,7 +549,47 @@ in_both_browsers!(
     a_server_restart_shows_reconnecting_and_then_the_console_works_again,
     the_console_works_from_the_keyboard_alone,
     a_session_is_deleted_from_the_console_and_one_deleted_elsewhere_closes,
+    the_console_check_sees_a_script_error_and_a_refused_request,
 );
+
+/// The check every test ends with can fail: a script error and a 404 the
+/// page did not expect are both seen, in each browser.
+async fn the_console_check_sees_a_script_error_and_a_refused_request(kind: Kind) {
+    let app = app_with_key(0).await;
+    let mut browser = browser_or_skip!(kind, "console-check");
+    browser.sign_in(&app.url("/"), KEY).await;
+    browser.button("New session").await;
+    browser
+        .js(
+            "setTimeout(() => { throw new Error('planted script error'); }, 0); \
+             fetch('/console/planted-missing.js'); return true",
+        )
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut errors = Vec::new();
+    let errors = loop {
+        // Each read empties the console: keep them all.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        errors.extend(browser.console_errors().await);
+        let found = |what: &str| errors.iter().any(|e| e.contains(what));
+        if (found("planted script error") && found("planted-missing.js"))
+            || Instant::now() > deadline
+        {
+            break errors;
+        }
+    };
+    assert!(
+        errors.iter().any(|e| e.contains("planted script error")),
+        "the script error is seen: {errors:#?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("planted-missing.js") && e.contains("404")),
+        "the 404 is seen: {errors:#?}"
+    );
+    let _ = browser.client.clone().close().await;
+}
 
 async fn signing_in_refuses_a_wrong_key_and_opens_the_console_with_the_right_one(kind: Kind) {
     let app = app_with_key(0).await;
