@@ -23,6 +23,8 @@ const state = {
   deleting: null, // the session being deleted: no stream opens for it
   outbox: [], // messages sent while the socket was not open yet
   lastSeq: 0,
+  // While the stream replays what the history shows already: { upto, frames }.
+  catchUp: null,
   running: false,
   turns: new Map(), // turn_id -> the <li> of its answer
   prompts: new Set(), // turn_ids whose prompt is shown
@@ -209,13 +211,21 @@ async function openSession(id) {
   $("delete-session").hidden = false;
   await refreshSessions();
   await showHistory();
-  state.lastSeq = state.sessions.get(id)?.last_seq ?? 0;
+  // The stream is read from the start of its window, not from its last
+  // seq: a turn running now (sent from another device before this tab
+  // opened the session) then shows from its prompt and first token. What
+  // the history holds already is skipped (caughtUp; docs/websocket.md,
+  // "Opening a session that may be mid-turn").
+  const last = state.sessions.get(id)?.last_seq ?? 0;
+  state.lastSeq = 0;
+  state.catchUp = last > 0 ? { upto: last, frames: [] } : null;
   connect();
   $("message").focus();
 }
 
 function closeSession() {
   closeSocket();
+  state.catchUp = null;
   state.outbox = [];
   state.session = null;
   history.replaceState(null, "", location.pathname);
@@ -356,6 +366,8 @@ async function connect() {
     return reconnectLater(id);
   }
   if (id !== state.session || state.deleting === id) return;
+  // A replay cut short starts again (lastSeq stays 0 until it is read).
+  if (state.catchUp) state.catchUp.frames = [];
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
   // `events=prompt`: turns sent from another device show their prompt.
   const params = [`after_seq=${state.lastSeq}`, "events=prompt", query].filter(Boolean).join("&");
@@ -430,7 +442,43 @@ function setRunning(running) {
   $("stop").disabled = !running;
 }
 
+const ENDINGS = new Set(["done", "cancelled", "error"]);
+
+/**
+ * Takes the frames the stream replays up to `catchUp.upto` (the session's
+ * last seq when it was opened) and, once that seq is read, shows only the
+ * turn among them that has not ended: the ended ones are in the history.
+ * Answers whether it took `frame`.
+ */
+function caughtUp(frame) {
+  const pending = state.catchUp;
+  const numbered = typeof frame.seq === "number";
+  if (frame.op === "gap" || frame.op === "reset") {
+    state.catchUp = null; // the history is read again anyway
+    return false;
+  }
+  if (!numbered && frame.op !== "prompt") return false; // not of the stream
+  if (numbered && frame.seq > pending.upto) {
+    finishCatchUp();
+    return false;
+  }
+  pending.frames.push(frame);
+  if (numbered && frame.seq === pending.upto) finishCatchUp();
+  return true;
+}
+
+function finishCatchUp() {
+  const { upto, frames } = state.catchUp;
+  state.catchUp = null;
+  const ended = new Set(frames.filter((f) => ENDINGS.has(f.op) && typeof f.seq === "number").map((f) => f.turn_id));
+  for (const frame of frames) {
+    if (frame.turn_id && !ended.has(frame.turn_id)) onFrame(frame);
+  }
+  state.lastSeq = Math.max(state.lastSeq, upto);
+}
+
 function onFrame(frame) {
+  if (state.catchUp && caughtUp(frame)) return;
   if (typeof frame.seq === "number") state.lastSeq = Math.max(state.lastSeq, frame.seq);
   const data = frame.data || {};
   const ol = $("messages");

@@ -550,7 +550,84 @@ in_both_browsers!(
     the_console_works_from_the_keyboard_alone,
     a_session_is_deleted_from_the_console_and_one_deleted_elsewhere_closes,
     the_console_check_sees_a_script_error_and_a_refused_request,
+    a_session_opened_mid_turn_shows_that_turn_from_its_prompt_and_first_token,
 );
+
+/// The session's stream head, as the session list tells it.
+async fn last_seq(app: &TestApp, session: &str) -> u64 {
+    let list = get_json(app, "/api/sessions").await;
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .find(|item| item["id"] == session)
+        .and_then(|item| item["last_seq"].as_u64())
+        .unwrap_or(0)
+}
+
+/// A turn started on another device before the console opened the
+/// session shows whole while it still streams: its prompt, and its answer
+/// from the first token (not from whatever token came next), with the
+/// history's earlier turn shown once.
+async fn a_session_opened_mid_turn_shows_that_turn_from_its_prompt_and_first_token(kind: Kind) {
+    let app = app_with_key(150).await;
+    rest_chat(&app, "midturn", "earlier").await;
+    let before = last_seq(&app, "midturn").await;
+    let mut browser = browser_or_skip!(kind, "mid-turn");
+    browser.sign_in(&app.url("/"), KEY).await;
+    let words: Vec<String> = (0..60).map(|i| format!("word{i}")).collect();
+    let prompt = words.join(" ");
+    let phone = tokio::spawn({
+        let app_url = app.url("/api/chat");
+        let client = app.client.clone();
+        let prompt = prompt.clone();
+        async move {
+            client
+                .post(app_url)
+                .header("x-api-key", KEY)
+                .json(&json!({"content": prompt, "session_id": "midturn"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    // Some of the answer has streamed before the console opens it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while last_seq(&app, "midturn").await < before + 4 {
+        assert!(Instant::now() < deadline, "the turn did not stream");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    browser.session("midturn").await.click().await.unwrap();
+    browser
+        .until(
+            "the running turn, from its prompt and first token, while it streams",
+            &format!(
+                "const li = [...document.querySelectorAll('#messages li')]; \
+                 return li.length === 4 && li[0].textContent === 'earlier' \
+                   && li[2].textContent === '{prompt}' \
+                   && li[3].textContent.startsWith('word0 word1') \
+                   && !document.querySelector('#stop').disabled"
+            ),
+        )
+        .await;
+    browser.shot("mid-turn").await;
+    let status = tokio::time::timeout(Duration::from_secs(30), phone)
+        .await
+        .expect("the turn ends")
+        .unwrap();
+    assert!(status.is_success(), "{status}");
+    browser
+        .until(
+            "the whole answer, once",
+            &format!(
+                "const li = [...document.querySelectorAll('#messages li')]; \
+                 return li.length === 4 && li[3].textContent === '{prompt}' \
+                   && document.querySelector('#stop').disabled"
+            ),
+        )
+        .await;
+    browser.finish(&[]).await;
+}
 
 /// The check every test ends with can fail: a script error and a 404 the
 /// page did not expect are both seen, in each browser.
