@@ -684,3 +684,42 @@ async fn approval_list_query_errors_are_envelopes_and_an_empty_cursor_is_the_fir
     let body: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(body["type"], "approval.list", "{body}");
 }
+
+/// A body that gives one key twice is refused before any handler reads it,
+/// and still in the shape these operations declare for a 400: their
+/// `error.invalid_arguments` envelope.
+#[tokio::test]
+async fn a_key_given_twice_is_refused_with_the_operations_envelope() {
+    let app = unlocked().await;
+    for (path, body, tool) in [
+        (
+            "/api/actions",
+            r#"{"action":"approve","action":"reject","approval_id":"a"}"#,
+            "dashboard.action",
+        ),
+        (
+            "/api/tools/approval.list",
+            r#"{"limit":1,"limit":2}"#,
+            "tools.call",
+        ),
+    ] {
+        let res = app
+            .client
+            .post(app.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{path}");
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["type"], "error.invalid_arguments", "{path}: {body}");
+        assert_eq!(body["meta"]["tool"], tool, "{path}: {body}");
+        assert!(
+            body["data"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("appears twice")),
+            "{path}: {body}"
+        );
+    }
+}

@@ -289,6 +289,15 @@ async fn errors_outside_the_handlers_are_openai_shaped_under_v1_too() {
         .send()
         .await
         .unwrap();
+    let key_twice = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body(r#"{"model":"default","model":"other","messages":[]}"#)
+        .send()
+        .await
+        .unwrap();
     for (res, status, code) in [
         (unknown, StatusCode::NOT_FOUND, "not_found"),
         (
@@ -301,6 +310,7 @@ async fn errors_outside_the_handlers_are_openai_shaped_under_v1_too() {
             StatusCode::PAYLOAD_TOO_LARGE,
             "request_too_large",
         ),
+        (key_twice, StatusCode::BAD_REQUEST, "invalid_request"),
     ] {
         assert_eq!(res.status(), status);
         let body: Value = res.json().await.unwrap();

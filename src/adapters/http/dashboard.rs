@@ -144,6 +144,24 @@ fn invalid_body(tool: &'static str, error: &poem::Error) -> Json<EnvelopeBody> {
     Json(Failed::new(tool, error).envelope().into())
 }
 
+/// A 400 raised for `path` before its operation ran (a key given twice,
+/// [`super::limits::KeyGivenTwice`]) in the shape the operation declares:
+/// its tool's `error.invalid_arguments` envelope. `None` for the paths
+/// whose 400 is no envelope.
+pub(super) fn refused_body(path: &str, error: &poem::Error) -> Option<poem::Response> {
+    use poem::IntoResponse;
+    let tool = match path {
+        "/api/actions" => "dashboard.action",
+        _ if path.starts_with("/api/tools/") => "tools.call",
+        _ => return None,
+    };
+    Some(
+        invalid_body(tool, error)
+            .with_status(poem::http::StatusCode::BAD_REQUEST)
+            .into_response(),
+    )
+}
+
 fn bad_action(error: poem::Error) -> ActionReply {
     ActionReply::BadRequest(invalid_body("dashboard.action", &error))
 }

@@ -10,12 +10,16 @@
 use std::time::Duration;
 
 use poem::http::{Method, StatusCode, header};
-use poem::web::Json;
 use poem::web::headers::{ContentLength, HeaderMapExt};
 use poem::{Body, Endpoint, IntoResponse, Middleware, Request, Response, Result};
-use serde_json::json;
 
 use crate::adapters::json::{JsonCheck, check_unique_keys};
+
+/// A JSON body naming one key twice in an object, refused before any
+/// handler reads it.
+#[derive(Debug, thiserror::Error)]
+#[error("Invalid JSON body: the key {0:?} appears twice in one object")]
+pub struct KeyGivenTwice(pub String);
 
 pub struct BodyLimit {
     max_bytes: usize,
@@ -85,11 +89,12 @@ impl<E: Endpoint> Endpoint for BodyLimitEndpoint<E> {
             if is_json(&req)
                 && let JsonCheck::DuplicateKey(key) = check_unique_keys(&body)
             {
-                return Ok(Json(json!({
-                    "detail": format!("Invalid JSON body: the key {key:?} appears twice in one object")
-                }))
-                .with_status(StatusCode::BAD_REQUEST)
-                .into_response());
+                // An error, not an answer: the routes' error mapping gives
+                // it the shape the operation declares for a 400.
+                return Err(poem::Error::new(
+                    KeyGivenTwice(key),
+                    StatusCode::BAD_REQUEST,
+                ));
             }
             req.set_body(Body::from_bytes(body));
         }

@@ -312,10 +312,10 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
             },
         })
         .around(|endpoint, req| async move {
-            let facade = openai_facade::serves(req.uri().path());
+            let path = req.uri().path().to_owned();
             Ok(match endpoint.call(req).await {
                 Ok(response) => response.into_response(),
-                Err(error) => error_response(&error, facade),
+                Err(error) => error_response(&error, &path),
             })
         })
         .with(AllowHeader::new(&spec, PLAIN_ROUTES))
@@ -324,10 +324,16 @@ pub fn app(services: &Services, settings: &HttpSettings) -> BoxEndpoint<'static>
 }
 
 /// Errors raised outside an operation (unknown route, wrong method, body
-/// too large or too slow) get the same JSON `detail` body as the API's own,
-/// and under `/v1` OpenAI's error object, which OpenAI clients parse.
-fn error_response(error: &poem::Error, facade: bool) -> Response {
+/// too large, too slow or naming a key twice) get the same JSON `detail`
+/// body as the API's own, under `/v1` OpenAI's error object, which OpenAI
+/// clients parse, and on the dashboard's tool routes their 400 envelope.
+fn error_response(error: &poem::Error, path: &str) -> Response {
     let status = error.status();
+    if error.is::<limits::KeyGivenTwice>()
+        && let Some(response) = dashboard::refused_body(path, error)
+    {
+        return response;
+    }
     let detail = match status {
         StatusCode::NOT_FOUND => "Not Found".to_owned(),
         StatusCode::METHOD_NOT_ALLOWED => "Method Not Allowed".to_owned(),
@@ -335,7 +341,7 @@ fn error_response(error: &poem::Error, facade: bool) -> Response {
         StatusCode::REQUEST_TIMEOUT => "Request body took too long to arrive".to_owned(),
         _ => error.to_string(),
     };
-    if facade {
+    if openai_facade::serves(path) {
         return openai_facade::route_error(status, &detail);
     }
     Json(json!({ "detail": detail }))
