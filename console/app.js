@@ -23,6 +23,7 @@ const state = {
   deleting: null, // the session being deleted: no stream opens for it
   outbox: [], // messages sent while the socket was not open yet
   lastSeq: 0,
+  listShown: "", // what the session list shows, to rebuild it only on change
   // While the stream replays what the history shows already: { upto, frames }.
   catchUp: null,
   running: false,
@@ -147,7 +148,7 @@ async function boot() {
   fetchUptime();
   if (!state.booted) {
     state.booted = true;
-    setInterval(refreshSessions, 3000);
+    setInterval(pollSessions, 3000);
     setInterval(renderStatus, 30000);
   }
   openDashboard();
@@ -176,12 +177,19 @@ async function refreshSessions() {
   if (!response.ok) return;
   const list = await response.json();
   state.sessions = new Map(list.map((s) => [s.id, s]));
+  // Rebuilt only when what it shows changed, and then with the keyboard
+  // left on the session it was on: a poll must not move the focus.
+  const shown = JSON.stringify([state.session, list.map((s) => [s.id, s.created_at, s.message_count])]);
+  if (shown === state.listShown) return;
+  state.listShown = shown;
   const ul = $("session-list");
+  const focused = ul.contains(document.activeElement) ? document.activeElement.dataset.session : undefined;
   ul.replaceChildren(
     ...list.map((s) => {
       const li = el("li");
       const button = el("button", s.id);
       button.type = "button";
+      button.dataset.session = s.id;
       if (s.id === state.session) button.setAttribute("aria-current", "true");
       const created = new Date(s.created_at);
       button.append(el("small", `${created.toLocaleString()} · ${s.message_count} messages`));
@@ -190,7 +198,16 @@ async function refreshSessions() {
       return li;
     }),
   );
+  if (focused !== undefined) {
+    [...ul.querySelectorAll("button")].find((b) => b.dataset.session === focused)?.focus();
+  }
 }
+
+/** The 3 s poll of the list, skipped while the tab is hidden. */
+function pollSessions() {
+  if (document.visibilityState !== "hidden") refreshSessions();
+}
+document.addEventListener("visibilitychange", pollSessions);
 
 $("new-session").addEventListener("click", async () => {
   const response = await api("/api/sessions", { method: "POST" });

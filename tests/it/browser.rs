@@ -551,7 +551,38 @@ in_both_browsers!(
     a_session_is_deleted_from_the_console_and_one_deleted_elsewhere_closes,
     the_console_check_sees_a_script_error_and_a_refused_request,
     a_session_opened_mid_turn_shows_that_turn_from_its_prompt_and_first_token,
+    the_session_list_keeps_keyboard_focus_while_it_refreshes,
 );
+
+/// The list is polled every 3 s; a refresh, with or without a new session
+/// in it, leaves the keyboard on the session it was on.
+async fn the_session_list_keeps_keyboard_focus_while_it_refreshes(kind: Kind) {
+    let app = app_with_key(0).await;
+    rest_chat(&app, "first", "one").await;
+    rest_chat(&app, "second", "two").await;
+    let mut browser = browser_or_skip!(kind, "list-focus");
+    browser.sign_in(&app.url("/"), KEY).await;
+    browser.session("second").await;
+    browser
+        .js("[...document.querySelectorAll('#session-list button')] \
+               .find(b => b.textContent.includes('second')).focus(); return true")
+        .await;
+    let focused = "const a = document.activeElement; \
+                   return a.tagName === 'BUTTON' && a.textContent.includes('second')";
+    assert_eq!(browser.js(focused).await, json!(true), "focus is on it");
+    // A refresh with nothing new, then one with a session more.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(browser.js(focused).await, json!(true), "after a refresh");
+    rest_chat(&app, "third", "three").await;
+    browser.session("third").await;
+    browser.shot("focus-kept").await;
+    assert_eq!(
+        browser.js(focused).await,
+        json!(true),
+        "after a refresh that added a session"
+    );
+    browser.finish(&[]).await;
+}
 
 /// The session's stream head, as the session list tells it.
 async fn last_seq(app: &TestApp, session: &str) -> u64 {
