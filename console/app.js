@@ -596,37 +596,49 @@ async function openDashboard() {
   };
 }
 
+/**
+ * The queue, kept item by item: an approval that stays keeps its element
+ * (a reason half typed, the focus), new ones are made, decided ones go.
+ */
 function renderApprovals(list) {
   const items = list.items || [];
   $("approvals-empty").hidden = items.length > 0;
-  $("approval-list").replaceChildren(
-    ...items.map((item) => {
-      const li = el("li");
-      for (const request of item.requests || []) {
-        li.append(el("pre", `${request.tool_name}(${JSON.stringify(request.args, null, 2)})`));
-      }
-      const expires = new Date(item.expires_at * 1000).toLocaleString();
-      li.append(el("p", `plan ${item.plan_hash_prefix} · expires ${expires}`, "meta"));
-      const reasonId = `reason-${item.id}`;
-      const label = el("label", "Reason");
-      label.htmlFor = reasonId;
-      const reason = el("input");
-      reason.id = reasonId;
-      const decide = el("div", undefined, "decide");
-      for (const [action, text] of [["approve", "Approve"], ["reject", "Reject"]]) {
-        const button = el("button", text);
-        button.type = "button";
-        button.addEventListener("click", async () => {
-          const body = { action, approval_id: item.id };
-          if (reason.value) body.reason = reason.value;
-          await api("/api/actions", { method: "POST", json: body });
-        });
-        decide.append(button);
-      }
-      li.append(label, reason, decide);
-      return li;
-    }),
-  );
+  const ul = $("approval-list");
+  const kept = new Map([...ul.children].map((li) => [li.dataset.approval, li]));
+  const wanted = items.map((item) => kept.get(item.id) || approvalItem(item));
+  // Moves only what is out of place, so a focused field is not detached.
+  wanted.forEach((li, index) => {
+    if (ul.children[index] !== li) ul.insertBefore(li, ul.children[index] || null);
+  });
+  while (ul.children.length > wanted.length) ul.lastElementChild.remove();
+}
+
+function approvalItem(item) {
+  const li = el("li");
+  li.dataset.approval = item.id;
+  for (const request of item.requests || []) {
+    li.append(el("pre", `${request.tool_name}(${JSON.stringify(request.args, null, 2)})`));
+  }
+  const expires = new Date(item.expires_at * 1000).toLocaleString();
+  li.append(el("p", `plan ${item.plan_hash_prefix} · expires ${expires}`, "meta"));
+  const reasonId = `reason-${item.id}`;
+  const label = el("label", "Reason");
+  label.htmlFor = reasonId;
+  const reason = el("input");
+  reason.id = reasonId;
+  const decide = el("div", undefined, "decide");
+  for (const [action, text] of [["approve", "Approve"], ["reject", "Reject"]]) {
+    const button = el("button", text);
+    button.type = "button";
+    button.addEventListener("click", async () => {
+      const body = { action, approval_id: item.id };
+      if (reason.value) body.reason = reason.value;
+      await api("/api/actions", { method: "POST", json: body });
+    });
+    decide.append(button);
+  }
+  li.append(label, reason, decide);
+  return li;
 }
 
 boot();

@@ -552,7 +552,58 @@ in_both_browsers!(
     the_console_check_sees_a_script_error_and_a_refused_request,
     a_session_opened_mid_turn_shows_that_turn_from_its_prompt_and_first_token,
     the_session_list_keeps_keyboard_focus_while_it_refreshes,
+    a_reason_being_typed_survives_another_approval_arriving,
 );
+
+/// The queue changes under a person deciding: an approval that arrives
+/// while they type a reason for another leaves their text and their focus
+/// where they were.
+async fn a_reason_being_typed_survives_another_approval_arriving(kind: Kind) {
+    let app = spawn_with(Options {
+        api_key: Some(KEY),
+        approval_key: true,
+        runtime: autopoiesis::domain::chat::RuntimeSlot::Ready(echo(0)),
+        ..Options::default()
+    })
+    .await;
+    let mut browser = browser_or_skip!(kind, "approval-typing");
+    browser.sign_in(&app.url("/"), KEY).await;
+    browser.button("New session").await;
+    let status = post_chat(&app, "ops", r#"/tool execute {"command":"ls -la"}"#).await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT);
+    browser
+        .until(
+            "the first approval",
+            "return document.querySelectorAll('#approval-list li').length === 1",
+        )
+        .await;
+    let reason = browser
+        .client
+        .find(Locator::Css("#approval-list li input"))
+        .await
+        .unwrap();
+    reason.click().await.unwrap();
+    reason.send_keys("half a th").await.unwrap();
+    let status = post_chat(&app, "ops2", r#"/tool execute {"command":"pwd"}"#).await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT);
+    browser
+        .until(
+            "the second approval",
+            "return document.querySelectorAll('#approval-list li').length === 2",
+        )
+        .await;
+    browser.shot("second-arrived").await;
+    let typing = browser
+        .js(
+            "const li = [...document.querySelectorAll('#approval-list li')] \
+               .find(li => li.textContent.includes('ls -la')); \
+             const input = li.querySelector('input'); \
+             return [input.value, document.activeElement === input]",
+        )
+        .await;
+    assert_eq!(typing, json!(["half a th", true]), "text and focus kept");
+    browser.finish(&[]).await;
+}
 
 /// The list is polled every 3 s; a refresh, with or without a new session
 /// in it, leaves the keyboard on the session it was on.
