@@ -502,6 +502,18 @@ async fn app_with_key(delay_ms: u64) -> TestApp {
     .await
 }
 
+/// A server with the key on and approvals unlocked: deferred tool calls
+/// are recorded for the queue.
+async fn app_with_approvals() -> TestApp {
+    spawn_with(Options {
+        api_key: Some(KEY),
+        approval_key: true,
+        runtime: autopoiesis::domain::chat::RuntimeSlot::Ready(echo(0)),
+        ..Options::default()
+    })
+    .await
+}
+
 async fn rest_chat(app: &TestApp, session: &str, content: &str) {
     let status = post_chat(app, session, content).await;
     assert!(status.is_success(), "{status}");
@@ -559,13 +571,7 @@ in_both_browsers!(
 /// while they type a reason for another leaves their text and their focus
 /// where they were.
 async fn a_reason_being_typed_survives_another_approval_arriving(kind: Kind) {
-    let app = spawn_with(Options {
-        api_key: Some(KEY),
-        approval_key: true,
-        runtime: autopoiesis::domain::chat::RuntimeSlot::Ready(echo(0)),
-        ..Options::default()
-    })
-    .await;
+    let app = app_with_approvals().await;
     let mut browser = browser_or_skip!(kind, "approval-typing");
     browser.sign_in(&app.url("/"), KEY).await;
     browser.button("New session").await;
@@ -656,23 +662,7 @@ async fn a_session_opened_mid_turn_shows_that_turn_from_its_prompt_and_first_tok
     let before = last_seq(&app, "midturn").await;
     let mut browser = browser_or_skip!(kind, "mid-turn");
     browser.sign_in(&app.url("/"), KEY).await;
-    let words: Vec<String> = (0..60).map(|i| format!("word{i}")).collect();
-    let prompt = words.join(" ");
-    let phone = tokio::spawn({
-        let app_url = app.url("/api/chat");
-        let client = app.client.clone();
-        let prompt = prompt.clone();
-        async move {
-            client
-                .post(app_url)
-                .header("x-api-key", KEY)
-                .json(&json!({"content": prompt, "session_id": "midturn"}))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }
-    });
+    let (prompt, phone) = long_turn_elsewhere(&app, "midturn");
     // Some of the answer has streamed before the console opens it.
     let deadline = Instant::now() + Duration::from_secs(10);
     while last_seq(&app, "midturn").await < before + 4 {
@@ -897,6 +887,24 @@ async fn at_phone_width_the_composer_stays_in_view(kind: Kind) {
     browser.finish(&[]).await;
 }
 
+/// A 60-word turn sent over REST from another device, in a task of its
+/// own (150 ms a token makes it stream for about 9 s): its prompt, which
+/// the echo agent answers word for word, and its status once it ends.
+fn long_turn_elsewhere(
+    app: &TestApp,
+    session: &str,
+) -> (String, tokio::task::JoinHandle<reqwest::StatusCode>) {
+    let words: Vec<String> = (0..60).map(|i| format!("word{i}")).collect();
+    let prompt = words.join(" ");
+    let request = app
+        .client
+        .post(app.url("/api/chat"))
+        .header("x-api-key", KEY)
+        .json(&json!({"content": prompt, "session_id": session}));
+    let phone = tokio::spawn(async move { request.send().await.unwrap().status() });
+    (prompt, phone)
+}
+
 /// Posts a chat turn and answers its status, whatever it is.
 async fn post_chat(app: &TestApp, session: &str, content: &str) -> reqwest::StatusCode {
     app.client
@@ -915,23 +923,7 @@ async fn a_turn_from_another_device_shows_its_prompt_as_it_streams_and_stop_canc
     let mut browser = browser_or_skip!(kind, "stop");
     browser.sign_in(&app.url("/"), KEY).await;
     browser.open_session("stoppable", 2).await;
-    let words: Vec<String> = (0..60).map(|i| format!("word{i}")).collect();
-    let prompt = words.join(" ");
-    let phone = tokio::spawn({
-        let app_url = app.url("/api/chat");
-        let client = app.client.clone();
-        let prompt = prompt.clone();
-        async move {
-            client
-                .post(app_url)
-                .header("x-api-key", KEY)
-                .json(&json!({"content": prompt, "session_id": "stoppable"}))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }
-    });
+    let (prompt, phone) = long_turn_elsewhere(&app, "stoppable");
     // The prompt shows while the turn still streams (its `prompt` event,
     // not the history read at its end).
     browser
@@ -980,13 +972,7 @@ async fn a_turn_from_another_device_shows_its_prompt_as_it_streams_and_stop_canc
 }
 
 async fn a_pending_approval_shows_with_its_call_and_approve_empties_the_queue(kind: Kind) {
-    let app = spawn_with(Options {
-        api_key: Some(KEY),
-        approval_key: true,
-        runtime: autopoiesis::domain::chat::RuntimeSlot::Ready(echo(0)),
-        ..Options::default()
-    })
-    .await;
+    let app = app_with_approvals().await;
     let mut browser = browser_or_skip!(kind, "approval");
     browser.sign_in(&app.url("/"), KEY).await;
     browser.button("New session").await;
