@@ -432,6 +432,8 @@ function answerFor(turnId) {
   let li = state.turns.get(turnId);
   if (!li) {
     li = responseItem();
+    // Read out once it is whole (see onFrame's endings), not token by token.
+    li.setAttribute("aria-busy", "true");
     state.turns.set(turnId, li);
     $("messages").append(li);
   }
@@ -497,6 +499,9 @@ function finishCatchUp() {
 function onFrame(frame) {
   if (state.catchUp && caughtUp(frame)) return;
   if (typeof frame.seq === "number") state.lastSeq = Math.max(state.lastSeq, frame.seq);
+  if (ENDINGS.has(frame.op) && typeof frame.seq === "number") {
+    state.turns.get(frame.turn_id)?.removeAttribute("aria-busy");
+  }
   const data = frame.data || {};
   const ol = $("messages");
   switch (frame.op) {

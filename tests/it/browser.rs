@@ -655,7 +655,8 @@ async fn last_seq(app: &TestApp, session: &str) -> u64 {
 /// A turn started on another device before the console opened the
 /// session shows whole while it still streams: its prompt, and its answer
 /// from the first token (not from whatever token came next), with the
-/// history's earlier turn shown once.
+/// history's earlier turn shown once; the answer is `aria-busy` while it
+/// streams, so a screen reader reads it once, whole.
 async fn a_session_opened_mid_turn_shows_that_turn_from_its_prompt_and_first_token(kind: Kind) {
     let app = app_with_key(150).await;
     rest_chat(&app, "midturn", "earlier").await;
@@ -678,6 +679,7 @@ async fn a_session_opened_mid_turn_shows_that_turn_from_its_prompt_and_first_tok
                  return li.length === 4 && li[0].textContent === 'earlier' \
                    && li[2].textContent === '{prompt}' \
                    && li[3].textContent.startsWith('word0 word1') \
+                   && li[3].getAttribute('aria-busy') === 'true' \
                    && !document.querySelector('#stop').disabled"
             ),
         )
@@ -690,14 +692,25 @@ async fn a_session_opened_mid_turn_shows_that_turn_from_its_prompt_and_first_tok
     assert!(status.is_success(), "{status}");
     browser
         .until(
-            "the whole answer, once",
+            "the whole answer, once, no longer busy",
             &format!(
                 "const li = [...document.querySelectorAll('#messages li')]; \
                  return li.length === 4 && li[3].textContent === '{prompt}' \
+                   && document.querySelectorAll('#messages [aria-busy]').length === 0 \
                    && document.querySelector('#stop').disabled"
             ),
         )
         .await;
+    // Screen readers hear the messages (a log) and not the status line's
+    // uptime every 30 s.
+    assert_eq!(
+        browser
+            .js("const status = document.querySelector('#status'); \
+                 return [document.querySelector('#messages').getAttribute('role'), \
+                         status.getAttribute('role'), status.getAttribute('aria-live')]")
+            .await,
+        json!(["log", null, null])
+    );
     browser.finish(&[]).await;
 }
 
