@@ -609,13 +609,15 @@ function renderApprovals(list) {
   const items = list.items || [];
   $("approvals-empty").hidden = items.length > 0;
   const ul = $("approval-list");
+  const ids = new Set(items.map((item) => item.id));
+  // The decided ones go first, so those that stay are in place already
+  // and are not moved: moving a focused field would take its focus.
+  for (const li of [...ul.children]) if (!ids.has(li.dataset.approval)) li.remove();
   const kept = new Map([...ul.children].map((li) => [li.dataset.approval, li]));
-  const wanted = items.map((item) => kept.get(item.id) || approvalItem(item));
-  // Moves only what is out of place, so a focused field is not detached.
-  wanted.forEach((li, index) => {
+  items.forEach((item, index) => {
+    const li = kept.get(item.id) || approvalItem(item);
     if (ul.children[index] !== li) ul.insertBefore(li, ul.children[index] || null);
   });
-  while (ul.children.length > wanted.length) ul.lastElementChild.remove();
 }
 
 function approvalItem(item) {

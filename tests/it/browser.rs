@@ -567,47 +567,80 @@ in_both_browsers!(
     a_reason_being_typed_survives_another_approval_arriving,
 );
 
-/// The queue changes under a person deciding: an approval that arrives
-/// while they type a reason for another leaves their text and their focus
-/// where they were.
+/// The queue changes under a person deciding: approvals that arrive or
+/// are decided elsewhere while they type a reason for another (one before
+/// it in the queue, one after it) leave their text and their focus where
+/// they were.
 async fn a_reason_being_typed_survives_another_approval_arriving(kind: Kind) {
     let app = app_with_approvals().await;
     let mut browser = browser_or_skip!(kind, "approval-typing");
     browser.sign_in(&app.url("/"), KEY).await;
     browser.button("New session").await;
-    let status = post_chat(&app, "ops", r#"/tool execute {"command":"ls -la"}"#).await;
-    assert_eq!(status, reqwest::StatusCode::CONFLICT);
-    browser
-        .until(
-            "the first approval",
-            "return document.querySelectorAll('#approval-list li').length === 1",
-        )
-        .await;
+    let defer = |session: &'static str, command: &'static str| {
+        let app = &app;
+        async move {
+            let call = format!(r#"/tool execute {{"command":"{command}"}}"#);
+            let status = post_chat(app, session, &call).await;
+            assert_eq!(status, reqwest::StatusCode::CONFLICT);
+        }
+    };
+    let queue_holds = |count: usize| {
+        format!("return document.querySelectorAll('#approval-list li').length === {count}")
+    };
+    defer("ops1", "pwd").await;
+    defer("ops2", "ls -la").await;
+    browser.until("two approvals", &queue_holds(2)).await;
     let reason = browser
         .client
-        .find(Locator::Css("#approval-list li input"))
+        .find(Locator::XPath(
+            "//ul[@id='approval-list']/li[contains(., 'ls -la')]//input",
+        ))
         .await
         .unwrap();
     reason.click().await.unwrap();
     reason.send_keys("half a th").await.unwrap();
-    let status = post_chat(&app, "ops2", r#"/tool execute {"command":"pwd"}"#).await;
-    assert_eq!(status, reqwest::StatusCode::CONFLICT);
-    browser
-        .until(
-            "the second approval",
-            "return document.querySelectorAll('#approval-list li').length === 2",
-        )
-        .await;
-    browser.shot("second-arrived").await;
-    let typing = browser
-        .js(
-            "const li = [...document.querySelectorAll('#approval-list li')] \
-               .find(li => li.textContent.includes('ls -la')); \
-             const input = li.querySelector('input'); \
-             return [input.value, document.activeElement === input]",
-        )
-        .await;
-    assert_eq!(typing, json!(["half a th", true]), "text and focus kept");
+    let typing = "const li = [...document.querySelectorAll('#approval-list li')] \
+                    .find(li => li.textContent.includes('ls -la')); \
+                  const input = li.querySelector('input'); \
+                  return [input.value, document.activeElement === input]";
+    defer("ops3", "whoami").await;
+    browser.until("a third approval", &queue_holds(3)).await;
+    browser.shot("third-arrived").await;
+    assert_eq!(
+        browser.js(typing).await,
+        json!(["half a th", true]),
+        "after one came"
+    );
+    // The queue is oldest first: `pwd` is before the field, `whoami` after
+    // it. Each is decided on another device.
+    for (command, left) in [("pwd", 2), ("whoami", 1)] {
+        let pending = get_json(&app, "/api/approvals").await;
+        let item = pending["data"]["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|item| item["requests"].to_string().contains(command))
+            .unwrap_or_else(|| panic!("no approval of {command}: {pending}"))
+            .clone();
+        let res = app
+            .client
+            .post(app.url("/api/actions"))
+            .header("x-api-key", KEY)
+            .json(&json!({"action": "reject", "approval_id": item["id"]}))
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_success(), "{}", res.status());
+        browser
+            .until(&format!("{command} decided"), &queue_holds(left))
+            .await;
+        assert_eq!(
+            browser.js(typing).await,
+            json!(["half a th", true]),
+            "after {command} went"
+        );
+    }
+    browser.shot("others-decided").await;
     browser.finish(&[]).await;
 }
 
